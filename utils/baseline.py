@@ -1,0 +1,46 @@
+"""The majority-class baseline: every head predicts its most frequent train class.
+
+    python -m utils.baseline --data-dir data/demo --out runs/demo/baseline_submission.csv
+
+Prints the score when ``<data-dir>/test_solution.csv`` exists (the demo data has one).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from utils.metric import score
+from utils.schema import ATTR_COLS, CATEGORY, ID, Schema, read_dataset
+from utils.submission import majority_logits, make_submission, write_submission
+
+
+def solution_score(data_dir: Path, sub: pd.DataFrame, category_attrs) -> float | None:
+    """The score of ``sub`` against ``<data_dir>/test_solution.csv``, or None without one."""
+    path = Path(data_dir) / "test_solution.csv"
+    if not path.is_file():
+        return None
+    solution = pd.read_csv(path, dtype={c: str for c in ATTR_COLS + [CATEGORY]},
+                           keep_default_na=False, na_values=[""])
+    final, _ = score(solution, sub, category_attrs)
+    return final
+
+
+def main(argv=None) -> float | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default="data/demo")
+    parser.add_argument("--out", default="runs/demo/baseline_submission.csv")
+    args = parser.parse_args(argv)
+    data = read_dataset(args.data_dir)
+    schema = Schema.fit(data.train, data.category_attrs)
+    sub = make_submission(data.test[ID], data.test[CATEGORY], majority_logits(schema, len(data.test)), schema)
+    write_submission(sub, data.test, schema, args.out)
+    result = solution_score(args.data_dir, sub, data.category_attrs)
+    print(f"majority baseline written to {args.out}"
+          + (f"; score {result:.4f}" if result is not None else ""))
+    return result
+
+
+if __name__ == "__main__":
+    main()

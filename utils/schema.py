@@ -1,0 +1,346 @@
+"""Reading a dataset folder in the competition layout, and the schema of its heads.
+
+    data/<name>/train.csv                   id, Category, len, attr_1 .. attr_10
+    data/<name>/test.csv                    id, Category
+    data/<name>/category_attributes.parquet Category, Attribute_list, No_of_attribute
+    data/<name>/train_images/{id:06d}.jpg
+    data/<name>/test_images/{id:06d}.jpg
+
+The schema holds one head per (category, attribute): its slot (attr_<slot>), its value
+vocabulary (sorted, so the order depends only on the set of values seen in train.csv), and its
+place (offset, width) in one flat logits vector. It is fitted once, saved as ``schema.json`` in
+the run folder, and every later step loads it from there.
+
+Normalisation, applied on reading: cell values and categories are stripped of surrounding white
+space (the real sample submission has ``same as saree\\n``); an empty cell is a missing label;
+columns beyond the expected ones are ignored.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ID, CATEGORY, LEN = "id", "Category", "len"
+MAX_ATTRS = 10
+ATTR_COLS = [f"attr_{i}" for i in range(1, MAX_ATTRS + 1)]
+DUMMY = "dummy_value"  # the placeholder for slots past a category's len
+IGNORE_INDEX = -100  # target of a missing label or of a head outside the row's category
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, and the line and column where it applies."""
+
+
+def where(path: str | Path, pos: int | None = None, column: str | None = None, row_id=None) -> str:
+    """'train.csv line 7 (id 5), column attr_3' for a 0-based data row ``pos``."""
+    text = str(path)
+    if pos is not None:
+        text += f" line {int(pos) + 2}"  # line 1 is the header
+        if row_id is not None:
+            text += f" (id {row_id})"
+    if column is not None:
+        text += f", column {column}"
+    return text
+
+
+def image_path(images_dir: str | Path, row_id: int) -> Path:
+    """The image file of a row. Ids are validated integers, never used as path text."""
+    return Path(images_dir) / f"{int(row_id):06d}.jpg"
+
+
+# ----------------------------------------------------------------------------- reading tables
+
+def read_category_attributes(path: str | Path) -> dict[str, list[str]]:
+    """{category: [attribute names in slot order]} from category_attributes.parquet."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    df = pd.read_parquet(path)
+    for col in ("Category", "Attribute_list", "No_of_attribute"):
+        if col not in df.columns:
+            raise DataError(f"{path}: missing column {col}")
+    out = {}
+    for pos, row in df.iterrows():
+        attrs = [str(a).strip() for a in row["Attribute_list"]]
+        if len(attrs) != int(row["No_of_attribute"]) or not 0 < len(attrs) <= MAX_ATTRS:
+            raise DataError(f"{path}: row {pos}: Attribute_list has {len(attrs)} names but "
+                            f"No_of_attribute is {row['No_of_attribute']}")
+        out[str(row["Category"]).strip()] = attrs
+    return out
+
+
+def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+        raise DataError(f"{path}: cannot be read as CSV: {err}") from err
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {list(df.columns)}")
+    df = df[required].copy()
+    for col in df.columns:
+        df[col] = df[col].str.strip().replace("", np.nan)
+    return df
+
+
+def _check_ids(df: pd.DataFrame, path: Path) -> None:
+    ids = pd.to_numeric(df[ID], errors="coerce")
+    bad = ids.isna() | (ids < 0) | (ids != ids.round())
+    if bad.any():
+        pos = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{where(path, pos, ID)}: id {df[ID].iloc[pos]!r} is not a "
+                        f"non-negative integer")
+    df[ID] = ids.astype(np.int64)
+    dup = df[ID].duplicated()
+    if dup.any():
+        pos = int(np.flatnonzero(dup.to_numpy())[0])
+        raise DataError(f"{where(path, pos, ID)}: duplicate id {df[ID].iloc[pos]}")
+
+
+def _check_categories(df: pd.DataFrame, path: Path, known: list[str], known_from: str) -> None:
+    bad = ~df[CATEGORY].isin(known)
+    if bad.any():
+        pos = int(np.flatnonzero(bad.to_numpy())[0])
+        value = df[CATEGORY].iloc[pos]
+        close = difflib.get_close_matches(str(value), known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known: {known}"
+        raise DataError(f"{where(path, pos, CATEGORY, df[ID].iloc[pos])}: category {value!r} "
+                        f"is not in {known_from}{hint}")
+
+
+def read_train(path: str | Path, category_attrs: dict[str, list[str]]) -> pd.DataFrame:
+    """train.csv, validated against the parquet: ids, categories, len, no label past len."""
+    path = Path(path)
+    df = _read_csv(path, [ID, CATEGORY, LEN] + ATTR_COLS)
+    _check_ids(df, path)
+    _check_categories(df, path, list(category_attrs), "category_attributes.parquet")
+    expected = df[CATEGORY].map(lambda c: len(category_attrs[c]))
+    lens = pd.to_numeric(df[LEN], errors="coerce")
+    bad = lens != expected
+    if bad.any():
+        pos = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{where(path, pos, LEN, df[ID].iloc[pos])}: len is {df[LEN].iloc[pos]!r} "
+                        f"but category {df[CATEGORY].iloc[pos]!r} has {expected.iloc[pos]} "
+                        f"attributes in category_attributes.parquet")
+    df[LEN] = expected.astype(np.int64)
+    for slot, col in enumerate(ATTR_COLS, start=1):
+        past = (slot > df[LEN]) & df[col].notna() & (df[col] != DUMMY)
+        if past.any():
+            pos = int(np.flatnonzero(past.to_numpy())[0])
+            raise DataError(f"{where(path, pos, col, df[ID].iloc[pos])}: label "
+                            f"{df[col].iloc[pos]!r} in a slot past len={df[LEN].iloc[pos]}")
+        df.loc[slot > df[LEN], col] = np.nan  # dummy_value past len is the same as empty
+    return df.reset_index(drop=True)
+
+
+def read_test(path: str | Path, train_categories: list[str]) -> pd.DataFrame:
+    """test.csv: integer ids, and only categories that train.csv has."""
+    path = Path(path)
+    df = _read_csv(path, [ID, CATEGORY])
+    _check_ids(df, path)
+    _check_categories(df, path, train_categories, "train.csv")
+    return df.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- the schema
+
+@dataclass(frozen=True)
+class Head:
+    category: str
+    attribute: str
+    slot: int  # 1-based: the head's labels are in column attr_<slot>
+    vocab: tuple[str, ...]
+    offset: int  # first logit of this head in the flat logits vector
+
+    @property
+    def width(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def column(self) -> str:
+        return f"attr_{self.slot}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.category}/{self.attribute}"
+
+    @property
+    def logits(self) -> slice:
+        return slice(self.offset, self.offset + self.width)
+
+
+class Schema:
+    """Categories, their attributes, and one head per (category, attribute)."""
+
+    def __init__(self, category_attrs: dict[str, list[str]], vocabs: dict[str, list[str]],
+                 counts: dict[str, list[int]] | None = None):
+        self.category_attrs = {c: list(a) for c, a in category_attrs.items()}
+        self.categories = list(self.category_attrs)
+        heads, offset = [], 0
+        for cat, attrs in self.category_attrs.items():
+            for slot, attr in enumerate(attrs, start=1):
+                vocab = tuple(vocabs[f"{cat}/{attr}"])
+                heads.append(Head(cat, attr, slot, vocab, offset))
+                offset += len(vocab)
+        self.heads: list[Head] = heads
+        self.n_logits = offset
+        # train counts per class, used for priors and fallbacks; not part of the fingerprint
+        self.counts = {h.name: list(counts[h.name]) if counts else [0] * h.width for h in heads}
+        self.heads_of = {c: [i for i, h in enumerate(heads) if h.category == c]
+                         for c in self.categories}
+        self._index = {h.name: {v: i for i, v in enumerate(h.vocab)} for h in heads}
+
+    # -- fitting and persistence
+    @classmethod
+    def fit(cls, train: pd.DataFrame, category_attrs: dict[str, list[str]]) -> "Schema":
+        """Vocabularies (sorted) and class counts from a validated train table."""
+        seen = [c for c in category_attrs if (train[CATEGORY] == c).any()]
+        category_attrs = {c: category_attrs[c] for c in seen}
+        vocabs, counts = {}, {}
+        for cat, attrs in category_attrs.items():
+            rows = train[train[CATEGORY] == cat]
+            for slot, attr in enumerate(attrs, start=1):
+                values = rows[f"attr_{slot}"].dropna().value_counts()
+                if values.empty:
+                    raise DataError(f"train.csv: head {cat}/{attr} (attr_{slot}) has no label at all")
+                vocab = sorted(values.index)
+                vocabs[f"{cat}/{attr}"] = vocab
+                counts[f"{cat}/{attr}"] = [int(values[v]) for v in vocab]
+        return cls(category_attrs, vocabs, counts)
+
+    def to_dict(self) -> dict:
+        return {"category_attrs": self.category_attrs,
+                "vocabs": {h.name: list(h.vocab) for h in self.heads},
+                "counts": self.counts}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Schema":
+        return cls(d["category_attrs"], d["vocabs"], d.get("counts"))
+
+    def save(self, path: str | Path) -> None:
+        from utils.io import atomic_write_json
+
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Schema":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the layout (categories, heads, vocabularies), not of the counts."""
+        layout = json.dumps([self.category_attrs, [list(h.vocab) for h in self.heads]])
+        return hashlib.sha256(layout.encode()).hexdigest()[:16]
+
+    def diff(self, other: "Schema") -> list[str]:
+        """What differs between two layouts, in words (empty when they agree)."""
+        out = []
+        if self.categories != other.categories:
+            out.append(f"categories {self.categories} vs {other.categories}")
+        mine, theirs = {h.name: h for h in self.heads}, {h.name: h for h in other.heads}
+        for name in mine.keys() - theirs.keys():
+            out.append(f"head {name} only in the first")
+        for name in theirs.keys() - mine.keys():
+            out.append(f"head {name} only in the second")
+        for name in sorted(mine.keys() & theirs.keys()):
+            a, b = mine[name], theirs[name]
+            if a.vocab != b.vocab:
+                out.append(f"head {name}: vocabulary {list(a.vocab)} vs {list(b.vocab)}")
+            elif a.offset != b.offset:
+                out.append(f"head {name}: offset {a.offset} vs {b.offset}")
+        return out
+
+    def check_same(self, other: "Schema", what: str) -> None:
+        differences = self.diff(other)
+        if differences:
+            raise DataError(f"{what} was made with a different schema: " + "; ".join(differences[:5]))
+
+    # -- encoding and decoding
+    def category_index(self, categories) -> np.ndarray:
+        lookup = {c: i for i, c in enumerate(self.categories)}
+        try:
+            return np.array([lookup[c] for c in categories], dtype=np.int64)
+        except KeyError as err:
+            raise DataError(f"unknown category {err.args[0]!r}; the schema knows "
+                            f"{self.categories}") from None
+
+    def encode(self, df: pd.DataFrame) -> np.ndarray:
+        """Targets [N, n_heads]: the class index within each head, IGNORE_INDEX where the label
+        is missing, is not in the head's vocabulary, or the head is not of the row's category."""
+        targets = np.full((len(df), len(self.heads)), IGNORE_INDEX, dtype=np.int64)
+        cats = df[CATEGORY].to_numpy()
+        for j, head in enumerate(self.heads):
+            rows = np.flatnonzero(cats == head.category)
+            values = df[head.column].to_numpy()[rows]
+            index = self._index[head.name]
+            targets[rows, j] = [index.get(v, IGNORE_INDEX) for v in values]
+        return targets
+
+    def head_values(self, logits: np.ndarray, j: int) -> np.ndarray:
+        """Predicted class index of head j for every row (argmax within the head)."""
+        return logits[:, self.heads[j].logits].argmax(axis=1)
+
+    def decode(self, logits: np.ndarray, categories) -> pd.DataFrame:
+        """Columns Category, len, attr_1..attr_10 for rows with these logits: each row's own
+        category heads decoded by argmax, ``dummy_value`` past len."""
+        categories = np.asarray(categories, dtype=object)
+        self.category_index(categories)  # raises on an unknown category
+        out = pd.DataFrame({CATEGORY: categories,
+                            LEN: [len(self.category_attrs[c]) for c in categories]})
+        for col in ATTR_COLS:
+            out[col] = DUMMY
+        for j, head in enumerate(self.heads):
+            rows = np.flatnonzero(categories == head.category)
+            if len(rows):
+                pred = logits[rows][:, head.logits].argmax(axis=1)
+                out.loc[rows, head.column] = np.asarray(head.vocab, dtype=object)[pred]
+        return out
+
+    def prior_logits(self) -> np.ndarray:
+        """log class frequency per head, laid out like the logits (argmax = the majority class)."""
+        out = np.zeros(self.n_logits, dtype=np.float32)
+        for h in self.heads:
+            c = np.asarray(self.counts[h.name], dtype=np.float64) + 1e-3
+            out[h.logits] = np.log(c / c.sum())
+        return out
+
+
+# ----------------------------------------------------------------------------- a dataset folder
+
+@dataclass
+class Dataset:
+    root: Path
+    category_attrs: dict[str, list[str]]
+    train: pd.DataFrame
+    test: pd.DataFrame
+
+    @property
+    def train_images(self) -> Path:
+        return self.root / "train_images"
+
+    @property
+    def test_images(self) -> Path:
+        return self.root / "test_images"
+
+
+def read_dataset(root: str | Path, train_csv: str | None = None) -> Dataset:
+    """Read and validate a dataset folder. ``train_csv`` replaces ``<root>/train.csv``
+    (e.g. an augmented_train.csv)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found (make the demo data with "
+                        f"`python -m utils.demo_data --out {root}`, or see the README)")
+    category_attrs = read_category_attributes(root / "category_attributes.parquet")
+    train = read_train(Path(train_csv) if train_csv else root / "train.csv", category_attrs)
+    test = read_test(root / "test.csv", sorted(train[CATEGORY].unique()))
+    return Dataset(root, category_attrs, train, test)
