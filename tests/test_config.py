@@ -55,3 +55,8 @@ def test_resolved_config_is_saved_and_reloads(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = parse_config(Demo, ["--config", str(tmp_path / "config.yaml")])
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+def test_abbreviated_flags_are_refused():
+    with pytest.raises(SystemExit):
+        parse_config(Demo, ["--epoch", "4"])  # not silently --epochs

@@ -125,7 +125,8 @@ def _apply(values: dict, updates: dict, fields: dict, source: str) -> None:
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with ``--config`` and one ``--flag`` per dataclass field."""
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # "--epoch" must not silently mean "--epochs"
     )
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="YAML config file(s), applied in order after the defaults")

@@ -49,6 +49,21 @@ def summarize(table: pd.DataFrame) -> tuple[float, pd.DataFrame]:
     return final, per_cat
 
 
+def score_logits(schema, targets: np.ndarray, logits: np.ndarray) -> tuple[float, pd.DataFrame]:
+    """Final score and per-head table of logits [N, L] against encoded targets [N, n_heads]
+    (``Schema.encode``): each head decoded by argmax over its own slice, on its given rows."""
+    rows = []
+    for j, head in enumerate(schema.heads):
+        given = np.flatnonzero(targets[:, j] >= 0)
+        pred = logits[given, head.offset:head.offset + head.width].argmax(axis=1)
+        micro, macro, s = f1_scores(targets[given, j], pred, head.width)
+        rows.append({"category": head.category, "attribute": head.attribute, "n": len(given),
+                     "micro_f1": micro, "macro_f1": macro, "score": s})
+    table = pd.DataFrame(rows)
+    final, _ = summarize(table)
+    return final, table
+
+
 def score(solution: pd.DataFrame, submission: pd.DataFrame,
           attribute_names: dict[str, list[str]] | None = None) -> tuple[float, pd.DataFrame]:
     """Final score and per-head table of a submission against a solution (both in the

@@ -1,0 +1,158 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import train
+from tests.conftest import ROOT, run_script
+from utils.config import parse_config
+from utils.io import load_logits
+from utils.model import AttributeModel, HeadLoss
+from utils.schema import IGNORE_INDEX, Schema, read_dataset
+
+TINY = ["--model", "resnet18", "--n-folds", "3", "--img-size", "32", "--batch-size", "16",
+        "--workers", "0", "--progress", "false", "--amp", "off"]
+
+
+def cfg_for(tiny_data, out, *extra):
+    return parse_config(train.TrainConfig, ["--data-dir", str(tiny_data), "--out-dir", str(out), *TINY, *extra],
+                        model_config=True)
+
+
+def test_smoke_real_script_writes_every_output(tiny_data, tmp_path):
+    run_script("train.py", "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), *TINY,
+               "--epochs", "1", "--fold", "0", "--workers", "1")
+    data = read_dataset(tiny_data)
+    schema = Schema.load(tmp_path / "schema.json")
+    folds = pd.read_csv(tmp_path / "folds.csv")
+    fold_dir = tmp_path / "resnet18" / "fold0"
+    for name in ("best.pt", "last.pt", "oof_logits.npz", "test_logits.npz", "history.csv",
+                 "history.png", "metrics.json", "config.yaml"):
+        assert (fold_dir / name).is_file(), name
+    ids, oof = load_logits(fold_dir / "oof_logits.npz", schema.fingerprint)
+    assert oof.shape == (int((folds.fold == 0).sum()), schema.n_logits)
+    assert set(ids) == set(folds.id[folds.fold == 0])
+    test_ids, test_logits = load_logits(fold_dir / "test_logits.npz", schema.fingerprint)
+    assert test_logits.shape == (len(data.test), schema.n_logits)
+    assert (np.sort(test_ids) == np.sort(data.test.id.to_numpy())).all()
+    assert np.isfinite(oof).all() and np.isfinite(test_logits).all()
+    metrics = json.loads((fold_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["val_score"] <= 1.0
+    assert len(metrics["per_head"]) == len(schema.heads)
+    history = pd.read_csv(fold_dir / "history.csv")
+    assert list(history.epoch) == [1] and history.images_per_s.iloc[0] > 0
+    # the checkpoint describes itself: the model is rebuilt from the file alone
+    model, ckpt = train.load_checkpoint(fold_dir / "best.pt", schema)
+    assert ckpt["img_size"] == 32 and len(ckpt["mean"]) == 3 and ckpt["model"] == "resnet18"
+    with pytest.raises(ValueError, match="different schema"):
+        d = schema.to_dict()
+        d["vocabs"][schema.heads[0].name] = ["only-one"]
+        train.load_checkpoint(fold_dir / "best.pt", Schema.from_dict(d))
+
+
+def test_loss_ignores_heads_outside_the_row_category(tiny_data):
+    data = read_dataset(tiny_data)
+    schema = Schema.fit(data.train, data.category_attrs)
+    model = AttributeModel("resnet18", [h.width for h in schema.heads], loss=HeadLoss(schema))
+    sarees = data.train[data.train.Category == "Sarees"].head(4)
+    targets = torch.as_tensor(schema.encode(sarees))
+    model(torch.randn(4, 3, 32, 32), targets)["loss"].backward()
+    for j, head in enumerate(schema.heads):
+        grad = model.heads[j].weight.grad
+        if head.category != "Sarees":
+            assert grad is None or torch.count_nonzero(grad) == 0, head.name
+        elif (targets[:, j] != IGNORE_INDEX).any():
+            assert torch.count_nonzero(grad) > 0, head.name
+
+
+@pytest.mark.parametrize("kind", ["ce", "weighted_ce", "focal", "logit_adjusted"])
+def test_losses(tiny_data, kind):
+    data = read_dataset(tiny_data)
+    schema = Schema.fit(data.train, data.category_attrs)
+    targets = torch.as_tensor(schema.encode(data.train.head(32)))
+    logits = torch.randn(32, schema.n_logits, generator=torch.Generator().manual_seed(0))
+    loss = HeadLoss(schema, kind)(logits, targets)
+    ce = HeadLoss(schema, "ce")(logits, targets)
+    assert torch.isfinite(loss) and loss > 0
+    if kind == "focal":
+        assert loss < ce  # (1 - p_t)^gamma < 1 shrinks every term
+    if kind == "logit_adjusted":
+        # equals plain CE on logits shifted by log priors
+        shifted = logits.clone()
+        for h in schema.heads:
+            c = torch.tensor(schema.counts[h.name], dtype=torch.float32).clamp(min=1)
+            shifted[:, h.logits] += torch.log(c / c.sum())
+        assert loss.item() == pytest.approx(HeadLoss(schema, "ce")(shifted, targets).item(), rel=1e-5)
+    all_ignored = torch.full_like(targets, IGNORE_INDEX)
+    assert HeadLoss(schema, kind)(logits, all_ignored).item() == 0.0
+
+
+def test_frozen_backbone_does_not_change(tiny_data, tmp_path):
+    cfg = cfg_for(tiny_data, tmp_path, "--epochs", "1", "--freeze-epochs", "1", "--fold", "0")
+    data = read_dataset(tiny_data)
+    from utils.folds import prepare_run
+    schema, table = prepare_run(data, tmp_path, 3, cfg.seed)
+    train.train_fold(cfg, schema, table, data, 0, train.Dist())
+    ckpt = torch.load(tmp_path / "resnet18" / "fold0" / "best.pt", weights_only=True)
+    torch.manual_seed(cfg.seed)  # train_fold builds its model right after this seed
+    fresh = AttributeModel(**ckpt["model_args"])
+    for name, value in fresh.backbone.state_dict().items():
+        assert torch.equal(value, ckpt["state_dict"]["backbone." + name]), name
+    heads_changed = any(not torch.equal(v, ckpt["state_dict"]["heads." + k])
+                        for k, v in fresh.heads.state_dict().items())
+    assert heads_changed
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
+    full = cfg_for(tiny_data, tmp_path / "full", "--epochs", "2", "--fold", "0")
+    train.main(full)
+    part = cfg_for(tiny_data, tmp_path / "part", "--epochs", "2", "--fold", "0", "--stop-after", "1")
+    train.main(part)
+    assert not (tmp_path / "part" / "resnet18" / "fold0" / "oof_logits.npz").exists()
+    resumed = cfg_for(tiny_data, tmp_path / "part", "--epochs", "2", "--fold", "0", "--resume", "true")
+    train.main(resumed)
+    a = np.load(tmp_path / "full" / "resnet18" / "fold0" / "oof_logits.npz")
+    b = np.load(tmp_path / "part" / "resnet18" / "fold0" / "oof_logits.npz")
+    assert (a["ids"] == b["ids"]).all()
+    np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-5)
+    ha = pd.read_csv(tmp_path / "full" / "resnet18" / "fold0" / "history.csv")
+    hb = pd.read_csv(tmp_path / "part" / "resnet18" / "fold0" / "history.csv")
+    np.testing.assert_allclose(ha.val_score, hb.val_score, atol=1e-6)
+
+
+def test_ddp_two_cpu_processes(tiny_data, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "train.py", "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), *TINY, "--epochs", "1", "--fold", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("fold 1 epoch 1/1") == 1  # only rank 0 prints and writes
+    folds = pd.read_csv(tmp_path / "folds.csv")
+    ids, oof = load_logits(tmp_path / "resnet18" / "fold1" / "oof_logits.npz")
+    # the two ranks' validation shards are gathered: every validation row once, in order
+    assert sorted(ids) == sorted(folds.id[folds.fold == 1])
+    assert len(ids) == len(set(ids))
+
+
+def test_pretrained_hub_unreachable_names_both_options(monkeypatch):
+    import timm
+    from utils import model as model_module
+
+    def offline(*args, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        return timm.models.create_model(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(RuntimeError, match=r"(?s)Hugging Face hub.*pretrained_file.*pretrained: false"):
+        model_module.create_backbone("resnet18", pretrained=True)
+
+
+def test_unknown_config_key_is_an_error(tiny_data, tmp_path):
+    proc = run_script("train.py", "--data-dir", str(tiny_data), "--epoch", "3", check=False)
+    assert proc.returncode != 0

@@ -1,0 +1,116 @@
+"""The image dataset and samplers shared by training, OOF prediction and inference."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from utils.schema import IGNORE_INDEX, Schema
+from utils.transforms import Transform, load_image
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Rows of (image path, category, targets). An image that cannot be read is replaced by a
+    grey square and flagged (``ok`` False, ``error`` set); its targets become IGNORE_INDEX so it
+    never trains, and the caller decides what else a bad image means."""
+
+    def __init__(self, paths: list, categories: list[str], targets: np.ndarray | None,
+                 transform: Transform, img_size: int, resize: str, draft: bool = True,
+                 augment_seed: int | None = None):
+        self.paths, self.categories, self.targets = list(paths), list(categories), targets
+        self.transform, self.img_size, self.resize, self.draft = transform, img_size, resize, draft
+        self.augment_seed = augment_seed  # None: evaluation, no per-sample randomness
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        error = ""
+        try:
+            image = load_image(self.paths[i], self.img_size if self.draft else None, self.resize)
+            if image.shape[0] < 2 or image.shape[1] < 2:
+                raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} pixels")
+        except Exception as err:  # unreadable, truncated, missing, not an image, degenerate
+            error = f"{type(err).__name__}: {err}"
+            image = np.full((self.img_size, self.img_size, 3), 127, dtype=np.uint8)
+        seed = None
+        if self.augment_seed is not None:
+            seed = (self.augment_seed * 1_000_003 + self.epoch * 100_003 + i) % 2**32
+        x = torch.from_numpy(self.transform(image, self.categories[i], seed))
+        item = {"image": x, "index": i, "ok": not error, "error": error}
+        if self.targets is not None:
+            t = self.targets[i] if not error else np.full(self.targets.shape[1], IGNORE_INDEX)
+            item["target"] = torch.as_tensor(t, dtype=torch.long)
+        return item
+
+
+class EpochSampler(Sampler):
+    """Shuffled (or class-balanced) indices for one rank, reproducible from (seed, epoch).
+
+    Without ``weights`` it is a plain shuffle split across ranks (DistributedSampler-like, with
+    padding so every rank gets the same number of batches). With ``weights`` it draws
+    ``len(weights)`` indices with replacement in proportion to them (a class-balanced sampler)."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, weights: np.ndarray | None = None):
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.per_rank = -(-n // world)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        order = torch.cat([order, order[: self.per_rank * self.world - self.n]])
+        return iter(order[self.rank::self.world].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+def balanced_weights(targets: np.ndarray, schema: Schema, power: float = 0.5, cap: float = 10.0) -> np.ndarray:
+    """Row weight = the largest (n_max / n_class) ** power over the row's given labels, capped:
+    a row carrying a rare class is drawn more often."""
+    w = np.ones(len(targets))
+    for j, h in enumerate(schema.heads):
+        counts = np.maximum(np.asarray(schema.counts[h.name], dtype=float), 1)
+        boost = np.minimum((counts.max() / counts) ** power, cap)
+        given = targets[:, j] >= 0
+        w[given] = np.maximum(w[given], boost[targets[given, j]])
+    return w
+
+
+def _seed_worker(worker_id: int) -> None:
+    import random
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, workers: int, sampler: Sampler | None = None,
+                drop_last: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                      num_workers=workers, drop_last=drop_last, worker_init_fn=_seed_worker,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=4 if workers else None)
+
+
+def warn_bad(batch: dict, ids, bad: dict) -> None:
+    """Record (and warn once per id about) the unreadable images of a batch."""
+    for k in np.flatnonzero(~batch["ok"].numpy()):
+        row_id = int(ids[int(batch["index"][k])])
+        if row_id not in bad:
+            bad[row_id] = batch["error"][k]
+            warnings.warn(f"image of id {row_id} could not be used ({batch['error'][k]}); "
+                          f"it is skipped", stacklevel=2)

@@ -1,0 +1,233 @@
+"""Image decoding and the one transform factory used by training, validation, OOF and inference.
+
+``build_transform(...)`` returns a callable ``(image, category, seed) -> float32 [3, S, S]``:
+the resize policy (``squash`` to a square, as the seed did, or ``pad`` to a square keeping the
+aspect ratio), then, for training, the online augmentations, then normalisation with the
+backbone's own mean/std. Evaluation uses the same resize and normalisation, nothing else, so
+preprocessing cannot drift between training and inference.
+
+Augmentations are named in the config (``aug``) with their parameters; ``p: 0`` switches one off.
+``category_aug`` overrides them per category (the seed's category-aware augmentations). Hue is kept
+small everywhere on purpose: a hue shift changes the colour label.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+from PIL import Image
+
+DEFAULT_AUG = {
+    "random_resized_crop": {"p": 1.0, "scale": [0.75, 1.0], "ratio": [0.8, 1.25]},
+    "hflip": {"p": 0.5},
+    "rotate": {"p": 0.0, "degrees": 10},
+    "shear": {"p": 0.0, "degrees": 12},
+    "perspective": {"p": 0.2, "scale": [0.02, 0.06]},
+    "distort": {"p": 0.0, "limit": 0.15},
+    "color_jitter": {"p": 0.5, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02},
+    "sharpen_blur": {"p": 0.0},
+    "augmix": {"p": 0.0, "width": 3, "depth": [1, 3], "alpha": 1.0},
+    "gauss_noise": {"p": 0.2, "std": [0.02, 0.06]},
+    "coarse_dropout": {"p": 0.3, "holes": [1, 4], "size": [0.05, 0.15]},
+    "neckline_crop": {"p": 0.0, "top": [0.0, 0.1], "height": [0.55, 0.8]},
+}
+# The seed's category-aware augmentations (overrides of DEFAULT_AUG per category).
+DEFAULT_CATEGORY_AUG = {
+    "Sarees": {"color_jitter": {"p": 0.8, "brightness": 0.3, "contrast": 0.3, "saturation": 0.4},
+               "shear": {"p": 0.3}},
+    "Men Tshirts": {"rotate": {"p": 0.3}, "distort": {"p": 0.2}, "sharpen_blur": {"p": 0.3}},
+    "Women Tshirts": {"rotate": {"p": 0.3}, "distort": {"p": 0.2}},
+    "Kurtis": {"neckline_crop": {"p": 0.25}},
+}
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def load_image(path: str | Path, size: int | None = None, resize: str = "squash") -> np.ndarray:
+    """Decode an image to RGB uint8 [H, W, 3]. With ``size``, a JPEG is decoded at the smallest
+    DCT scale (1/2, 1/4, 1/8) that still covers the target size (PIL draft mode): much faster, and
+    nothing is lost because the image is downscaled to ``size`` anyway. Raises on a missing or
+    unreadable file; callers decide what a bad image means."""
+    with Image.open(path) as img:
+        if size is not None and img.format == "JPEG":
+            w, h = img.size
+            if resize == "squash":
+                want = (size, size)
+            else:  # pad: the longest side becomes `size`
+                m = max(w, h)
+                want = (math.ceil(size * w / m), math.ceil(size * h / m))
+            img.draft("RGB", want)
+        img = img.convert("RGB")
+        return np.asarray(img)
+
+
+# ----------------------------------------------------------------------------- custom transforms
+
+class AugMix(A.ImageOnlyTransform):
+    """AugMix (Hendrycks et al., 2020): ``width`` chains of 1..``depth`` random ops, mixed with
+    Dirichlet weights, then blended with the original by a Beta(alpha, alpha) weight. The ops are
+    geometric and contrast-only: colour-changing ops (solarize, posterize) would corrupt the colour
+    label."""
+
+    OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y", "autocontrast",
+           "equalize", "sharpness")
+
+    def __init__(self, width: int = 3, depth=(1, 3), alpha: float = 1.0, p: float = 0.5):
+        super().__init__(p=p)
+        self.width, self.depth, self.alpha = width, tuple(depth), alpha
+
+    def _op(self, img: np.ndarray, name: str, rng: np.random.Generator) -> np.ndarray:
+        h, w = img.shape[:2]
+        m = rng.uniform(0.1, 1.0)  # severity
+        if name == "rotate":
+            M = cv2.getRotationMatrix2D((w / 2, h / 2), rng.choice([-1, 1]) * 20 * m, 1.0)
+        elif name in ("shear_x", "shear_y"):
+            s = rng.choice([-1, 1]) * 0.2 * m
+            M = np.float32([[1, s, 0], [0, 1, 0]]) if name == "shear_x" else np.float32([[1, 0, 0], [s, 1, 0]])
+        elif name in ("translate_x", "translate_y"):
+            t = rng.choice([-1, 1]) * 0.15 * m
+            M = np.float32([[1, 0, t * w], [0, 1, 0]]) if name == "translate_x" else np.float32([[1, 0, 0], [0, 1, t * h]])
+        elif name == "autocontrast":
+            lo, hi = img.min(axis=(0, 1), keepdims=True), img.max(axis=(0, 1), keepdims=True)
+            return ((img - lo) * (255.0 / np.maximum(hi - lo, 1))).astype(np.uint8)
+        elif name == "equalize":
+            return np.stack([cv2.equalizeHist(np.ascontiguousarray(img[..., c])) for c in range(3)], -1)
+        else:  # sharpness
+            blur = cv2.GaussianBlur(img, (0, 0), 1.0)
+            return np.clip(img + m * (img.astype(np.float32) - blur), 0, 255).astype(np.uint8)
+        return cv2.warpAffine(img, M, (w, h), borderMode=cv2.BORDER_REFLECT_101)
+
+    def apply(self, img, **params):
+        rng = self.random_generator
+        ws = rng.dirichlet([self.alpha] * self.width)
+        mixed = np.zeros(img.shape, dtype=np.float32)
+        for wi in ws:
+            chain = img
+            for _ in range(int(rng.integers(self.depth[0], self.depth[1] + 1))):
+                chain = self._op(chain, self.OPS[int(rng.integers(len(self.OPS)))], rng)
+            mixed += wi * chain.astype(np.float32)
+        m = rng.beta(self.alpha, self.alpha)
+        return np.clip((1 - m) * img + m * mixed, 0, 255).astype(np.uint8)
+
+    def get_transform_init_args_names(self):
+        return ("width", "depth", "alpha")
+
+
+class NecklineCrop(A.ImageOnlyTransform):
+    """A random crop of the upper part of the garment (the neckline and yoke, where kurtis carry
+    embroidery), keeping the full width: rows from ``top`` to ``top + height`` (fractions of H)."""
+
+    def __init__(self, top=(0.0, 0.1), height=(0.55, 0.8), p: float = 0.25):
+        super().__init__(p=p)
+        self.top, self.height = tuple(top), tuple(height)
+
+    def apply(self, img, **params):
+        h = img.shape[0]
+        rng = self.random_generator
+        y0 = int(h * rng.uniform(*self.top))
+        y1 = min(h, y0 + max(1, int(h * rng.uniform(*self.height))))
+        return np.ascontiguousarray(img[y0:y1])
+
+    def get_transform_init_args_names(self):
+        return ("top", "height")
+
+
+# ----------------------------------------------------------------------------- the factory
+
+def _merge_aug(base: dict, override: dict, where: str) -> dict:
+    out = {k: dict(v) for k, v in base.items()}
+    for name, params in (override or {}).items():
+        if name not in DEFAULT_AUG:
+            raise ValueError(f"{where}: unknown augmentation '{name}'; known: {sorted(DEFAULT_AUG)}")
+        out[name] = {**out.get(name, DEFAULT_AUG[name]), **(params or {})}
+    return out
+
+
+def _augmentations(aug: dict, size: int) -> tuple[list, list]:
+    """(transforms before the resize, transforms after it) for one category's settings."""
+    on = lambda name: aug[name]["p"] > 0
+    before, after = [], []
+    if on("neckline_crop"):
+        c = aug["neckline_crop"]
+        before.append(NecklineCrop(c["top"], c["height"], p=c["p"]))
+    if on("random_resized_crop"):
+        c = aug["random_resized_crop"]
+        after.append(A.RandomResizedCrop(size=(size, size), scale=tuple(c["scale"]),
+                                         ratio=tuple(c["ratio"]), p=c["p"]))
+    if on("hflip"):
+        after.append(A.HorizontalFlip(p=aug["hflip"]["p"]))
+    if on("rotate"):
+        c = aug["rotate"]
+        after.append(A.Affine(rotate=(-c["degrees"], c["degrees"]), border_mode=cv2.BORDER_REFLECT_101, p=c["p"]))
+    if on("shear"):
+        c = aug["shear"]
+        after.append(A.Affine(shear=(-c["degrees"], c["degrees"]), border_mode=cv2.BORDER_REFLECT_101, p=c["p"]))
+    if on("perspective"):
+        c = aug["perspective"]
+        after.append(A.Perspective(scale=tuple(c["scale"]), p=c["p"]))
+    if on("distort"):
+        c = aug["distort"]
+        after.append(A.GridDistortion(distort_limit=c["limit"], p=c["p"]))
+    if on("color_jitter"):
+        c = aug["color_jitter"]
+        after.append(A.ColorJitter(brightness=c["brightness"], contrast=c["contrast"],
+                                   saturation=c["saturation"], hue=c["hue"], p=c["p"]))
+    if on("sharpen_blur"):
+        after.append(A.OneOf([A.Sharpen(p=1.0), A.GaussianBlur(sigma_limit=(0.3, 1.2), p=1.0)],
+                             p=aug["sharpen_blur"]["p"]))
+    if on("augmix"):
+        c = aug["augmix"]
+        after.append(AugMix(c["width"], c["depth"], c["alpha"], p=c["p"]))
+    if on("gauss_noise"):
+        c = aug["gauss_noise"]
+        after.append(A.GaussNoise(std_range=tuple(c["std"]), p=c["p"]))
+    if on("coarse_dropout"):
+        c = aug["coarse_dropout"]
+        after.append(A.CoarseDropout(num_holes_range=tuple(c["holes"]), hole_height_range=tuple(c["size"]),
+                                     hole_width_range=tuple(c["size"]), fill=0, p=c["p"]))
+    return before, after
+
+
+class Transform:
+    """``(image uint8 HWC, category, seed) -> float32 [3, S, S]``; picklable for loader workers."""
+
+    def __init__(self, pipelines: dict, default):
+        self.pipelines, self.default = pipelines, default
+
+    def __call__(self, image: np.ndarray, category: str | None = None, seed: int | None = None) -> np.ndarray:
+        pipeline = self.pipelines.get(category, self.default)
+        if seed is not None:  # per-sample seeds make augmentation independent of worker layout
+            pipeline.set_random_seed(seed)
+        out = pipeline(image=image)["image"]
+        return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def build_transform(img_size: int, mean, std, resize: str = "squash", train: bool = False,
+                    aug: dict | None = None, category_aug: dict | None = None,
+                    categories: list[str] | None = None) -> Transform:
+    if resize == "squash":
+        sizing = [A.Resize(img_size, img_size, interpolation=cv2.INTER_AREA)]
+    elif resize == "pad":
+        sizing = [A.LongestMaxSize(max_size=img_size, interpolation=cv2.INTER_AREA),
+                  A.PadIfNeeded(img_size, img_size, border_mode=cv2.BORDER_CONSTANT, fill=0)]
+    else:
+        raise ValueError(f"resize must be 'squash' or 'pad', got {resize!r}")
+    normalize = A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)
+
+    def compose(settings: dict | None):
+        before, after = _augmentations(settings, img_size) if settings else ([], [])
+        return A.Compose(before + sizing + after + [normalize])
+
+    if not train:
+        return Transform({}, compose(None))
+    base = _merge_aug(DEFAULT_AUG, aug or {}, "aug")
+    per_cat = {}
+    for cat in categories or []:
+        per_cat[cat] = compose(_merge_aug(base, (category_aug or {}).get(cat, {}), f"category_aug[{cat}]"))
+    unknown = set(category_aug or {}) - set(categories or [])
+    if unknown:
+        raise ValueError(f"category_aug names unknown categories {sorted(unknown)}; known: {categories}")
+    return Transform(per_cat, compose(base))
