@@ -39,14 +39,24 @@ def f1_scores(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> tuple[fl
     return micro, macro, score
 
 
+def final_score(head_scores: np.ndarray, head_category: np.ndarray) -> float:
+    """Mean over categories of the mean of their heads' scores; NaN heads (no truth) left out."""
+    head_scores = np.asarray(head_scores, dtype=np.float64)
+    keep = ~np.isnan(head_scores)
+    if not keep.any():
+        return 0.0
+    cats, inverse = np.unique(np.asarray(head_category)[keep], return_inverse=True)
+    sums = np.bincount(inverse, weights=head_scores[keep], minlength=len(cats))
+    return float((sums / np.bincount(inverse, minlength=len(cats))).mean())
+
+
 def summarize(table: pd.DataFrame) -> tuple[float, pd.DataFrame]:
     """Final score and per-category table from a per-head table (columns category, score, ...)."""
     scored = table.dropna(subset=["score"])
     per_cat = scored.groupby("category", sort=False).agg(
         heads=("score", "size"), micro_f1=("micro_f1", "mean"), macro_f1=("macro_f1", "mean"),
         score=("score", "mean")).reset_index()
-    final = float(per_cat["score"].mean()) if len(per_cat) else 0.0
-    return final, per_cat
+    return final_score(table["score"].to_numpy(), table["category"].to_numpy()), per_cat
 
 
 def score_logits(schema, targets: np.ndarray, logits: np.ndarray) -> tuple[float, pd.DataFrame]:

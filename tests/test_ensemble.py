@@ -1,0 +1,130 @@
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import ensemble
+from utils.blend import blend, head_log_softmax
+from utils.config import parse_config
+from utils.demo_data import COUNTS, sample_labels
+from utils.io import save_logits
+from utils.metric import score
+from utils.schema import DataError, Schema
+from utils.submission import make_submission
+
+
+def sphere(x):
+    return float((x ** 2).sum())
+
+
+def rastrigin(x):
+    return float(10 * len(x) + (x ** 2 - 10 * np.cos(2 * np.pi * x)).sum())
+
+
+@pytest.mark.parametrize("fn, bound", [(sphere, 5.12), (rastrigin, 5.12)])
+def test_sto_beats_random_search_at_equal_budget(fn, bound):
+    wins = 0
+    for seed in range(5):
+        pop, iters = 20, 25
+        budget = pop * (1 + 4 * iters)
+        # shifted optimum, so the bounds' centre is not the answer
+        shift = np.random.default_rng(100 + seed).uniform(-2, 2, 10)
+        f = lambda x: fn(x - shift)
+        _, f_sto = ensemble.sto(f, 10, -bound, bound, pop, iters, np.random.default_rng(seed))
+        _, f_rand = ensemble.random_search(f, 10, -bound, bound, budget, np.random.default_rng(seed))
+        wins += f_sto < f_rand
+    assert wins == 5
+
+
+def test_sto_counts_its_evaluations():
+    calls = []
+    ensemble.sto(lambda x: calls.append(1) or sphere(x), 3, -1, 1, 6, 4, np.random.default_rng(0))
+    assert len(calls) == 6 * (1 + 4 * 4)
+
+
+@pytest.fixture
+def synthetic():
+    """Labels drawn like the real data, and three members of different skill."""
+    rng = np.random.default_rng(0)
+    train = sample_labels(1500, rng)
+    train.insert(0, "id", np.arange(len(train)))
+    schema = Schema.fit(train, {c: list(a) for c, a in COUNTS.items()})
+    targets = schema.encode(train)
+    onehot = np.zeros((len(train), schema.n_logits), dtype=np.float32)
+    for j, h in enumerate(schema.heads):
+        given = np.flatnonzero(targets[:, j] >= 0)
+        onehot[given, h.offset + targets[given, j]] = 1
+    logits = [onehot * s + rng.normal(0, 1, onehot.shape).astype(np.float32) for s in (0.5, 1.0, 1.5)]
+    folds = rng.integers(0, 3, len(train))
+    return train, schema, targets, logits, folds
+
+
+def test_objective_equals_the_metric_on_a_blend(synthetic):
+    train, schema, targets, logits, _ = synthetic
+    members = np.stack([head_log_softmax(z, schema) for z in logits])
+    weights = np.array([0.2, 0.3, 0.5])
+    bias = np.random.default_rng(1).normal(0, 0.3, schema.n_logits).astype(np.float32)
+    obj = ensemble.BlendObjective(members, targets, schema)
+    sub = make_submission(train.id, train.Category, blend(members, weights, schema, bias), schema)
+    expected, _ = score(train, sub)
+    assert obj.score(weights, bias) == pytest.approx(expected, abs=1e-9)
+
+
+def test_bias_fitting_improves_macro_f1_in_sample(synthetic):
+    train, schema, targets, logits, _ = synthetic
+    members = np.stack([head_log_softmax(z, schema) for z in logits])
+    obj = ensemble.BlendObjective(members, targets, schema)
+    w = np.ones(3)
+    bias = obj.fit_bias(w, rounds=1, span=2.0, steps=5)
+    assert obj.score(w, bias) > obj.score(w)
+
+
+def test_pure_noise_shows_no_nested_gain(synthetic):
+    """Weights fitted on noise look good in sample; held-out folds must not show that gain.
+    (Biases are left out here: on noise they still learn each head's class prior, a real gain
+    that does carry over to held-out rows.)"""
+    train, schema, targets, _, folds = synthetic
+    rng = np.random.default_rng(5)
+    noise = np.stack([head_log_softmax(rng.normal(0, 1, (len(train), schema.n_logits)).astype(np.float32), schema)
+                      for _ in range(5)])
+    cfg = ensemble.EnsembleConfig(sto_population=8, sto_iterations=4)
+    equal = ensemble.nested_cv(noise, targets, folds, schema, "equal", False, cfg)["score"]
+    nested = ensemble.nested_cv(noise, targets, folds, schema, "sto", False, cfg)["score"]
+    in_sample = ensemble.BlendObjective(noise, targets, schema)
+    in_sample_score = in_sample.score(ensemble.fit_weights("sto", in_sample, False, cfg, 0))
+    assert in_sample_score > equal + 0.01
+    assert nested < equal + 0.01
+    assert in_sample_score - nested > 0.008
+
+
+def _write_run(out, schema, train, folds, name, logits):
+    for k in range(3):
+        rows = np.flatnonzero(folds == k)
+        save_logits(out / name / f"fold{k}" / "oof_logits.npz", train.id.to_numpy()[rows], logits[rows],
+                    schema.fingerprint, k)
+
+
+def test_misaligned_ids_and_layouts_raise(synthetic, tmp_path):
+    train, schema, targets, logits, folds = synthetic
+    _write_run(tmp_path, schema, train, folds, "good", logits[0])
+    # a run missing rows
+    short = np.flatnonzero(folds == 0)[:-1]
+    save_logits(tmp_path / "bad_ids" / "fold0" / "oof_logits.npz", train.id.to_numpy()[short], logits[0][short],
+                schema.fingerprint, 0)
+    for k in (1, 2):
+        rows = np.flatnonzero(folds == k)
+        save_logits(tmp_path / "bad_ids" / f"fold{k}" / "oof_logits.npz", train.id.to_numpy()[rows], logits[0][rows],
+                    schema.fingerprint, k)
+    with pytest.raises(DataError, match="run bad_ids: its OOF ids do not cover"):
+        ensemble.load_oof(tmp_path, ["good", "bad_ids"], schema, train.id.to_numpy(), 3)
+    # a run made with another schema
+    _write_run(tmp_path, schema, train, folds, "other_schema", logits[1])
+    for k in range(3):
+        path = tmp_path / "other_schema" / f"fold{k}" / "oof_logits.npz"
+        z = np.load(path)
+        save_logits(path, z["ids"], z["logits"], "0000000000000000", k)
+    with pytest.raises(DataError, match="run other_schema: .*made with schema 0000000000000000"):
+        ensemble.load_oof(tmp_path, ["good", "other_schema"], schema, train.id.to_numpy(), 3)
+    assert ensemble.load_oof(tmp_path, ["good"], schema, train.id.to_numpy(), 3).shape == (1, len(train), schema.n_logits)
