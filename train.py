@@ -39,7 +39,7 @@ from utils.engine import NonFiniteLoss, predict, train_one_epoch
 from utils.folds import prepare_run
 from utils.io import atomic_torch_save, atomic_write_csv, atomic_write_json, load_logits, save_logits
 from utils.metric import score_logits, summarize
-from utils.model import AttributeModel, HeadLoss, build_optimizer, warmup_cosine
+from utils.model import AttributeModel, HeadLoss, build_optimizer, load_checkpoint, warmup_cosine
 from utils.schema import CATEGORY, ID, DataError, Schema, image_path, read_dataset
 from utils.transforms import DEFAULT_AUG, DEFAULT_CATEGORY_AUG, build_transform
 
@@ -167,16 +167,6 @@ def data_config(backbone: torch.nn.Module) -> tuple[list[float], list[float]]:
 
     cfg = resolve_data_config({}, model=backbone)
     return [float(x) for x in cfg["mean"]], [float(x) for x in cfg["std"]]
-
-
-def load_checkpoint(path: str | Path, schema: Schema | None = None) -> tuple[AttributeModel, dict]:
-    """Rebuild a model from a best.pt alone (weights_only loading); refuse another schema's file."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if schema is not None:
-        schema.check_same(Schema.from_dict(ckpt["schema"]), f"checkpoint {path}")
-    model = AttributeModel(**ckpt["model_args"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt
 
 
 def save_history_plot(history: pd.DataFrame, path: Path) -> None:

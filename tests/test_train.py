@@ -12,7 +12,7 @@ import train
 from tests.conftest import ROOT, run_script
 from utils.config import parse_config
 from utils.io import load_logits
-from utils.model import AttributeModel, HeadLoss
+from utils.model import AttributeModel, HeadLoss, load_checkpoint
 from utils.schema import IGNORE_INDEX, Schema, read_dataset
 
 TINY = ["--model", "resnet18", "--n-folds", "3", "--img-size", "32", "--batch-size", "16",
@@ -47,12 +47,12 @@ def test_smoke_real_script_writes_every_output(tiny_data, tmp_path):
     history = pd.read_csv(fold_dir / "history.csv")
     assert list(history.epoch) == [1] and history.images_per_s.iloc[0] > 0
     # the checkpoint describes itself: the model is rebuilt from the file alone
-    model, ckpt = train.load_checkpoint(fold_dir / "best.pt", schema)
+    model, ckpt = load_checkpoint(fold_dir / "best.pt", schema)
     assert ckpt["img_size"] == 32 and len(ckpt["mean"]) == 3 and ckpt["model"] == "resnet18"
     with pytest.raises(ValueError, match="different schema"):
         d = schema.to_dict()
         d["vocabs"][schema.heads[0].name] = ["only-one"]
-        train.load_checkpoint(fold_dir / "best.pt", Schema.from_dict(d))
+        load_checkpoint(fold_dir / "best.pt", Schema.from_dict(d))
 
 
 def test_loss_ignores_heads_outside_the_row_category(tiny_data):

@@ -44,3 +44,47 @@ def blend(members: np.ndarray, weights: np.ndarray, schema: Schema, bias: np.nda
     if bias is not None:
         out += np.asarray(bias, dtype=np.float32)[None, :]
     return out
+
+
+def load_ensemble(out_dir, schema: Schema, models: list[str] | None = None) -> dict:
+    """The ensemble to apply: ``<out_dir>/ensemble.json`` (models, weights, biases), or, without
+    it, equal weights over ``models`` (default: every run with all folds' checkpoints) and no bias.
+    Returns {"models", "folds" {run: [best.pt paths]}, "weights" [M] or [M, H], "biases" [L]}."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from utils.schema import DataError
+
+    out_dir = Path(out_dir)
+    n_folds = int(pd.read_csv(out_dir / "folds.csv")["fold"].nunique())
+    path = out_dir / "ensemble.json"
+    if path.is_file() and not models:
+        spec = json.loads(path.read_text())
+        if spec["schema"] != schema.fingerprint:
+            raise DataError(f"{path} was made with schema {spec['schema']}, this run's is {schema.fingerprint}")
+        models, weights, biases = spec["models"], np.asarray(spec["weights"]), np.asarray(spec["biases"], dtype=np.float32)
+    else:
+        if not models:
+            models = sorted(p.name for p in out_dir.iterdir()
+                            if p.is_dir() and all((p / f"fold{k}" / "best.pt").is_file() for k in range(n_folds)))
+        weights, biases = np.ones(len(models)), np.zeros(schema.n_logits, dtype=np.float32)
+    if not models:
+        raise DataError(f"no trained run under {out_dir}; run train.py --fold all first")
+    folds = {}
+    for run in models:
+        paths = [out_dir / run / f"fold{k}" / "best.pt" for k in range(n_folds)]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise DataError(f"run {run}: missing checkpoint(s) {missing}")
+        folds[run] = paths
+    return {"models": list(models), "folds": folds, "weights": weights, "biases": biases}
+
+
+def combine_members(member_logits: dict, ens: dict, schema: Schema) -> np.ndarray:
+    """Blend raw logits {run: [fold logits [N, L], ...]}: per-head log-softmax, mean over a run's
+    folds, weighted sum over runs, plus the biases. Returns [N, L] scores (decode by argmax)."""
+    members = np.stack([np.mean([head_log_softmax(z, schema) for z in member_logits[run]], axis=0)
+                        for run in ens["models"]])
+    return blend(members, ens["weights"], schema, ens["biases"])

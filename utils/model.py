@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pathlib import Path
+
 from utils.schema import IGNORE_INDEX, Schema
 
 LOSSES = ("ce", "weighted_ce", "focal", "logit_adjusted")
@@ -147,3 +149,13 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_factor: float = 0.01)
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
+
+
+def load_checkpoint(path: str | Path, schema: Schema | None = None) -> tuple[AttributeModel, dict]:
+    """Rebuild a model from a best.pt alone (weights_only loading); refuse another schema's file."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if schema is not None:
+        schema.check_same(Schema.from_dict(ckpt["schema"]), f"checkpoint {path}")
+    model = AttributeModel(**ckpt["model_args"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt

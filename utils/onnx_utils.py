@@ -1,0 +1,125 @@
+"""ONNX export, metadata and sessions, shared by export.py and infer.py."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from utils.schema import DataError, Schema
+
+
+class LogitsOnly(nn.Module):
+    """The exported graph of one fold: normalised image [B, 3, S, S] -> raw logits [B, L]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        return self.model.logits(image)
+
+
+class EnsembleGraph(nn.Module):
+    """A whole ensemble in one graph: for every member, per-head log-softmax of each fold's logits,
+    averaged over folds, weighted per logit, summed, plus the biases -> blended scores [B, L]
+    (the same arithmetic as utils.blend.combine_members)."""
+
+    def __init__(self, fold_models: list[list[nn.Module]], per_logit_weights: np.ndarray, bias: np.ndarray,
+                 schema: Schema):
+        super().__init__()
+        self.members = nn.ModuleList(nn.ModuleList(folds) for folds in fold_models)
+        self.register_buffer("weights", torch.as_tensor(per_logit_weights, dtype=torch.float32))
+        self.register_buffer("bias", torch.as_tensor(bias, dtype=torch.float32))
+        self.slices = [(h.offset, h.width) for h in schema.heads]
+
+    def head_log_softmax(self, z):
+        return torch.cat([torch.log_softmax(z[:, o:o + w], dim=1) for o, w in self.slices], dim=1)
+
+    def forward(self, image):
+        total = self.bias.unsqueeze(0)
+        for m, folds in enumerate(self.members):
+            lp = torch.stack([self.head_log_softmax(f.logits(image)) for f in folds]).mean(0)
+            total = total + self.weights[m] * lp
+        return total
+
+
+def export_onnx(module: nn.Module, path: Path, img_size: int, metadata: dict) -> None:
+    """Export with a dynamic batch size (TorchScript exporter: fast, and dynamic axes by name),
+    then embed ``metadata`` (JSON) in the file so it describes itself."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    module = module.eval()
+    with torch.no_grad():
+        torch.onnx.export(module, (torch.zeros(2, 3, img_size, img_size),), str(tmp), input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    add_metadata(tmp, metadata)
+    os.replace(tmp, path)
+
+
+def add_metadata(path: Path, metadata: dict) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "kit", json.dumps(metadata)
+    onnx.save(model, str(path))
+
+
+def read_metadata(path: Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for entry in model.metadata_props:
+        if entry.key == "kit":
+            return json.loads(entry.value)
+    raise DataError(f"{path}: no kit metadata; re-export it with export.py")
+
+
+def make_session(path: Path, threads: int = 0, schema: Schema | None = None):
+    """An ONNX Runtime CPU session with all graph optimisations; with ``schema``, refuse a file
+    exported for another schema."""
+    import onnxruntime as ort
+
+    if schema is not None:
+        meta = read_metadata(path)
+        if meta.get("fingerprint") != schema.fingerprint:
+            other = Schema.from_dict(meta["schema"]) if "schema" in meta else None
+            detail = "; ".join(schema.diff(other)[:5]) if other else "no schema stored"
+            raise DataError(f"{path} was exported for another schema ({detail})")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def quantize_int8(src: Path, dst: Path, calibration: list[np.ndarray]) -> None:
+    """Static int8 quantisation (QDQ, per-channel weights), calibrated on preprocessed images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calibration)
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"image": batch}
+
+    prepared = dst.with_name(dst.stem + ".pre.onnx")
+    tmp = dst.with_name(dst.name + ".tmp")
+    quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+    quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    prepared.unlink(missing_ok=True)
+    add_metadata(tmp, read_metadata(src))
+    os.replace(tmp, dst)
