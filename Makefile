@@ -20,7 +20,18 @@ demo-data: $(DATA)/train.csv
 demo: install demo-data
 	@echo "== majority-class baseline"
 	$(PYTHON) -m utils.baseline --data-dir $(DATA) --out $(OUT)/baseline_submission.csv
-	@echo "== outputs in $(OUT)/"
+	@for m in $(DEMO_MODELS); do \
+		echo "== train $$m, every fold"; \
+		$(PYTHON) train.py --model $$m --config configs/demo.yaml --data-dir $(DATA) --out-dir $(OUT) \
+			--fold all --resume true --progress false || exit 1; \
+	done
+	@echo "== ensemble weights (nested CV)"
+	$(PYTHON) ensemble.py --data-dir $(DATA) --out-dir $(OUT) --progress false
+	@echo "== ONNX export"
+	$(PYTHON) export.py --data-dir $(DATA) --out-dir $(OUT) --int8 true --progress false
+	@echo "== submission"
+	$(PYTHON) infer.py --data-dir $(DATA) --out-dir $(OUT) --output submission.csv --progress false
+	@echo "== outputs: submission.csv; runs, logits, ensemble.json and onnx/ in $(OUT)/"
 
 clean:
 	rm -rf $(OUT)

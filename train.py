@@ -82,6 +82,7 @@ class TrainConfig(CommonConfig):
     # control
     patience: int = 3  # early stopping on the val score; 0 = off
     tta_hflip: bool = False  # average with the mirrored image for OOF and test logits
+    predict_test: bool = True  # write test_logits.npz (tune.py turns it off)
     max_bad_images: float = 0.01  # stop when a larger share of the train images is unreadable
     workers: int = 2
     device: str = "auto"
@@ -195,6 +196,15 @@ def print_table(title: str, table: pd.DataFrame) -> None:
 
 # ----------------------------------------------------------------------------- one fold
 
+def split_fold(train: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train rows, validation rows) of a fold. Augmented copies carry their source's fold, so a
+    copy of a validation image is never trained on; and only original images are validated."""
+    is_original = (train["source_id"] == train[ID]) if "source_id" in train else pd.Series(True, index=train.index)
+    trn = train[train["fold"] != fold].reset_index(drop=True)
+    val = train[(train["fold"] == fold) & is_original].reset_index(drop=True)
+    return trn, val
+
+
 def train_fold(cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data, fold: int, d: Dist,
                report=None) -> dict:
     """Train one fold; write its outputs; return its metrics. ``report(epoch, score)`` is called
@@ -207,9 +217,7 @@ def train_fold(cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data, fold
             print(f"fold {fold}: already complete (val score {done['val_score']:.4f}); skipped")
         return done
     torch.manual_seed(cfg.seed)
-    is_original = (train["source_id"] == train[ID]) if "source_id" in train else pd.Series(True, index=train.index)
-    trn = train[train["fold"] != fold].reset_index(drop=True)
-    val = train[(train["fold"] == fold) & is_original].reset_index(drop=True)
+    trn, val = split_fold(train, fold)
     if len(val) == 0 or len(trn) == 0:
         raise DataError(f"fold {fold} has {len(trn)} train and {len(val)} validation rows")
     trn_targets, val_targets = schema.encode(trn), schema.encode(val)
@@ -328,17 +336,19 @@ def train_fold(cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data, fold
     best.to(d.device)
     idx, oof = gather_rows(*predict(best, val_loader, d.device, amp_dtype=dtype, hflip=cfg.tta_hflip,
                                     desc="OOF", progress=cfg.progress and d.main), d)
-    test_loader = shard(data.test, data.test_images)
-    test_idx, test_logits = gather_rows(*predict(best, test_loader, d.device, amp_dtype=dtype, hflip=cfg.tta_hflip,
-                                                 desc="test", progress=cfg.progress and d.main), d)
+    if cfg.predict_test:
+        test_loader = shard(data.test, data.test_images)
+        test_idx, test_logits = gather_rows(*predict(best, test_loader, d.device, amp_dtype=dtype, hflip=cfg.tta_hflip,
+                                                     desc="test", progress=cfg.progress and d.main), d)
     final, table = score_logits(schema, val_targets[idx], oof)
     metrics = {"fold": fold, "val_score": final, "best_epoch": state["best_epoch"],
                "epochs_run": state["epoch"] + 1, "bad_images": {str(k): v for k, v in sorted(bad.items())},
                "per_head": table.to_dict(orient="records")}
     if d.main:
         save_logits(run_dir / "oof_logits.npz", val[ID].to_numpy()[idx], oof, schema.fingerprint, fold)
-        save_logits(run_dir / "test_logits.npz", data.test[ID].to_numpy()[test_idx], test_logits,
-                    schema.fingerprint, fold)
+        if cfg.predict_test:
+            save_logits(run_dir / "test_logits.npz", data.test[ID].to_numpy()[test_idx], test_logits,
+                        schema.fingerprint, fold)
         atomic_write_json(metrics_path, metrics)  # written last: its presence marks the fold complete
         if bad:
             print(f"fold {fold}: {len(bad)} unreadable image(s) skipped: ids {sorted(bad)[:10]}")

@@ -13,7 +13,8 @@ the run folder, and every later step loads it from there.
 
 Normalisation, applied on reading: cell values and categories are stripped of surrounding white
 space (the real sample submission has ``same as saree\\n``); an empty cell is a missing label;
-columns beyond the expected ones are ignored.
+columns beyond the expected ones are ignored (but ``source_id`` and ``image``, which augment.py
+writes for its copies).
 """
 from __future__ import annotations
 
@@ -75,7 +76,10 @@ def read_category_attributes(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
-def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
+OPTIONAL_TRAIN = ["source_id", "image"]  # written by augment.py: a copy's source row and its image file
+
+
+def _read_csv(path: Path, required: list[str], optional: tuple = ()) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
@@ -86,7 +90,7 @@ def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {list(df.columns)}")
-    df = df[required].copy()
+    df = df[required + [c for c in optional if c in df.columns]].copy()
     for col in df.columns:
         df[col] = df[col].str.strip().replace("", np.nan)
     return df
@@ -120,8 +124,22 @@ def _check_categories(df: pd.DataFrame, path: Path, known: list[str], known_from
 def read_train(path: str | Path, category_attrs: dict[str, list[str]]) -> pd.DataFrame:
     """train.csv, validated against the parquet: ids, categories, len, no label past len."""
     path = Path(path)
-    df = _read_csv(path, [ID, CATEGORY, LEN] + ATTR_COLS)
+    df = _read_csv(path, [ID, CATEGORY, LEN] + ATTR_COLS, OPTIONAL_TRAIN)
     _check_ids(df, path)
+    if "source_id" in df:
+        source = pd.to_numeric(df["source_id"], errors="coerce")
+        bad = source.isna() | ~source.isin(df[ID])
+        if bad.any():
+            pos = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(f"{where(path, pos, 'source_id', df[ID].iloc[pos])}: source_id "
+                            f"{df['source_id'].iloc[pos]!r} is not an id of this table")
+        df["source_id"] = source.astype(np.int64)
+    if "image" in df:  # only the form augment.py writes: never a free path from the table
+        bad = df["image"].notna() & ~df["image"].astype(str).str.fullmatch(r"train_images/\d{6,}\.jpg")
+        if bad.any():
+            pos = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(f"{where(path, pos, 'image', df[ID].iloc[pos])}: image {df['image'].iloc[pos]!r} "
+                            f"is not of the form train_images/<id>.jpg")
     _check_categories(df, path, list(category_attrs), "category_attributes.parquet")
     expected = df[CATEGORY].map(lambda c: len(category_attrs[c]))
     lens = pd.to_numeric(df[LEN], errors="coerce")

@@ -1,0 +1,97 @@
+"""The whole flow on tiny generated data: train two backbones, ensemble, export, infer."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import run_script
+from utils.metric import validate_submission
+from utils.schema import DataError, Schema, read_dataset
+
+TRAIN = ["--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs", "1", "--workers", "1",
+         "--progress", "false", "--fold", "all"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    for model in ("resnet18", "efficientnet_b0"):
+        run_script("train.py", "--model", model, "--data-dir", str(tiny_data), "--out-dir", str(out), *TRAIN)
+    run_script("ensemble.py", "--data-dir", str(tiny_data), "--out-dir", str(out), "--sto-population", "6",
+               "--sto-iterations", "3", "--compare", "equal,sto", "--progress", "false")
+    run_script("export.py", "--data-dir", str(tiny_data), "--out-dir", str(out), "--timing-images", "5",
+               "--progress", "false")
+    return out
+
+
+def infer(data, out, output, *extra):
+    return run_script("infer.py", "--data-dir", str(data), "--out-dir", str(out), "--output", str(output),
+                      "--progress", "false", "--workers", "1", *extra)
+
+
+def test_ensemble_json_and_onnx_parity(run):
+    spec = json.loads((run / "ensemble.json").read_text())
+    assert sorted(spec["models"]) == ["efficientnet_b0", "resnet18"]
+    assert np.isclose(sum(spec["weights"]), 1.0)
+    assert len(spec["biases"]) == Schema.load(run / "schema.json").n_logits
+    manifest = json.loads((run / "onnx" / "manifest.json").read_text())
+    for member in manifest["members"]:
+        assert len(member["folds"]) == 3
+        for fold in member["folds"]:
+            assert fold["parity_max_abs_diff"] <= 1e-3 and fold["parity_same_decoding"]
+    assert manifest["merged"]["parity_max_abs_diff"] <= 1e-3
+    assert manifest["use"] in ("merged", "separate")
+
+
+def test_valid_submission_and_backends_agree(run, tiny_data, tmp_path):
+    proc = infer(tiny_data, run, tmp_path / "onnx.csv")
+    assert "score against test_solution.csv" in proc.stdout
+    infer(tiny_data, run, tmp_path / "torch.csv", "--backend", "torch")
+    infer(tiny_data, run, tmp_path / "logits.csv", "--from-logits", "true")
+    data = read_dataset(tiny_data)
+    schema = Schema.load(run / "schema.json")
+    sub = pd.read_csv(tmp_path / "onnx.csv", dtype=str, keep_default_na=False)
+    sub["id"] = sub["id"].astype(int)
+    sub["len"] = sub["len"].astype(int)
+    assert validate_submission(sub, data.test, schema) == []
+    assert (tmp_path / "onnx.csv").read_bytes() == (tmp_path / "torch.csv").read_bytes()
+    assert (tmp_path / "logits.csv").read_bytes() == (tmp_path / "torch.csv").read_bytes()
+
+
+def test_bad_test_images_still_get_their_rows(run, tiny_data, tmp_path):
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_data, data_dir)
+    test = pd.read_csv(data_dir / "test.csv")
+    corrupt, empty, missing = (data_dir / "test_images" / f"{i:06d}.jpg" for i in test.id[:3])
+    corrupt.write_bytes(corrupt.read_bytes()[:300])  # truncated JPEG
+    empty.write_bytes(b"")
+    missing.unlink()
+    proc = infer(data_dir, run, tmp_path / "sub.csv", "--backend", "torch")
+    assert "3 test image(s) could not be used" in proc.stdout
+    for i in test.id[:3]:
+        assert f"id {i}" in proc.stderr
+    sub = pd.read_csv(tmp_path / "sub.csv")
+    assert sorted(sub.id) == sorted(test.id)
+    # the bad rows hold their category's most frequent values
+    schema = Schema.load(run / "schema.json")
+    for i in test.id[:3]:
+        row = sub[sub.id == i].iloc[0]
+        for h in schema.heads:
+            if h.category == row.Category:
+                counts = schema.counts[h.name]
+                assert row[h.column] == h.vocab[int(np.argmax(counts))]
+
+
+def test_unknown_test_category_is_a_clear_error(run, tiny_data, tmp_path):
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_data, data_dir, ignore=shutil.ignore_patterns("*_images"))
+    test = pd.read_csv(data_dir / "test.csv")
+    test.loc[2, "Category"] = "Jeans"
+    test.to_csv(data_dir / "test.csv", index=False)
+    proc = run_script("infer.py", "--data-dir", str(data_dir), "--out-dir", str(run), "--output",
+                      str(tmp_path / "sub.csv"), "--from-logits", "true", check=False)
+    assert proc.returncode != 0
+    assert "test.csv line 4" in proc.stderr and "'Jeans'" in proc.stderr
+    assert not (tmp_path / "sub.csv").exists()

@@ -1,0 +1,104 @@
+import subprocess
+import sys
+
+import optuna
+import pytest
+import yaml
+
+import train
+import tune
+from tests.conftest import ROOT, run_script
+from utils.config import parse_config
+from utils.engine import NonFiniteLoss
+
+
+def tiny_args(data, out, *extra):
+    return ["--model", "resnet18", "--data-dir", str(data), "--out-dir", str(out), "--config",
+            "configs/tune_tiny.yaml", "--img-size", "32", "--epochs", "1", *extra]
+
+
+def test_two_workers_share_one_study_and_the_yaml_trains(tiny_data, tmp_path):
+    journal = tmp_path / "study.journal"
+    tuned = tmp_path / "tuned_resnet18.yaml"
+    args = tiny_args(tiny_data, tmp_path / "run", "--n-trials", "2", "--storage", f"journal:{journal}",
+                     "--study-name", "shared", "--pruner", "none", "--tuned-config", str(tuned),
+                     "--batch-size", "16")
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    workers = [subprocess.Popen([sys.executable, "tune.py", *args], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for w in workers:
+        out, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err[-3000:]
+    from optuna.storages.journal import JournalFileBackend
+    study = optuna.load_study(study_name="shared", storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]  # 2 + 2, none lost
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    best = yaml.safe_load(tuned.read_text())
+    assert best["model"] == "resnet18" and set(best) - {"model"} == set(tune.load_space("configs/tune_space.yaml"))
+    # the written YAML is a train.py config as it is
+    run_script("train.py", "--config", str(tuned), "--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "final"),
+               "--n-folds", "3", "--img-size", "32", "--epochs", "1", "--fold", "0", "--workers", "0",
+               "--progress", "false")
+    assert (tmp_path / "final" / "resnet18" / "fold0" / "oof_logits.npz").is_file()
+
+
+def fake_train_fold(cfg, schema, table, data, fold, d, report=None):
+    """Stands in for train.train_fold: good trials score 0.8 every epoch, bad ones 0.1, and a
+    learning rate above 0.5 makes the loss non-finite."""
+    if cfg.lr_head > 0.5:
+        raise NonFiniteLoss("loss is nan at step 3")
+    score = 0.8 if cfg.lr_head > 1e-3 else 0.1
+    for epoch in range(cfg.epochs):
+        report(epoch, score)
+    return {"val_score": score}
+
+
+@pytest.fixture
+def lr_space(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("lr_head: {type: float, low: 1.0e-6, high: 1.0, log: true}\n")
+    return path
+
+
+def _study(tmp_path, lr_values):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    for lr in lr_values:
+        study.enqueue_trial({"lr_head": lr})
+    return storage
+
+
+def test_pruning_stops_a_clearly_worse_trial(tiny_data, tmp_path, lr_space, monkeypatch):
+    monkeypatch.setattr(train, "train_fold", fake_train_fold)
+    storage = _study(tmp_path, [0.01, 0.02, 0.03, 1e-5])
+    cfg = parse_config(tune.TuneConfig, tiny_args(tiny_data, tmp_path, "--n-trials", "4", "--epochs", "5",
+                                                  "--space", str(lr_space), "--storage", storage,
+                                                  "--study-name", "s", "--tuned-config", str(tmp_path / "t.yaml")))
+    study = tune.main(cfg)
+    last = study.trials[-1]
+    assert last.state == optuna.trial.TrialState.PRUNED
+    assert len(last.intermediate_values) == 1  # stopped after its first epoch, not 5
+    assert all(len(t.intermediate_values) == 5 for t in study.trials[:3])
+
+
+def test_a_failing_trial_leaves_the_study_usable(tiny_data, tmp_path, lr_space, monkeypatch):
+    monkeypatch.setattr(train, "train_fold", fake_train_fold)
+    storage = _study(tmp_path, [0.9, 0.01, 0.02])
+    cfg = parse_config(tune.TuneConfig, tiny_args(tiny_data, tmp_path, "--n-trials", "3", "--pruner", "none",
+                                                  "--space", str(lr_space), "--storage", storage,
+                                                  "--study-name", "s", "--tuned-config", str(tmp_path / "t.yaml")))
+    study = tune.main(cfg)
+    states = [t.state for t in study.trials]
+    assert states[0] == optuna.trial.TrialState.FAIL
+    assert "loss is nan" in study.trials[0].user_attrs["fail_reason"]
+    assert states[1:] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert yaml.safe_load((tmp_path / "t.yaml").read_text())["lr_head"] in (0.01, 0.02)
+    trials_csv = (tmp_path / "tune" / "s" / "trials.csv").read_text()
+    assert "loss is nan" in trials_csv
+
+
+def test_space_keys_must_be_train_keys(tmp_path):
+    bad = tmp_path / "space.yaml"
+    bad.write_text("learning_rate: {type: float, low: 0.1, high: 1}\n")
+    with pytest.raises(ValueError, match="'learning_rate' is not a train.py config key"):
+        tune.load_space(str(bad))

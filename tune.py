@@ -1,0 +1,188 @@
+"""Optuna hyperparameter search on the real training code, shareable by many workers.
+
+    python tune.py --model efficientnet_b0 --fold 0 --n-trials 20
+    python tune.py --model resnet18 --fold 0 --n-trials 8 --storage sqlite:///runs/tune.db --study-name r18
+    # N workers on one study (one machine: sqlite or a journal file; a cluster: PostgreSQL/MySQL URL)
+    for i in 1 2 3 4; do python tune.py --model resnet18 --fold 0 --n-trials 5 \\
+        --storage journal:runs/tune.journal --study-name r18 & done; wait
+    python tune.py --model resnet18 --config configs/tune_tiny.yaml   # tiny budget, for a quick look
+
+Every train.py key works here too (they are the base of each trial). The objective is the
+competition score on the fold's validation rows, from ``train.train_fold`` itself, reported after
+every epoch so the pruner (median or Hyperband, ``--pruner``) can stop a bad trial early. The
+search space is ``configs/tune_space.yaml`` (``--space``). A trial that fails (non-finite loss,
+out of memory, ...) is recorded as failed with its reason and the study goes on.
+
+Writes: the best parameters as ``configs/tuned_<model>.yaml`` (``--tuned-config``), which
+``train.py --config`` takes as it is; under ``<out-dir>/tune/<study>/``: one folder per trial,
+``trials.csv``, ``history.png`` and ``importances.png``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+import yaml
+
+import train
+from utils.config import load_yaml, parse_config
+from utils.engine import NonFiniteLoss
+from utils.folds import prepare_run
+from utils.io import atomic_write_csv, atomic_write_text
+from utils.schema import read_dataset
+
+
+@dataclass
+class TuneConfig(train.TrainConfig):
+    n_trials: int = 20  # trials for this worker
+    timeout: Optional[float] = None  # seconds for this worker
+    storage: Optional[str] = None  # sqlite:///x.db, journal:PATH, postgresql://..., mysql://... (None: in memory)
+    study_name: Optional[str] = None  # default <name or model>_fold<k>
+    space: str = "configs/tune_space.yaml"
+    pruner: str = "median"  # median, hyperband, none
+    tuned_config: Optional[str] = None  # default configs/tuned_<model>.yaml
+
+
+FAILURES = (NonFiniteLoss, RuntimeError, MemoryError, ValueError)  # a failed trial, not a failed study
+TRAIN_KEYS = {f.name for f in dataclasses.fields(train.TrainConfig)}
+
+
+def load_space(path: str) -> dict:
+    """{key: spec}; every key must be a train.py config key."""
+    space = load_yaml(path)
+    for key, spec in space.items():
+        if key not in TRAIN_KEYS:
+            raise ValueError(f"{path}: '{key}' is not a train.py config key")
+        if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):
+            raise ValueError(f"{path}: '{key}' needs type float, int or categorical")
+    return space
+
+
+def suggest(trial, space: dict) -> dict:
+    params = {}
+    for key, spec in space.items():
+        if spec["type"] == "float":
+            params[key] = trial.suggest_float(key, spec["low"], spec["high"], log=spec.get("log", False))
+        elif spec["type"] == "int":
+            params[key] = trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1))
+        else:
+            params[key] = trial.suggest_categorical(key, spec["choices"])
+    return params
+
+
+def make_storage(url: str | None):
+    """A journal file (``journal:PATH``) for shared file systems; any other URL goes to Optuna's
+    RDB storage (sqlite, PostgreSQL, MySQL)."""
+    import optuna
+
+    if url and url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url[len("journal:"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if url and url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return url
+
+
+def make_pruner(name: str, epochs: int):
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, epochs))
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"pruner must be median, hyperband or none, got {name!r}")
+
+
+def objective_for(cfg: TuneConfig, space: dict, study_dir: Path, fold: int):
+    """The objective: one fold trained by train.train_fold with the trial's parameters."""
+    import optuna
+
+    data = read_dataset(cfg.data_dir, cfg.train_csv)
+    schema, table = prepare_run(data, cfg.out_dir, cfg.n_folds, cfg.seed)
+    base = {k: v for k, v in dataclasses.asdict(cfg).items() if k in TRAIN_KEYS}
+
+    def objective(trial) -> float:
+        params = suggest(trial, space)
+        trial_cfg = train.TrainConfig(**{**base, **params, "out_dir": str(study_dir / f"trial{trial.number:04d}"),
+                                         "name": cfg.name or cfg.model, "resume": False, "predict_test": False})
+
+        def report(epoch: int, score: float) -> None:
+            trial.report(score, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} (val score {score:.4f})")
+
+        try:
+            metrics = train.train_fold(trial_cfg, schema, table, data, fold, train.Dist(), report=report)
+        except FAILURES as err:  # recorded with the trial; study.optimize(catch=...) then goes on
+            trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
+            raise
+        return float(metrics["val_score"])
+
+    return objective
+
+
+def main(cfg: TuneConfig):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if cfg.fold == "all":
+        raise ValueError("tune.py tunes on one fold: pass --fold K")
+    fold = int(cfg.fold)
+    space = load_space(cfg.space)
+    study_name = cfg.study_name or f"{cfg.name or cfg.model}_fold{fold}"
+    study_dir = Path(cfg.out_dir) / "tune" / study_name
+    study = optuna.create_study(study_name=study_name, storage=make_storage(cfg.storage), direction="maximize",
+                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=None),
+                                pruner=make_pruner(cfg.pruner, cfg.epochs))
+    study.optimize(objective_for(cfg, space, study_dir, fold), n_trials=cfg.n_trials, timeout=cfg.timeout,
+                   catch=FAILURES, gc_after_trial=True)
+
+    trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
+    trials["fail_reason"] = trials["number"].map({t.number: t.user_attrs.get("fail_reason", "") for t in study.trials})
+    study_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_csv(study_dir / "trials.csv", trials)
+    states = trials["state"].value_counts().to_dict()
+    complete = trials[trials["state"] == "COMPLETE"].sort_values("value", ascending=False)
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
+        print(f"\nstudy {study_name}: {len(trials)} trials {states}")
+        print(complete.head(5).drop(columns=["fail_reason"], errors="ignore").to_string(index=False))
+    if complete.empty:
+        print("no trial completed; see trials.csv for the failures")
+        return study
+    best = {"model": cfg.model, **study.best_params}
+    out = Path(cfg.tuned_config or Path("configs") / f"tuned_{cfg.model}.yaml")
+    atomic_write_text(out, f"# tune.py study {study_name}: best val score {study.best_value:.4f} "
+                           f"(trial {study.best_trial.number})\n" + yaml.safe_dump(best, sort_keys=False))
+    save_plots(study, study_dir)
+    print(f"best val score {study.best_value:.4f}; wrote {out} (use: python train.py --config {out})")
+    return study
+
+
+def save_plots(study, study_dir: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
+        for name, plot in (("history", ovm.plot_optimization_history), ("importances", ovm.plot_param_importances)):
+            try:
+                ax = plot(study)
+                ax.figure.savefig(study_dir / f"{name}.png", dpi=80, bbox_inches="tight")
+                plt.close(ax.figure)
+            except (ValueError, RuntimeError) as err:  # e.g. importances need two complete trials
+                print(f"{name}.png not written: {err}")
+
+
+if __name__ == "__main__":
+    main(parse_config(TuneConfig, model_config=True, description=__doc__))
