@@ -1,0 +1,63 @@
+"""Bad image files in training and in inference: skipped or repaired, named, counted."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tests.conftest import run_script
+
+TRAIN = ["--model", "resnet18", "--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs", "1",
+         "--workers", "1", "--progress", "false", "--fold", "0"]
+
+
+def break_images(folder, ids):
+    """Seven kinds of bad file; returns {id: kind}."""
+    kinds = {}
+    paths = [folder / f"{i:06d}.jpg" for i in ids]
+    paths[0].write_bytes(paths[0].read_bytes()[:400]); kinds[ids[0]] = "truncated"
+    paths[1].write_bytes(b""); kinds[ids[1]] = "empty"
+    Image.open(paths[2]).convert("RGBA").save(paths[2], format="PNG"); kinds[ids[2]] = "png named jpg"
+    Image.open(paths[3]).convert("CMYK").save(paths[3], format="JPEG"); kinds[ids[3]] = "cmyk"
+    Image.new("RGB", (1, 1), "red").save(paths[4], format="JPEG"); kinds[ids[4]] = "1x1"
+    Image.new("L", (512, 20000), 128).save(paths[5], format="JPEG"); kinds[ids[5]] = "512x20000 grayscale"
+    paths[6].unlink(); kinds[ids[6]] = "missing"
+    return kinds
+
+
+@pytest.fixture(scope="module")
+def broken(tiny_data, tmp_path_factory):
+    """A copy of the tiny data with seven bad images among fold 0's training rows."""
+    from utils.folds import prepare_run
+    from utils.schema import read_dataset
+
+    data = tmp_path_factory.mktemp("broken") / "data"
+    shutil.copytree(tiny_data, data)
+    _, table = prepare_run(read_dataset(data), tmp_path_factory.mktemp("folds"), 3, 42)
+    ids = table[table.fold != 0].id.to_numpy()[:7]
+    return data, break_images(data / "train_images", [int(i) for i in ids])
+
+
+def test_training_skips_unusable_images_and_repairs_odd_ones(broken, tmp_path):
+    broken, kinds = broken
+    out = tmp_path / "run"
+    proc = run_script("train.py", "--data-dir", str(broken), "--out-dir", str(out), *TRAIN, "--max-bad-images", "0.05")
+    metrics = json.loads((out / "resnet18" / "fold0" / "metrics.json").read_text())
+    bad = {int(k) for k in metrics["bad_images"]}
+    unusable = {i for i, k in kinds.items() if k in ("truncated", "empty", "1x1", "missing")}
+    repaired = {i for i, k in kinds.items() if k in ("png named jpg", "cmyk", "512x20000 grayscale")}
+    assert bad == unusable  # skipped and counted; the others decode after conversion to RGB
+    assert not bad & repaired
+    for i in unusable:
+        assert f"image of id {i} could not be used" in proc.stderr
+    assert f"{len(unusable)} unreadable image(s) skipped" in proc.stdout
+
+
+def test_too_many_bad_images_stop_training(broken, tmp_path):
+    broken, _ = broken
+    proc = run_script("train.py", "--data-dir", str(broken), "--out-dir", str(tmp_path / "run2"), *TRAIN,
+                      "--max-bad-images", "0.001", check=False)
+    assert proc.returncode != 0
+    assert "train images are unreadable (more than max_bad_images=0.001)" in proc.stderr
