@@ -224,7 +224,7 @@ def benchmark(cfg: ExportConfig) -> pd.DataFrame:
         s = make_session(path, cfg.threads)
         return lambda x: s.run(None, {"image": x})[0]
 
-    exported = {}
+    exported, models = {}, {}
     for name in cfg.bench_models.split(","):
         model = AttributeModel(name, [h.width for h in schema.heads]).eval()
         from timm.data import resolve_data_config
@@ -237,6 +237,7 @@ def benchmark(cfg: ExportConfig) -> pd.DataFrame:
         calib = preprocess(calib_paths, size, "squash", mean, std)
         quantize_int8(fp32, int8, [calib[i:i + 16] for i in range(0, len(calib), 16)])
         exported[name] = (fp32, int8, mean, std)
+        models[name] = model
         with torch.inference_mode():
             measure(f"{name} torch eager fp32", [lambda x, m=model: m.logits(torch.from_numpy(x)).numpy()], mean, std)
         measure(f"{name} onnxruntime fp32", [onnx_runner(fp32)], mean, std)
@@ -247,6 +248,26 @@ def benchmark(cfg: ExportConfig) -> pd.DataFrame:
     for variant, idx in (("fp32", 0), ("int8", 1)):
         runners = [onnx_runner(exported[n][idx]) for n in cfg.bench_models.split(",") for _ in range(k)]
         measure(f"ensemble {len(exported)} backbones x {k} folds, onnxruntime {variant}", runners, mean, std)
+    # the same ensemble as one ONNX graph; every fold a perturbed copy, so that no optimiser can
+    # merge identical subgraphs and flatter the timing
+    import copy
+    fold_models = []
+    for name in cfg.bench_models.split(","):
+        folds = []
+        for f in range(k):
+            m = copy.deepcopy(models[name])
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p) * 1e-4 * (f + 1))
+            folds.append(m)
+        fold_models.append(folds)
+    graph = EnsembleGraph(fold_models, expand_weights(np.ones(len(fold_models)), schema),
+                          np.zeros(schema.n_logits, dtype=np.float32), schema)
+    merged_path = tmp / "ensemble.onnx"
+    export_onnx(graph, merged_path, size, {"fingerprint": schema.fingerprint, "img_size": size})
+    merged = onnx_runner(merged_path)
+    measure(f"ensemble {len(exported)} backbones x {k} folds, onnxruntime fp32, one merged graph",
+            [merged], mean, std)
     table = pd.DataFrame(rows)
     print(f"\nend-to-end latency per image at {size}px, single stream, {cfg.threads} threads, {len(paths)} images "
           f"(JPEG read, decode, resize, normalise, all members, decode); batch: 32 preprocessed images\n"

@@ -34,7 +34,8 @@ from utils.config import CommonConfig, parse_config
 from utils.io import load_logits
 from utils.schema import CATEGORY, ID, DataError, Schema, image_path, read_category_attributes, read_test
 from utils.submission import make_submission, write_submission
-from utils.transforms import build_transform, load_image
+from utils.data import read_or_placeholder
+from utils.transforms import build_transform
 
 
 @dataclass
@@ -131,13 +132,8 @@ class TestImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         images, error = [], ""
         for (size, resize, _, _), tf in zip(self.preps, self.transforms):
-            try:
-                image = load_image(image_path(self.images_dir, self.ids[i]), size, resize)
-                if image.shape[0] < 2 or image.shape[1] < 2:
-                    raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} pixels")
-            except Exception as err:
-                error = error or f"{type(err).__name__}: {err}"
-                image = np.full((size, size, 3), 127, dtype=np.uint8)
+            image, problem = read_or_placeholder(image_path(self.images_dir, self.ids[i]), size, resize)
+            error = error or problem
             images.append(torch.from_numpy(tf(image)))
         return {"images": images, "index": i, "ok": not error, "error": error}
 

@@ -14,16 +14,19 @@ TRAIN = ["--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs",
          "--progress", "false", "--fold", "all"]
 
 
-@pytest.fixture(scope="module")
-def run(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
+def pipeline(data, out):
     for model in ("resnet18", "efficientnet_b0"):
-        run_script("train.py", "--model", model, "--data-dir", str(tiny_data), "--out-dir", str(out), *TRAIN)
-    run_script("ensemble.py", "--data-dir", str(tiny_data), "--out-dir", str(out), "--sto-population", "6",
+        run_script("train.py", "--model", model, "--data-dir", str(data), "--out-dir", str(out), *TRAIN)
+    run_script("ensemble.py", "--data-dir", str(data), "--out-dir", str(out), "--sto-population", "6",
                "--sto-iterations", "3", "--compare", "equal,sto", "--progress", "false")
-    run_script("export.py", "--data-dir", str(tiny_data), "--out-dir", str(out), "--timing-images", "5",
+    run_script("export.py", "--data-dir", str(data), "--out-dir", str(out), "--timing-images", "5",
                "--progress", "false")
     return out
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+    return pipeline(tiny_data, tmp_path_factory.mktemp("run"))
 
 
 def infer(data, out, output, *extra):
@@ -95,3 +98,19 @@ def test_unknown_test_category_is_a_clear_error(run, tiny_data, tmp_path):
     assert proc.returncode != 0
     assert "test.csv line 4" in proc.stderr and "'Jeans'" in proc.stderr
     assert not (tmp_path / "sub.csv").exists()
+
+
+def test_the_same_seed_reproduces_the_pipeline(run, tiny_data, tmp_path):
+    again = pipeline(tiny_data, tmp_path / "again")
+    assert (run / "folds.csv").read_bytes() == (again / "folds.csv").read_bytes()
+    for model in ("resnet18", "efficientnet_b0"):
+        for k in range(3):
+            a = np.load(run / model / f"fold{k}" / "oof_logits.npz")
+            b = np.load(again / model / f"fold{k}" / "oof_logits.npz")
+            assert (a["ids"] == b["ids"]).all()
+            np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-6, rtol=0)
+    first, second = (json.loads((d / "ensemble.json").read_text()) for d in (run, again))
+    assert first["weights"] == second["weights"] and first["biases"] == second["biases"]
+    infer(tiny_data, run, tmp_path / "a.csv")
+    infer(tiny_data, again, tmp_path / "b.csv")
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()

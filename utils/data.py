@@ -11,6 +11,18 @@ from utils.schema import IGNORE_INDEX, Schema
 from utils.transforms import Transform, load_image
 
 
+def read_or_placeholder(path, size: int, resize: str, draft: bool = True) -> tuple[np.ndarray, str]:
+    """(image, "") for a usable image; (grey square, reason) for a missing, empty, truncated,
+    non-image or degenerate (under 2x2 pixels) file. Callers decide what a bad image means."""
+    try:
+        image = load_image(path, size if draft else None, resize)
+        if image.shape[0] < 2 or image.shape[1] < 2:
+            raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} pixels")
+        return image, ""
+    except Exception as err:  # unreadable, truncated, missing, not an image, degenerate
+        return np.full((size, size, 3), 127, dtype=np.uint8), f"{type(err).__name__}: {err}"
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Rows of (image path, category, targets). An image that cannot be read is replaced by a
     grey square and flagged (``ok`` False, ``error`` set); its targets become IGNORE_INDEX so it
@@ -31,14 +43,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        error = ""
-        try:
-            image = load_image(self.paths[i], self.img_size if self.draft else None, self.resize)
-            if image.shape[0] < 2 or image.shape[1] < 2:
-                raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} pixels")
-        except Exception as err:  # unreadable, truncated, missing, not an image, degenerate
-            error = f"{type(err).__name__}: {err}"
-            image = np.full((self.img_size, self.img_size, 3), 127, dtype=np.uint8)
+        image, error = read_or_placeholder(self.paths[i], self.img_size, self.resize, self.draft)
         seed = None
         if self.augment_seed is not None:
             seed = (self.augment_seed * 1_000_003 + self.epoch * 100_003 + i) % 2**32
