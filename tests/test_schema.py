@@ -112,3 +112,9 @@ def test_missing_file_is_named(data_copy):
 def test_extra_columns_are_ignored(data_copy):
     _break(data_copy, "train.csv", lambda d: d.assign(notes="x"))
     assert "notes" not in read_dataset(data_copy).train.columns
+
+
+def test_empty_test_csv_is_an_error(data_copy):
+    (data_copy / "test.csv").write_text("id,Category\n")
+    with pytest.raises(DataError, match=r"test.csv: no rows"):
+        read_dataset(data_copy)

@@ -164,6 +164,8 @@ def read_test(path: str | Path, train_categories: list[str]) -> pd.DataFrame:
     """test.csv: integer ids, and only categories that train.csv has."""
     path = Path(path)
     df = _read_csv(path, [ID, CATEGORY])
+    if df.empty:
+        raise DataError(f"{path}: no rows; a submission needs at least one test id")
     _check_ids(df, path)
     _check_categories(df, path, train_categories, "train.csv")
     return df.reset_index(drop=True)
