@@ -25,7 +25,6 @@ best single model, and its time. The chosen method is then refitted on all OOF r
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -14,7 +14,6 @@ one is recorded in ``onnx/manifest.json`` (``use``), which infer.py follows.
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 from dataclasses import dataclass

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from utils.config import CommonConfig, parse_config, save_config
 from utils.data import EpochSampler, ImageDataset, balanced_weights, make_loader
-from utils.engine import NonFiniteLoss, predict, train_one_epoch
+from utils.engine import predict, train_one_epoch
 from utils.folds import prepare_run
 from utils.io import atomic_torch_save, atomic_write_csv, atomic_write_json, load_logits, save_logits
 from utils.metric import score_logits, summarize

@@ -1,13 +1,9 @@
-import json
-import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
 
 import ensemble
 from utils.blend import blend, head_log_softmax
-from utils.config import parse_config
 from utils.demo_data import COUNTS, sample_labels
 from utils.io import save_logits
 from utils.metric import score

@@ -72,7 +72,7 @@ def test_demo_data_is_deterministic_and_valid(tmp_path):
 
 
 def test_demo_data_follows_the_real_imbalance(tmp_path):
-    from utils.demo_data import COUNTS, ROWS, sample_labels
+    from utils.demo_data import ROWS, sample_labels
     df = sample_labels(20000, np.random.default_rng(0))
     share = df.Category.value_counts(normalize=True)
     total = sum(ROWS.values())

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import run_script
 from utils.metric import validate_submission
-from utils.schema import DataError, Schema, read_dataset
+from utils.schema import Schema, read_dataset
 
 TRAIN = ["--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs", "1", "--workers", "1",
          "--progress", "false", "--fold", "all"]

@@ -14,7 +14,6 @@ label-noise rate keep the task learnable but not trivial. Output is deterministi
 from __future__ import annotations
 
 import argparse
-import math
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 

@@ -50,8 +50,6 @@ class EnsembleGraph(nn.Module):
 def export_onnx(module: nn.Module, path: Path, img_size: int, metadata: dict) -> None:
     """Export with a dynamic batch size (TorchScript exporter: fast, and dynamic axes by name),
     then embed ``metadata`` (JSON) in the file so it describes itself."""
-    import onnx
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     module = module.eval()
