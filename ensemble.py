@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from utils.blend import head_log_softmax, normalise_weights
+from utils.blend import head_log_softmax, load_oof, normalise_weights
 from utils.config import CommonConfig, parse_config
-from utils.io import atomic_write_json, load_logits
+from utils.io import atomic_write_json
 from utils.metric import f1_scores, final_score
 from utils.schema import ID, DataError, Schema
 
@@ -71,31 +71,6 @@ def discover_runs(out_dir: Path, n_folds: int) -> list[str]:
         if all((path / f"fold{k}" / "oof_logits.npz").is_file() for k in range(n_folds)):
             runs.append(path.name)
     return runs
-
-
-def load_oof(out_dir: Path, runs: list[str], schema: Schema, train_ids: np.ndarray, n_folds: int) -> np.ndarray:
-    """[M, N, L] per-head log-probabilities in the order of ``train_ids``; every run must cover the
-    train set exactly once with this schema's layout."""
-    members = np.empty((len(runs), len(train_ids), schema.n_logits), dtype=np.float32)
-    position = pd.Series(np.arange(len(train_ids)), index=train_ids)
-    for m, run in enumerate(runs):
-        ids, logits = [], []
-        for k in range(n_folds):
-            path = out_dir / run / f"fold{k}" / "oof_logits.npz"
-            if not path.is_file():
-                raise DataError(f"run {run}: {path} is missing; train every fold first")
-            try:
-                i, z = load_logits(path, schema.fingerprint)
-            except ValueError as err:
-                raise DataError(f"run {run}: {err}") from None
-            ids.append(i)
-            logits.append(z)
-        ids = np.concatenate(ids)
-        if len(ids) != len(train_ids) or len(np.unique(ids)) != len(ids) or not np.isin(ids, train_ids).all():
-            raise DataError(f"run {run}: its OOF ids do not cover the {len(train_ids)} train rows exactly once "
-                            f"({len(ids)} ids, {len(np.unique(ids))} distinct)")
-        members[m, position[ids].to_numpy()] = head_log_softmax(np.concatenate(logits), schema)
-    return members
 
 
 # ----------------------------------------------------------------------------- the objective

@@ -37,7 +37,8 @@ from utils.config import CommonConfig, parse_config, save_config
 from utils.data import EpochSampler, ImageDataset, balanced_weights, make_loader
 from utils.engine import predict, train_one_epoch
 from utils.folds import prepare_run
-from utils.io import atomic_torch_save, atomic_write_csv, atomic_write_json, load_logits, save_logits
+from utils.blend import load_oof
+from utils.io import atomic_torch_save, atomic_write_csv, atomic_write_json, save_logits
 from utils.metric import score_logits, summarize
 from utils.model import AttributeModel, HeadLoss, build_optimizer, load_checkpoint, warmup_cosine
 from utils.schema import CATEGORY, ID, DataError, Schema, image_path, read_dataset
@@ -357,17 +358,12 @@ def train_fold(cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data, fold
 
 def report_oof(run_root: Path, schema: Schema, train: pd.DataFrame, n_folds: int) -> float | None:
     """When every fold of a run is done: its OOF score over the whole train set, printed."""
-    paths = [run_root / f"fold{k}" / "oof_logits.npz" for k in range(n_folds)]
-    if not all(p.is_file() for p in paths):
+    if not all((run_root / f"fold{k}" / "oof_logits.npz").is_file() for k in range(n_folds)):
         return None
-    parts = [load_logits(p, schema.fingerprint) for p in paths]
-    ids = np.concatenate([p[0] for p in parts])
-    logits = np.concatenate([p[1] for p in parts])
     originals = train[train["source_id"] == train[ID]] if "source_id" in train else train
-    if len(ids) != len(originals) or set(ids) != set(originals[ID]):
-        raise DataError(f"{run_root}: OOF ids do not cover the train set once")
-    order = pd.Series(np.arange(len(ids)), index=ids)[originals[ID]].to_numpy()
-    final, table = score_logits(schema, schema.encode(originals), logits[order])
+    ids = originals[ID].to_numpy()
+    logits = load_oof(run_root.parent, [run_root.name], schema, ids, n_folds)[0]  # checks coverage
+    final, table = score_logits(schema, schema.encode(originals), logits)
     _, per_cat = summarize(table)
     print_table(f"{run_root.name}: OOF over {len(ids)} train rows ({n_folds} folds)", per_cat)
     print(f"{run_root.name} OOF score: {final:.4f}")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import ensemble
-from utils.blend import blend, head_log_softmax
+from utils.blend import blend, head_log_softmax, load_oof
 from utils.demo_data import COUNTS, sample_labels
 from utils.io import save_logits
 from utils.metric import score
@@ -114,7 +114,7 @@ def test_misaligned_ids_and_layouts_raise(synthetic, tmp_path):
         save_logits(tmp_path / "bad_ids" / f"fold{k}" / "oof_logits.npz", train.id.to_numpy()[rows], logits[0][rows],
                     schema.fingerprint, k)
     with pytest.raises(DataError, match="run bad_ids: its OOF ids do not cover"):
-        ensemble.load_oof(tmp_path, ["good", "bad_ids"], schema, train.id.to_numpy(), 3)
+        load_oof(tmp_path, ["good", "bad_ids"], schema, train.id.to_numpy(), 3)
     # a run made with another schema
     _write_run(tmp_path, schema, train, folds, "other_schema", logits[1])
     for k in range(3):
@@ -122,5 +122,5 @@ def test_misaligned_ids_and_layouts_raise(synthetic, tmp_path):
         z = np.load(path)
         save_logits(path, z["ids"], z["logits"], "0000000000000000", k)
     with pytest.raises(DataError, match="run other_schema: .*made with schema 0000000000000000"):
-        ensemble.load_oof(tmp_path, ["good", "other_schema"], schema, train.id.to_numpy(), 3)
-    assert ensemble.load_oof(tmp_path, ["good"], schema, train.id.to_numpy(), 3).shape == (1, len(train), schema.n_logits)
+        load_oof(tmp_path, ["good", "other_schema"], schema, train.id.to_numpy(), 3)
+    assert load_oof(tmp_path, ["good"], schema, train.id.to_numpy(), 3).shape == (1, len(train), schema.n_logits)

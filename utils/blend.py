@@ -6,8 +6,10 @@ Shared by ``ensemble.py`` (which fits the weights and biases on OOF logits) and 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
-from utils.schema import Schema
+from utils.io import load_logits
+from utils.schema import DataError, Schema
 
 
 def head_log_softmax(logits: np.ndarray, schema: Schema) -> np.ndarray:
@@ -88,3 +90,31 @@ def combine_members(member_logits: dict, ens: dict, schema: Schema) -> np.ndarra
     members = np.stack([np.mean([head_log_softmax(z, schema) for z in member_logits[run]], axis=0)
                         for run in ens["models"]])
     return blend(members, ens["weights"], schema, ens["biases"])
+
+
+def load_oof(out_dir, runs: list[str], schema: Schema, train_ids: np.ndarray, n_folds: int) -> np.ndarray:
+    """[M, N, L] per-head log-probabilities in the order of ``train_ids``; every run must cover the
+    train set exactly once with this schema's layout."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    members = np.empty((len(runs), len(train_ids), schema.n_logits), dtype=np.float32)
+    position = pd.Series(np.arange(len(train_ids)), index=train_ids)
+    for m, run in enumerate(runs):
+        ids, logits = [], []
+        for k in range(n_folds):
+            path = out_dir / run / f"fold{k}" / "oof_logits.npz"
+            if not path.is_file():
+                raise DataError(f"run {run}: {path} is missing; train every fold first")
+            try:
+                i, z = load_logits(path, schema.fingerprint)
+            except ValueError as err:
+                raise DataError(f"run {run}: {err}") from None
+            ids.append(i)
+            logits.append(z)
+        ids = np.concatenate(ids)
+        if len(ids) != len(train_ids) or len(np.unique(ids)) != len(ids) or not np.isin(ids, train_ids).all():
+            raise DataError(f"run {run}: its OOF ids do not cover the {len(train_ids)} train rows exactly once "
+                            f"({len(ids)} ids, {len(np.unique(ids))} distinct)")
+        members[m, position[ids].to_numpy()] = head_log_softmax(np.concatenate(logits), schema)
+    return members

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ensemble import load_oof
+from utils.blend import load_oof
 from utils.metric import score_logits
 from utils.schema import ID, Schema, read_dataset
 
