@@ -304,10 +304,7 @@ def benchmark(cfg: EnsembleConfig) -> pd.DataFrame:
     targets = schema.encode(train)
     start = time.perf_counter()
     members = np.empty((cfg.bench_models, len(train), schema.n_logits), dtype=np.float32)
-    onehot = np.zeros((len(train), schema.n_logits), dtype=np.float32)
-    for j, h in enumerate(schema.heads):
-        given = np.flatnonzero(targets[:, j] >= 0)
-        onehot[given, h.offset + targets[given, j]] = 1.0
+    onehot = schema.one_hot(targets)
     for m in range(cfg.bench_models):  # members of different skill: signal + noise
         members[m] = head_log_softmax(onehot * rng.uniform(0.5, 2.0) + rng.normal(0, 1.5, onehot.shape).astype(np.float32), schema)
     make_s = time.perf_counter() - start

@@ -48,10 +48,7 @@ def synthetic():
     train.insert(0, "id", np.arange(len(train)))
     schema = Schema.fit(train, {c: list(a) for c, a in COUNTS.items()})
     targets = schema.encode(train)
-    onehot = np.zeros((len(train), schema.n_logits), dtype=np.float32)
-    for j, h in enumerate(schema.heads):
-        given = np.flatnonzero(targets[:, j] >= 0)
-        onehot[given, h.offset + targets[given, j]] = 1
+    onehot = schema.one_hot(targets)
     logits = [onehot * s + rng.normal(0, 1, onehot.shape).astype(np.float32) for s in (0.5, 1.0, 1.5)]
     folds = rng.integers(0, 3, len(train))
     return train, schema, targets, logits, folds

@@ -17,15 +17,9 @@ from utils.schema import CATEGORY, ID, DataError, Dataset, Schema
 
 
 def stratification_matrix(train: pd.DataFrame, schema: Schema) -> np.ndarray:
-    targets = schema.encode(train)
     cats = schema.category_index(train[CATEGORY])
-    columns = [np.eye(len(schema.categories), dtype=np.uint8)[cats]]
-    for j, head in enumerate(schema.heads):
-        onehot = np.zeros((len(train), head.width), dtype=np.uint8)
-        given = targets[:, j] >= 0
-        onehot[np.flatnonzero(given), targets[given, j]] = 1
-        columns.append(onehot)
-    return np.concatenate(columns, axis=1)
+    categories = np.eye(len(schema.categories), dtype=np.uint8)[cats]
+    return np.concatenate([categories, schema.one_hot(schema.encode(train), np.uint8)], axis=1)
 
 
 def make_folds(train: pd.DataFrame, schema: Schema, n_folds: int, seed: int) -> pd.DataFrame:

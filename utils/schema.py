@@ -306,6 +306,15 @@ class Schema:
             targets[rows, j] = [index.get(v, IGNORE_INDEX) for v in values]
         return targets
 
+    def one_hot(self, targets: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """Encoded targets [N, n_heads] -> [N, n_logits] indicators laid out like the logits
+        (all zeros where a label is missing)."""
+        out = np.zeros((len(targets), self.n_logits), dtype=dtype)
+        for j, head in enumerate(self.heads):
+            given = np.flatnonzero(targets[:, j] >= 0)
+            out[given, head.offset + targets[given, j]] = 1
+        return out
+
     def head_values(self, logits: np.ndarray, j: int) -> np.ndarray:
         """Predicted class index of head j for every row (argmax within the head)."""
         return logits[:, self.heads[j].logits].argmax(axis=1)
