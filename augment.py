@@ -40,7 +40,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from utils.io import atomic_write_csv
+from utils.io import atomic_path, atomic_write_csv
 from utils.schema import ATTR_COLS, CATEGORY, ID, image_path, read_dataset
 from utils.transforms import load_image
 
@@ -126,9 +126,8 @@ def _make_copy(job) -> tuple[int, str]:
     for name in tiers.split("+"):
         pipes[name].set_random_seed(seed)
         image = pipes[name](image=image)["image"]
-    tmp = dst_path.with_suffix(".tmp")
-    Image.fromarray(image).save(tmp, format="JPEG", quality=92)
-    tmp.replace(dst_path)
+    with atomic_path(dst_path) as tmp:
+        Image.fromarray(image).save(tmp, format="JPEG", quality=92)
     return new_id, ""
 
 

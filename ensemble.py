@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from utils.blend import head_log_softmax, load_oof, normalise_weights
 from utils.config import CommonConfig, parse_config
-from utils.io import atomic_write_json
+from utils.io import atomic_path, atomic_write_json
 from utils.metric import f1_scores, final_score
 from utils.schema import ID, DataError, Schema
 
@@ -285,10 +285,9 @@ def bar_chart(schema: Schema, single: np.ndarray, blended: np.ndarray, single_na
     ax.set_xlabel("head score (harmonic mean of micro- and macro-F1)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- benchmark

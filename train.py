@@ -38,7 +38,7 @@ from utils.data import EpochSampler, ImageDataset, balanced_weights, make_loader
 from utils.engine import predict, train_one_epoch
 from utils.folds import prepare_run
 from utils.blend import load_oof
-from utils.io import atomic_torch_save, atomic_write_csv, atomic_write_json, save_logits
+from utils.io import atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_json, save_logits
 from utils.metric import score_logits, summarize
 from utils.model import AttributeModel, HeadLoss, build_optimizer, load_checkpoint, warmup_cosine
 from utils.schema import CATEGORY, ID, DataError, Schema, image_path, read_dataset
@@ -183,10 +183,9 @@ def save_history_plot(history: pd.DataFrame, path: Path) -> None:
     ax[1].set(xlabel="epoch", ylabel="val score")
     fig.suptitle(str(path.parent))
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def print_table(title: str, table: pd.DataFrame) -> None:

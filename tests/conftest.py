@@ -17,6 +17,26 @@ def tiny_data(tmp_path_factory) -> Path:
                     workers=2, progress=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """The whole flow on the tiny data: two backbones trained on 3 folds, ensemble, export (read-only)."""
+    return pipeline(tiny_data, tmp_path_factory.mktemp("run"))
+
+
+TRAIN = ["--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs", "1", "--workers", "1",
+         "--progress", "false", "--fold", "all"]
+
+
+def pipeline(data: Path, out: Path) -> Path:
+    for model in ("resnet18", "efficientnet_b0"):
+        run_script("train.py", "--model", model, "--data-dir", str(data), "--out-dir", str(out), *TRAIN)
+    run_script("ensemble.py", "--data-dir", str(data), "--out-dir", str(out), "--sto-population", "6",
+               "--sto-iterations", "3", "--compare", "equal,sto", "--progress", "false")
+    run_script("export.py", "--data-dir", str(data), "--out-dir", str(out), "--timing-images", "5",
+               "--progress", "false")
+    return out
+
+
 def run_script(*args, cwd=ROOT, check=True, env=None, timeout=600):
     """Run a top-level script or module as a user would, and return the CompletedProcess."""
     import subprocess

@@ -6,27 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import run_script
+from tests.conftest import pipeline, run_script
 from utils.metric import validate_submission
 from utils.schema import Schema, read_dataset
 
-TRAIN = ["--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs", "1", "--workers", "1",
-         "--progress", "false", "--fold", "all"]
-
-
-def pipeline(data, out):
-    for model in ("resnet18", "efficientnet_b0"):
-        run_script("train.py", "--model", model, "--data-dir", str(data), "--out-dir", str(out), *TRAIN)
-    run_script("ensemble.py", "--data-dir", str(data), "--out-dir", str(out), "--sto-population", "6",
-               "--sto-iterations", "3", "--compare", "equal,sto", "--progress", "false")
-    run_script("export.py", "--data-dir", str(data), "--out-dir", str(out), "--timing-images", "5",
-               "--progress", "false")
-    return out
-
 
 @pytest.fixture(scope="module")
-def run(tiny_data, tmp_path_factory):
-    return pipeline(tiny_data, tmp_path_factory.mktemp("run"))
+def run(tiny_run):
+    return tiny_run
 
 
 def infer(data, out, output, *extra):

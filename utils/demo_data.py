@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from utils.io import atomic_write, atomic_write_csv
+from utils.io import atomic_path, atomic_write, atomic_write_csv
 from utils.schema import ATTR_COLS, CATEGORY, DUMMY, ID, LEN
 
 # Real train counts per (category, attribute, value); rows per category. NaN = rows - sum.
@@ -403,9 +403,8 @@ def render(cat: str, labels: dict, height: int, seed: int) -> Image.Image:
 def _render_row(job) -> None:
     path, cat, labels, height, seed = job
     img = render(cat, labels, height, seed)
-    tmp = path.with_suffix(".tmp")
-    img.save(tmp, format="JPEG", quality=90)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="JPEG", quality=90)
 
 
 def generate(out: str | Path, n_train: int = 3000, n_test: int = 600, seed: int = 0,

@@ -13,30 +13,62 @@ Whoever reads them checks ids and fingerprint and fails loudly on a mismatch.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import io
 import json
 import os
-import tempfile
+import secrets
+import socket
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 
-def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``."""
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _stale(tmp: Path) -> bool:
+    """A temporary file left by a writer on this host that no longer runs (killed mid-write)."""
+    try:
+        pid = int(tmp.name.rsplit(".", 2)[-2].split("-")[-2])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, IndexError, PermissionError, OSError):
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path``; when the block succeeds, rename it over ``path``,
+    and when it fails, remove it. For writers that need a file name (savefig, ONNX, PIL).
+
+    The temporary name is ``.<name>.<host>-<pid>-<random>.tmp``. A process killed with ``kill -9``
+    leaves only that hidden file; the next write of the same target removes it once its writer's
+    process is gone."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    for old in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(_HOST)}-*.tmp"):
+        if _stale(old):
+            old.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        write(f)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from utils.io import atomic_path
 from utils.schema import DataError, Schema
 
 
@@ -50,15 +51,12 @@ class EnsembleGraph(nn.Module):
 def export_onnx(module: nn.Module, path: Path, img_size: int, metadata: dict) -> None:
     """Export with a dynamic batch size (TorchScript exporter: fast, and dynamic axes by name),
     then embed ``metadata`` (JSON) in the file so it describes itself."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     module = module.eval()
-    with torch.no_grad():
+    with atomic_path(path) as tmp, torch.no_grad():
         torch.onnx.export(module, (torch.zeros(2, 3, img_size, img_size),), str(tmp), input_names=["image"],
                           output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
                           opset_version=17, dynamo=False)
-    add_metadata(tmp, metadata)
-    os.replace(tmp, path)
+        add_metadata(tmp, metadata)
 
 
 def add_metadata(path: Path, metadata: dict) -> None:
@@ -114,10 +112,9 @@ def quantize_int8(src: Path, dst: Path, calibration: list[np.ndarray]) -> None:
             return None if batch is None else {"image": batch}
 
     prepared = dst.with_name(dst.stem + ".pre.onnx")
-    tmp = dst.with_name(dst.name + ".tmp")
     quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    with atomic_path(dst) as tmp:
+        quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        add_metadata(tmp, read_metadata(src))
     prepared.unlink(missing_ok=True)
-    add_metadata(tmp, read_metadata(src))
-    os.replace(tmp, dst)

@@ -1,0 +1,229 @@
+"""kill -9 at a random point: no half-written output, and a re-run finishes with the same outputs.
+
+Each test runs a script once to the end (the reference, timed from a marker in its output), then
+again with the whole process group killed at a random moment after that marker, then once more
+(with ``--resume`` where it applies) and compares. The kill moment is drawn from the reference's
+own duration, so the test does not depend on the machine's speed.
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from tests.conftest import ROOT, run_script
+from utils.io import atomic_write, atomic_write_text
+
+
+def launch(args, marker, kill_after=None):
+    """Run ``python *args`` in its own process group, stdout and stderr merged. ``kill_after``
+    seconds after ``marker`` first appears in the output, kill -9 the whole group (workers too).
+    Returns (return code, output, seconds from the marker to the exit or the kill)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    chunks = []
+
+    def read():
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    seen, deadline = None, time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if seen is None and marker in b"".join(chunks).decode(errors="replace"):
+            seen = time.monotonic()
+        if seen is not None and kill_after is not None and time.monotonic() - seen >= kill_after:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    rc = proc.wait(timeout=60)
+    end = time.monotonic()
+    reader.join(10)
+    output = b"".join(chunks).decode(errors="replace")
+    assert marker in output, f"{marker!r} never appeared in the output of {args}:\n{output[-3000:]}"
+    return rc, output, end - (seen or end)
+
+
+def kill_midway(args, marker, reference_s, reset, seed):
+    """Kill the run at a random moment while it is still working; returns the delay used.
+    When it finished first (a machine much faster than during the reference), try earlier."""
+    delay = random.Random(seed).uniform(0.05, 0.6) * reference_s
+    for _ in range(4):
+        reset()
+        rc, output, _ = launch(args, marker, kill_after=delay)
+        if rc == -signal.SIGKILL:
+            return delay
+        assert rc == 0, output[-3000:]
+        delay /= 4
+    pytest.fail(f"{args[0]} always finished before the kill (reference {reference_s:.2f} s after {marker!r})")
+
+
+def assert_complete(folder):
+    """Every output file in the tree (hidden temporary files aside) loads in full."""
+    for path in folder.rglob("*"):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        suffix = path.suffix
+        if suffix == ".pt":
+            torch.load(path, map_location="cpu", weights_only=True)
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                [z[k] for k in z.files]
+        elif suffix == ".json":
+            json.loads(path.read_text())
+        elif suffix == ".csv":
+            pd.read_csv(path)
+        elif suffix == ".yaml":
+            yaml.safe_load(path.read_text())
+        elif suffix in (".png", ".jpg"):
+            with Image.open(path) as im:
+                im.load()
+        else:
+            raise AssertionError(f"unexpected file {path}")
+
+
+def no_temporary_files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*.tmp"))
+
+
+@pytest.fixture
+def seed():
+    """A fresh random kill point on every run; each failure message names it."""
+    return random.SystemRandom().randrange(2**32)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+def test_a_write_killed_midway_leaves_the_old_file(tmp_path):
+    target = tmp_path / "ensemble.json"
+    atomic_write_text(target, '{"old": true}\n')
+    code = (f"import sys, time\nfrom utils.io import atomic_write\n"
+            f"def write(f):\n    f.write(b'x' * 1_000_000); f.flush(); print('half', flush=True); time.sleep(60)\n"
+            f"atomic_write({str(target)!r}, write)\n")
+    rc, output, _ = launch(["-c", code], "half", kill_after=0.0)
+    assert rc == -signal.SIGKILL
+    assert target.read_text() == '{"old": true}\n'  # never the half-written bytes
+    leftovers = no_temporary_files(tmp_path)
+    assert len(leftovers) == 1 and leftovers[0].startswith(".ensemble.json.")
+    assert (tmp_path / leftovers[0]).stat().st_size == 1_000_000
+    atomic_write(target, lambda f: f.write(b'{"new": true}\n'))  # the next write clears the dead writer's file
+    assert target.read_text() == '{"new": true}\n'
+    assert no_temporary_files(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- the scripts
+
+TRAIN = ["--model", "resnet18", "--n-folds", "2", "--img-size", "32", "--batch-size", "16", "--epochs", "2",
+         "--workers", "1", "--progress", "false", "--fold", "all"]
+
+
+def test_train_killed_then_resumed_matches_an_uninterrupted_run(tiny_data, tmp_path, seed):
+    def args(out, *extra):
+        return ["train.py", "--data-dir", str(tiny_data), "--out-dir", str(out), *TRAIN, *extra]
+
+    marker = "fold 0 epoch 1/2"
+    rc, _, reference_s = launch(args(tmp_path / "ref"), marker)
+    assert rc == 0
+    cut = tmp_path / "cut"
+    delay = kill_midway(args(cut), marker, reference_s, lambda: shutil.rmtree(cut, ignore_errors=True), seed)
+    why = f"killed {delay:.2f} s after {marker!r} (seed {seed})"
+    assert_complete(cut)
+    assert not (cut / "resnet18" / "oof_score.json").exists(), why
+    run_script(*args(cut, "--resume", "true"))
+    for k in range(2):
+        for name in ("oof_logits.npz", "test_logits.npz"):
+            a, b = (np.load(d / "resnet18" / f"fold{k}" / name) for d in (tmp_path / "ref", cut))
+            assert (a["ids"] == b["ids"]).all(), why
+            np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-6, rtol=0, err_msg=why)
+        a, b = (pd.read_csv(d / "resnet18" / f"fold{k}" / "history.csv") for d in (tmp_path / "ref", cut))
+        np.testing.assert_allclose(a.val_score, b.val_score, atol=1e-6, err_msg=why)
+    a, b = (json.loads((d / "resnet18" / "oof_score.json").read_text()) for d in (tmp_path / "ref", cut))
+    assert a == pytest.approx(b), why
+    assert no_temporary_files(cut) == [], why
+
+
+def test_augment_killed_then_rerun_writes_the_same_images(tiny_data, tmp_path, seed):
+    def args(out):
+        return ["augment.py", "--data-dir", str(tiny_data), "--out-dir", str(out), "--attr", "all",
+                "--aug-percentage", "1.0", "--workers", "2"]
+
+    marker = "augment:"  # the progress bar starts with the first image
+    rc, _, reference_s = launch(args(tmp_path / "ref"), marker)
+    assert rc == 0
+    cut = tmp_path / "cut"
+    delay = kill_midway(args(cut), marker, reference_s, lambda: shutil.rmtree(cut, ignore_errors=True), seed)
+    why = f"killed {delay:.2f} s after {marker!r} (seed {seed})"
+    assert_complete(cut)  # every image written so far decodes in full
+    assert not (cut / "augmented_train.csv").exists(), why
+    run_script(*args(cut))
+    ref_images = sorted(p.name for p in (tmp_path / "ref" / "train_images").iterdir())
+    assert sorted(p.name for p in (cut / "train_images").iterdir()) == ref_images, why
+    for name in ref_images:
+        assert (cut / "train_images" / name).read_bytes() == (tmp_path / "ref" / "train_images" / name).read_bytes()
+    assert (cut / "augmented_train.csv").read_bytes() == (tmp_path / "ref" / "augmented_train.csv").read_bytes()
+
+
+def test_ensemble_killed_then_rerun_chooses_the_same_weights(tiny_data, tiny_run, tmp_path, seed):
+    def copy_oof(dst):
+        shutil.rmtree(dst, ignore_errors=True)
+        for name in ("schema.json", "folds.csv"):
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy(tiny_run / name, dst / name)
+        for src in tiny_run.glob("*/fold*/oof_logits.npz"):
+            (dst / src.relative_to(tiny_run)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst / src.relative_to(tiny_run))
+
+    def args(out):
+        return ["ensemble.py", "--data-dir", str(tiny_data), "--out-dir", str(out), "--sto-population", "6",
+                "--sto-iterations", "3", "--progress", "false"]
+
+    marker = "ensemble of 2 run(s)"
+    copy_oof(tmp_path / "ref")
+    rc, _, reference_s = launch(args(tmp_path / "ref"), marker)
+    assert rc == 0
+    cut = tmp_path / "cut"
+    delay = kill_midway(args(cut), marker, reference_s, lambda: copy_oof(cut), seed)
+    why = f"killed {delay:.2f} s after {marker!r} (seed {seed})"
+    assert_complete(cut)
+    run_script(*args(cut))
+    a, b = (json.loads((d / "ensemble.json").read_text()) for d in (tmp_path / "ref", cut))
+    for key in ("models", "method", "bias", "weights", "biases", "nested_cv_score", "oof_score_in_sample"):
+        assert a[key] == b[key], f"{key}: {why}"
+    assert no_temporary_files(cut) == [], why
+
+
+def test_infer_killed_then_rerun_writes_the_same_submission(tiny_data, tiny_run, tmp_path, seed):
+    def args(output):
+        return ["infer.py", "--data-dir", str(tiny_data), "--out-dir", str(tiny_run), "--output", str(output),
+                "--backend", "torch", "--batch-size", "2", "--workers", "1"]
+
+    marker = "infer:"  # the progress bar starts with the first batch
+    rc, _, reference_s = launch(args(tmp_path / "ref.csv"), marker)
+    assert rc == 0
+    reference = (tmp_path / "ref.csv").read_bytes()
+    cut = tmp_path / "out" / "submission.csv"
+    old = b"id,Category,len\n"  # a previous submission, to be replaced whole or kept whole
+
+    def reset():
+        cut.parent.mkdir(exist_ok=True)
+        cut.write_bytes(old)
+
+    delay = kill_midway(args(cut), marker, reference_s, reset, seed)
+    why = f"killed {delay:.2f} s after {marker!r} (seed {seed})"
+    assert cut.read_bytes() in (old, reference), why
+    run_script(*args(cut))
+    assert cut.read_bytes() == reference, why
+    assert no_temporary_files(cut.parent) == [], why
