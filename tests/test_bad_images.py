@@ -2,17 +2,24 @@
 import json
 import shutil
 
+import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from tests.conftest import run_script
+from utils.metric import validate_submission
+from utils.schema import Schema, read_dataset
 
 TRAIN = ["--model", "resnet18", "--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs", "1",
          "--workers", "1", "--progress", "false", "--fold", "0"]
 
 
+UNUSABLE = ("truncated", "empty", "1x1", "missing")
+
+
 def break_images(folder, ids):
-    """Seven kinds of bad file; returns {id: kind}."""
+    """Eight kinds of bad file; returns {id: kind}."""
     kinds = {}
     paths = [folder / f"{i:06d}.jpg" for i in ids]
     paths[0].write_bytes(paths[0].read_bytes()[:400]); kinds[ids[0]] = "truncated"
@@ -22,19 +29,20 @@ def break_images(folder, ids):
     Image.new("RGB", (1, 1), "red").save(paths[4], format="JPEG"); kinds[ids[4]] = "1x1"
     Image.new("L", (512, 20000), 128).save(paths[5], format="JPEG"); kinds[ids[5]] = "512x20000 grayscale"
     paths[6].unlink(); kinds[ids[6]] = "missing"
+    Image.open(paths[7]).save(paths[7], format="WEBP"); kinds[ids[7]] = "webp named jpg"
     return kinds
 
 
 @pytest.fixture(scope="module")
 def broken(tiny_data, tmp_path_factory):
-    """A copy of the tiny data with seven bad images among fold 0's training rows."""
+    """A copy of the tiny data with eight bad images among fold 0's training rows."""
     from utils.folds import prepare_run
     from utils.schema import read_dataset
 
     data = tmp_path_factory.mktemp("broken") / "data"
     shutil.copytree(tiny_data, data)
     _, table = prepare_run(read_dataset(data), tmp_path_factory.mktemp("folds"), 3, 42)
-    ids = table[table.fold != 0].id.to_numpy()[:7]
+    ids = table[table.fold != 0].id.to_numpy()[:8]
     return data, break_images(data / "train_images", [int(i) for i in ids])
 
 
@@ -44,8 +52,8 @@ def test_training_skips_unusable_images_and_repairs_odd_ones(broken, tmp_path):
     proc = run_script("train.py", "--data-dir", str(broken), "--out-dir", str(out), *TRAIN, "--max-bad-images", "0.05")
     metrics = json.loads((out / "resnet18" / "fold0" / "metrics.json").read_text())
     bad = {int(k) for k in metrics["bad_images"]}
-    unusable = {i for i, k in kinds.items() if k in ("truncated", "empty", "1x1", "missing")}
-    repaired = {i for i, k in kinds.items() if k in ("png named jpg", "cmyk", "512x20000 grayscale")}
+    unusable = {i for i, k in kinds.items() if k in UNUSABLE}
+    repaired = set(kinds) - unusable
     assert bad == unusable  # skipped and counted; the others decode after conversion to RGB
     assert not bad & repaired
     for i in unusable:
@@ -59,3 +67,27 @@ def test_too_many_bad_images_stop_training(broken, tmp_path):
                       "--max-bad-images", "0.001", check=False)
     assert proc.returncode != 0
     assert "train images are unreadable (more than max_bad_images=0.001)" in proc.stderr
+
+
+def test_inference_writes_every_row_whatever_the_image(tiny_data, tiny_run, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    test = pd.read_csv(data / "test.csv")
+    kinds = break_images(data / "test_images", [int(i) for i in test.id[:8]])
+    proc = run_script("infer.py", "--data-dir", str(data), "--out-dir", str(tiny_run), "--output",
+                      str(tmp_path / "sub.csv"), "--progress", "false", "--workers", "1")
+    unusable = {i for i, k in kinds.items() if k in UNUSABLE}
+    assert f"{len(unusable)} test image(s) could not be used" in proc.stdout
+    for i, kind in kinds.items():
+        assert (f"test image of id {i} could not be used" in proc.stderr) == (i in unusable), kind
+    sub = pd.read_csv(tmp_path / "sub.csv", dtype=str, keep_default_na=False)
+    sub["id"], sub["len"] = sub["id"].astype(int), sub["len"].astype(int)
+    schema = Schema.load(tiny_run / "schema.json")
+    assert sorted(sub.id) == sorted(test.id)
+    assert validate_submission(sub, read_dataset(data).test, schema) == []
+    # an unusable image's row holds its category's most frequent values
+    for i in unusable:
+        row = sub[sub.id == i].iloc[0]
+        for h in schema.heads:
+            if h.category == row.Category:
+                assert row[h.column] == h.vocab[int(np.argmax(schema.counts[h.name]))]
