@@ -33,7 +33,7 @@ from utils.blend import combine_members, load_ensemble
 from utils.config import CommonConfig, parse_config
 from utils.io import load_logits
 from utils.schema import CATEGORY, ID, DataError, Schema, image_path, read_category_attributes, read_test
-from utils.submission import make_submission, write_submission
+from utils.submission import make_submission, submission_from_predictions, write_submission
 from utils.data import read_or_placeholder
 from utils.transforms import build_transform
 
@@ -154,8 +154,8 @@ def run_members(members: list[Member], images: dict, tta_hflip: bool) -> dict:
 
 
 def predict_images(cfg: InferConfig, schema: Schema, test: pd.DataFrame, ens: dict, images_dir: Path):
-    """Blended scores decoded batch by batch; memory holds one batch of images at a time.
-    Returns (decoded rows, ids of bad images with their reasons)."""
+    """Blended scores decoded batch by batch; memory holds one batch of images at a time, and
+    each row's class indices. Returns (decoded rows, ids of bad images with their reasons)."""
     if cfg.backend == "torch":
         members, merged = torch_members(ens, schema), False
     elif cfg.backend == "onnx":
@@ -166,7 +166,8 @@ def predict_images(cfg: InferConfig, schema: Schema, test: pd.DataFrame, ens: di
     dataset = TestImages(test[ID], test[CATEGORY], images_dir, preps)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=False)
     fallback = schema.prior_logits()
-    parts, bad = [], {}
+    ids, categories = test[ID].to_numpy(), test[CATEGORY].to_numpy()
+    preds, bad = np.empty((len(test), len(schema.heads)), dtype=np.int16), {}
     with torch.inference_mode():
         for batch in tqdm(loader, desc="infer", disable=not cfg.progress, dynamic_ncols=True):
             images = {p: batch["images"][k].numpy() for k, p in enumerate(preps)}
@@ -174,13 +175,13 @@ def predict_images(cfg: InferConfig, schema: Schema, test: pd.DataFrame, ens: di
             scores = logits["ensemble"][0] if merged else combine_members(logits, ens, schema)
             index = batch["index"].numpy()
             for k in np.flatnonzero(~batch["ok"].numpy()):
-                row_id = int(test[ID].iloc[index[k]])
+                row_id = int(ids[index[k]])
                 bad[row_id] = batch["error"][k]
                 warnings.warn(f"test image of id {row_id} could not be used ({batch['error'][k]}); its row is "
                               f"predicted from its category's most frequent values", stacklevel=2)
                 scores[k] = fallback
-            parts.append(make_submission(test[ID].to_numpy()[index], test[CATEGORY].to_numpy()[index], scores, schema))
-    return pd.concat(parts, ignore_index=True), bad
+            preds[index] = schema.predict(scores)  # 2 bytes per head and row: memory stays flat
+    return submission_from_predictions(ids, categories, preds, schema), bad
 
 
 def predict_from_logits(cfg: InferConfig, schema: Schema, test: pd.DataFrame, ens: dict) -> pd.DataFrame:

@@ -77,3 +77,14 @@ def test_the_same_seed_reproduces_the_pipeline(run, tiny_data, tmp_path):
     infer(tiny_data, run, tmp_path / "a.csv")
     infer(tiny_data, again, tmp_path / "b.csv")
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+
+
+def test_inference_memory_stays_flat(run, tiny_data):
+    """3,000 rows of 32 px images through the streaming loop; holding on to every batch's images
+    would add 3,000 x 3 x 32 x 32 x 4 bytes = 37 MB after the first tenth."""
+    from utils.bench_memory import main as bench_memory
+
+    stats = bench_memory(["--data-dir", str(tiny_data), "--out-dir", str(run), "--rows", "3000", "--workers", "1"])
+    assert stats["submission_rows"] == 3000
+    assert stats["rss_growth_mb"] < 15, stats
+    assert stats["pss_growth_mb"] < 15, stats

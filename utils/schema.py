@@ -322,6 +322,14 @@ class Schema:
     def decode(self, logits: np.ndarray, categories) -> pd.DataFrame:
         """Columns Category, len, attr_1..attr_10 for rows with these logits: each row's own
         category heads decoded by argmax, ``dummy_value`` past len."""
+        return self.labels(self.predict(logits), categories)
+
+    def predict(self, logits: np.ndarray) -> np.ndarray:
+        """Each head's argmax class, int16 [N, heads]: the compact form of a decoded row."""
+        return np.stack([logits[:, h.logits].argmax(axis=1) for h in self.heads], axis=1).astype(np.int16)
+
+    def labels(self, pred: np.ndarray, categories) -> pd.DataFrame:
+        """``predict``'s class indices as the submission's columns, for rows of these categories."""
         categories = np.asarray(categories, dtype=object)
         self.category_index(categories)  # raises on an unknown category
         out = pd.DataFrame({CATEGORY: categories,
@@ -331,8 +339,7 @@ class Schema:
         for j, head in enumerate(self.heads):
             rows = np.flatnonzero(categories == head.category)
             if len(rows):
-                pred = logits[rows][:, head.logits].argmax(axis=1)
-                out.loc[rows, head.column] = np.asarray(head.vocab, dtype=object)[pred]
+                out.loc[rows, head.column] = np.asarray(head.vocab, dtype=object)[pred[rows, j]]
         return out
 
     def prior_logits(self) -> np.ndarray:

@@ -13,7 +13,12 @@ from utils.schema import ATTR_COLS, CATEGORY, ID, LEN, Schema
 
 def make_submission(ids, categories, logits: np.ndarray, schema: Schema) -> pd.DataFrame:
     """One row per id: its category's heads decoded by argmax, ``dummy_value`` past len."""
-    decoded = schema.decode(logits, categories)
+    return submission_from_predictions(ids, categories, schema.predict(logits), schema)
+
+
+def submission_from_predictions(ids, categories, pred: np.ndarray, schema: Schema) -> pd.DataFrame:
+    """The same from ``schema.predict``'s class indices (what infer.py keeps while it streams)."""
+    decoded = schema.labels(pred, categories)
     decoded.insert(0, ID, np.asarray(ids, dtype=np.int64))
     return decoded[[ID, CATEGORY, LEN] + ATTR_COLS]
 

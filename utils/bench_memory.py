@@ -1,0 +1,165 @@
+"""Inference memory over a large test set: infer.py's memory as the images stream by.
+
+    python -m utils.bench_memory --data-dir data/demo --out-dir runs/demo --rows 30000
+
+Builds a test set of ``--rows`` rows in a scratch folder (``test.csv`` and hard links to the data's
+own test images under new ids: no image is copied), runs ``infer.py`` on it as a user would, and
+samples its memory as the batches go by: the resident set (RSS) of infer.py itself, and the
+proportional set (PSS, shared pages split between processes) of infer.py with its loader workers.
+Prints both at every tenth of the batches, then the growth while streaming: from the first
+tenth to the last batch.
+Linux only (it reads /proc).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from utils.bench_train import machine
+from utils.schema import CATEGORY, ID, Schema, image_path, read_test
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_test_set(data_dir: Path, dst: Path, rows: int, categories: list[str]) -> None:
+    """``rows`` test rows cycling through the data's own test images, with new ids 0..rows-1."""
+    source = read_test(data_dir / "test.csv", categories)
+    (dst / "test_images").mkdir(parents=True)
+    shutil.copy(data_dir / "category_attributes.parquet", dst / "category_attributes.parquet")
+    picks = source.iloc[[k % len(source) for k in range(rows)]].reset_index(drop=True)
+    for new_id, old_id in enumerate(picks[ID]):
+        src, link = image_path(data_dir / "test_images", int(old_id)), image_path(dst / "test_images", new_id)
+        if src.exists():
+            try:
+                os.link(src, link)
+            except OSError:
+                os.symlink(src.resolve(), link)
+    pd.DataFrame({ID: range(rows), CATEGORY: picks[CATEGORY]}).to_csv(dst / "test.csv", index=False)
+
+
+def _kb(path: str, field: str) -> int:
+    try:
+        with open(path) as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants."""
+    pids, k = [pid], 0
+    while k < len(pids):
+        try:
+            for task in os.listdir(f"/proc/{pids[k]}/task"):
+                with open(f"/proc/{pids[k]}/task/{task}/children") as f:
+                    pids += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+        k += 1
+    return pids
+
+
+def sample(pid: int) -> tuple[float, float]:
+    """(RSS of pid, PSS of pid and its descendants), in MB."""
+    rss = _kb(f"/proc/{pid}/status", "VmRSS:")
+    pss = sum(_kb(f"/proc/{p}/smaps_rollup", "Pss:") for p in _tree(pid))
+    return rss / 1024, pss / 1024
+
+
+def measure(cmd: list[str], interval: float = 0.2) -> pd.DataFrame:
+    """Run ``cmd`` (infer.py with its progress bar on) and sample its memory; one row per sample
+    with the share of batches done, read from the progress bar."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    progress = {"done": 0, "total": 0}
+    tail = []
+
+    def read_bar():
+        buffer = ""
+        while chunk := os.read(proc.stderr.fileno(), 4096):
+            buffer = (buffer + chunk.decode(errors="replace"))[-4096:]
+            found = re.findall(r"infer:.*?(\d+)/(\d+) \[", buffer)
+            if found:
+                progress["done"], progress["total"] = map(int, found[-1])
+        tail.append(buffer)
+
+    reader = threading.Thread(target=read_bar, daemon=True)
+    reader.start()
+    samples, start = [], time.perf_counter()
+    while proc.poll() is None:
+        rss, pss = sample(proc.pid)
+        if rss and progress["total"]:
+            samples.append({"seconds": time.perf_counter() - start, "done": progress["done"] / progress["total"],
+                            "rss_mb": rss, "pss_mb": pss})
+        time.sleep(interval)
+    stdout = proc.stdout.read().decode(errors="replace")
+    reader.join(10)
+    if proc.returncode != 0:
+        raise RuntimeError(f"infer.py failed ({proc.returncode}):\n{stdout[-2000:]}\n{''.join(tail)[-3000:]}")
+    return pd.DataFrame(samples)
+
+
+def summarize(samples: pd.DataFrame, rows: int) -> tuple[pd.DataFrame, dict]:
+    """Memory at each tenth of the batches; growth while streaming, from the first tenth (once the
+    models, the loader workers and the allocator have settled) to the last batch."""
+    table = []
+    for tenth in range(1, 11):
+        upto = samples[samples.done <= tenth / 10]
+        if len(upto):
+            last = upto.iloc[-1]
+            table.append({"batches_done": f"{tenth * 10}%", "images": int(round(last.done * rows)),
+                          "infer_rss_mb": round(last.rss_mb, 1), "with_workers_pss_mb": round(last.pss_mb, 1)})
+    streaming = samples[samples.done < 1.0]  # the last batch done: the table is assembled and written
+    settled = streaming[streaming.done >= 0.1]
+    first = settled.iloc[0] if len(settled) else samples.iloc[0]
+    tail = streaming[streaming.done >= 0.5]
+    tail = tail if len(tail) else samples.iloc[-1:]
+    stats = {"rows": rows, "peak_rss_mb": float(samples.rss_mb.max()), "peak_pss_mb": float(samples.pss_mb.max()),
+             "rss_growth_mb": float(tail.rss_mb.max() - first.rss_mb),
+             "pss_growth_mb": float(tail.pss_mb.max() - first.pss_mb)}
+    return pd.DataFrame(table), stats
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default="data/demo")
+    parser.add_argument("--out-dir", default="runs/demo")
+    parser.add_argument("--rows", type=int, default=30000)
+    parser.add_argument("--backend", default="onnx")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_memory_") as scratch:
+        scratch = Path(scratch)
+        categories = Schema.load(Path(args.out_dir) / "schema.json").categories
+        make_test_set(Path(args.data_dir), scratch / "data", args.rows, categories)
+        cmd = [sys.executable, "infer.py", "--data-dir", str(scratch / "data"), "--out-dir", args.out_dir,
+               "--output", str(scratch / "submission.csv"), "--backend", args.backend,
+               "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--progress", "true"]
+        start = time.perf_counter()
+        samples = measure(cmd)
+        seconds = time.perf_counter() - start
+        written = sum(1 for _ in open(scratch / "submission.csv")) - 1
+    table, stats = summarize(samples, args.rows)
+    stats.update(seconds=seconds, submission_rows=written)
+    print(f"\ninfer.py memory over {args.rows} test rows ({args.backend}, batch {args.batch_size}, "
+          f"{args.workers} loader workers); {machine()}")
+    print(table.to_string(index=False))
+    print(f"peak: infer.py RSS {stats['peak_rss_mb']:.0f} MB, with workers PSS {stats['peak_pss_mb']:.0f} MB; "
+          f"growth while streaming (first tenth to last batch): RSS {stats['rss_growth_mb']:+.1f} MB, PSS {stats['pss_growth_mb']:+.1f} MB; "
+          f"{written} rows written in {seconds:.0f} s")
+    return stats
+
+
+if __name__ == "__main__":
+    main()
