@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import pipeline, run_script
 from utils.metric import validate_submission
-from utils.schema import Schema, read_dataset
+from utils.schema import DataError, Schema, read_dataset
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +88,17 @@ def test_inference_memory_stays_flat(run, tiny_data):
     assert stats["submission_rows"] == 3000
     assert stats["rss_growth_mb"] < 15, stats
     assert stats["pss_growth_mb"] < 15, stats
+
+
+def test_onnx_file_from_another_schema_is_refused(run):
+    from utils.onnx_utils import make_session
+
+    schema = Schema.load(run / "schema.json")
+    manifest = json.loads((run / "onnx" / "manifest.json").read_text())
+    paths = [run / "onnx" / manifest["merged"]["path"], run / "onnx" / manifest["members"][0]["folds"][0]["path"]]
+    d = schema.to_dict()
+    d["vocabs"]["Men Tshirts/color"] = d["vocabs"]["Men Tshirts/color"] + ["zebra"]
+    for path in paths:
+        with pytest.raises(DataError, match=r"exported for another schema.*Men Tshirts/color.*zebra"):
+            make_session(path, 1, Schema.from_dict(d))
+        assert make_session(path, 1, schema).get_inputs()[0].name == "image"  # its own schema is accepted

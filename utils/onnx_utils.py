@@ -89,7 +89,7 @@ def make_session(path: Path, threads: int = 0, schema: Schema | None = None):
         if meta.get("fingerprint") != schema.fingerprint:
             other = Schema.from_dict(meta["schema"]) if "schema" in meta else None
             detail = "; ".join(schema.diff(other)[:5]) if other else "no schema stored"
-            raise DataError(f"{path} was exported for another schema ({detail})")
+            raise DataError(f"{path} was exported for another schema (this run's first, the file's second: {detail})")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or (os.cpu_count() or 1)

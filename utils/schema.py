@@ -263,7 +263,7 @@ class Schema:
         return hashlib.sha256(layout.encode()).hexdigest()[:16]
 
     def diff(self, other: "Schema") -> list[str]:
-        """What differs between two layouts, in words (empty when they agree)."""
+        """What differs between two layouts, in words, this one's side first (empty when they agree)."""
         out = []
         if self.categories != other.categories:
             out.append(f"categories {self.categories} vs {other.categories}")
@@ -272,18 +272,21 @@ class Schema:
             out.append(f"head {name} only in the first")
         for name in theirs.keys() - mine.keys():
             out.append(f"head {name} only in the second")
-        for name in sorted(mine.keys() & theirs.keys()):
+        shared = sorted(mine.keys() & theirs.keys())
+        for name in shared:
             a, b = mine[name], theirs[name]
             if a.vocab != b.vocab:
                 out.append(f"head {name}: vocabulary {list(a.vocab)} vs {list(b.vocab)}")
-            elif a.offset != b.offset:
-                out.append(f"head {name}: offset {a.offset} vs {b.offset}")
+        if not out:  # shifted offsets are only news when nothing above explains them
+            out += [f"head {n}: offset {mine[n].offset} vs {theirs[n].offset}" for n in shared
+                    if mine[n].offset != theirs[n].offset]
         return out
 
     def check_same(self, other: "Schema", what: str) -> None:
         differences = self.diff(other)
         if differences:
-            raise DataError(f"{what} was made with a different schema: " + "; ".join(differences[:5]))
+            raise DataError(f"{what} was made with a different schema (this run's first, the file's second): "
+                            + "; ".join(differences[:5]))
 
     # -- encoding and decoding
     def category_index(self, categories) -> np.ndarray:
