@@ -1,4 +1,3 @@
-
 import numpy as np
 import pytest
 
@@ -121,3 +120,18 @@ def test_misaligned_ids_and_layouts_raise(synthetic, tmp_path):
     with pytest.raises(DataError, match="run other_schema: .*made with schema 0000000000000000"):
         load_oof(tmp_path, ["good", "other_schema"], schema, train.id.to_numpy(), 3)
     assert load_oof(tmp_path, ["good"], schema, train.id.to_numpy(), 3).shape == (1, len(train), schema.n_logits)
+
+
+def test_search_at_full_scale_fits_in_a_few_gb():
+    """20 members x 70,000 rows x 42 heads: the logits alone are 0.95 GB of float32; the objective
+    keeps one per-head copy. A float64 or per-evaluation copy would pass 3 GB."""
+    from tests.conftest import run_script
+
+    code = ("import resource, runpy, sys\n"
+            "sys.argv = ['ensemble.py', '--benchmark', 'true', '--bench-models', '20', '--bench-rows', '70000']\n"
+            "runpy.run_path('ensemble.py', run_name='__main__')\n"
+            "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    proc = run_script("-c", code)
+    assert "STO N=16 T=12" in proc.stdout
+    peak_gb = int(proc.stdout.rsplit("peak_kb", 1)[1].split()[0]) / 2**20
+    assert 0.95 < peak_gb < 3.0, peak_gb
