@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from utils.schema import (ATTR_COLS, DUMMY, IGNORE_INDEX, DataError, Schema, read_dataset)
+from utils.schema import ATTR_COLS, DUMMY, IGNORE_INDEX, DataError, Schema, image_path, read_dataset
 
 
 @pytest.fixture
@@ -118,3 +118,18 @@ def test_empty_test_csv_is_an_error(data_copy):
     (data_copy / "test.csv").write_text("id,Category\n")
     with pytest.raises(DataError, match=r"test.csv: no rows"):
         read_dataset(data_copy)
+
+
+def test_ids_and_image_names_are_never_paths(data_copy):
+    """Image paths are built from validated integer ids; a path in a table is an error."""
+    original = (data_copy / "test.csv").read_bytes()
+    _break(data_copy, "test.csv", lambda d: d.assign(id=d.id.where(d.index != 1, "../../etc/passwd")))
+    with pytest.raises(DataError, match=r"test.csv line 3, column id: id '../../etc/passwd' is not a non-negative"):
+        read_dataset(data_copy)
+    (data_copy / "test.csv").write_bytes(original)
+    _break(data_copy, "train.csv", lambda d: d.assign(
+        source_id=d.id, image=["../test_images/000000.jpg" if i == 2 else "" for i in range(len(d))]))
+    with pytest.raises(DataError, match=r"train.csv line 4 \(id \d+\), column image: image "
+                                        r"'../test_images/000000.jpg' is not of the form train_images/<id>.jpg"):
+        read_dataset(data_copy)
+    assert image_path("images", 7).as_posix() == "images/000007.jpg"
