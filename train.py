@@ -38,7 +38,7 @@ from utils.data import EpochSampler, ImageDataset, balanced_weights, make_loader
 from utils.engine import predict, train_one_epoch
 from utils.folds import prepare_run
 from utils.blend import load_oof
-from utils.io import atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_json, save_logits
+from utils.io import atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_json, load_torch, save_logits
 from utils.metric import score_logits, summarize
 from utils.model import AttributeModel, HeadLoss, build_optimizer, load_checkpoint, warmup_cosine
 from utils.schema import CATEGORY, ID, DataError, Schema, image_path, read_dataset
@@ -261,7 +261,7 @@ def train_fold(cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data, fold
     state = {"epoch": -1, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
     last_path = run_dir / "last.pt"
     if cfg.resume and last_path.is_file():
-        last = torch.load(last_path, map_location="cpu", weights_only=True)
+        last = load_torch(last_path)
         schema.check_same(Schema.from_dict(last["schema"]), f"checkpoint {last_path}")
         model.load_state_dict(last["state_dict"])
         optimizer.load_state_dict(last["optimizer"])

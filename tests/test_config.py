@@ -60,3 +60,12 @@ def test_resolved_config_is_saved_and_reloads(tmp_path):
 def test_abbreviated_flags_are_refused():
     with pytest.raises(SystemExit):
         parse_config(Demo, ["--epoch", "4"])  # not silently --epochs
+
+
+def test_a_config_with_python_tags_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f"epochs: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match=r"evil.yaml: not a plain YAML config .*python/object/apply:os.system"):
+        parse_config(Demo, ["--config", str(evil)])
+    assert not marker.exists()

@@ -13,7 +13,7 @@ from tests.conftest import ROOT, run_script
 from utils.config import parse_config
 from utils.io import load_logits
 from utils.model import AttributeModel, HeadLoss, load_checkpoint
-from utils.schema import IGNORE_INDEX, Schema, read_dataset
+from utils.schema import IGNORE_INDEX, DataError, Schema, read_dataset
 
 TINY = ["--model", "resnet18", "--n-folds", "3", "--img-size", "32", "--batch-size", "16",
         "--workers", "0", "--progress", "false", "--amp", "off"]
@@ -156,3 +156,17 @@ def test_pretrained_hub_unreachable_names_both_options(monkeypatch):
 def test_unknown_config_key_is_an_error(tiny_data, tmp_path):
     proc = run_script("train.py", "--data-dir", str(tiny_data), "--epoch", "3", check=False)
     assert proc.returncode != 0
+
+
+def test_a_poisoned_checkpoint_is_refused_and_nothing_in_it_runs(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "best.pt"
+    torch.save({"state_dict": {}, "model_args": {}, "payload": Payload()}, path)
+    with pytest.raises(DataError, match=r"refusing to load .*best.pt.*could run code \(.*GLOBAL posix.system"):
+        load_checkpoint(path)
+    assert not marker.exists()

@@ -104,8 +104,11 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}  # plain YAML only: a Python tag is an error, never run
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not a plain YAML config ({' '.join(str(err).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping of keys to values")
     return data

@@ -89,6 +89,23 @@ def atomic_torch_save(path: str | Path, obj) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def load_torch(path: str | Path) -> dict:
+    """A checkpoint, read with ``torch.load(weights_only=True)``: tensors and plain containers
+    only. A file holding any other Python object is refused, and nothing in it runs."""
+    import pickle
+
+    import torch
+
+    from utils.schema import DataError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [line for line in str(err).splitlines() if "GLOBAL" in line or "global" in line]
+        raise DataError(f"refusing to load {path}: it holds Python objects other than tensors and plain "
+                        f"containers, which could run code" + (f" ({lines[0].strip()})" if lines else "")) from None
+
+
 def save_logits(path: str | Path, ids: np.ndarray, logits: np.ndarray, fingerprint: str,
                 fold: int) -> None:
     ids = np.asarray(ids, dtype=np.int64)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from pathlib import Path
 
+from utils.io import load_torch
 from utils.schema import IGNORE_INDEX, Schema
 
 LOSSES = ("ce", "weighted_ce", "focal", "logit_adjusted")
@@ -153,7 +154,7 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_factor: float = 0.01)
 
 def load_checkpoint(path: str | Path, schema: Schema | None = None) -> tuple[AttributeModel, dict]:
     """Rebuild a model from a best.pt alone (weights_only loading); refuse another schema's file."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_torch(path)
     if schema is not None:
         schema.check_same(Schema.from_dict(ckpt["schema"]), f"checkpoint {path}")
     model = AttributeModel(**ckpt["model_args"])
