@@ -110,7 +110,7 @@ def seed():
 def test_a_write_killed_midway_leaves_the_old_file(tmp_path):
     target = tmp_path / "ensemble.json"
     atomic_write_text(target, '{"old": true}\n')
-    code = (f"import sys, time\nfrom utils.io import atomic_write\n"
+    code = (f"import time\nfrom utils.io import atomic_write\n"
             f"def write(f):\n    f.write(b'x' * 1_000_000); f.flush(); print('half', flush=True); time.sleep(60)\n"
             f"atomic_write({str(target)!r}, write)\n")
     rc, output, _ = launch(["-c", code], "half", kill_after=0.0)
@@ -177,11 +177,9 @@ def test_augment_killed_then_rerun_writes_the_same_images(tiny_data, tmp_path, s
 
 def test_ensemble_killed_then_rerun_chooses_the_same_weights(tiny_data, tiny_run, tmp_path, seed):
     def copy_oof(dst):
+        """What ensemble.py reads from the run folder, and nothing it writes."""
         shutil.rmtree(dst, ignore_errors=True)
-        for name in ("schema.json", "folds.csv"):
-            dst.mkdir(parents=True, exist_ok=True)
-            shutil.copy(tiny_run / name, dst / name)
-        for src in tiny_run.glob("*/fold*/oof_logits.npz"):
+        for src in [tiny_run / "schema.json", tiny_run / "folds.csv", *tiny_run.glob("*/fold*/oof_logits.npz")]:
             (dst / src.relative_to(tiny_run)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dst / src.relative_to(tiny_run))
 
