@@ -112,6 +112,8 @@ def measure(cmd: list[str], interval: float = 0.2) -> pd.DataFrame:
 def summarize(samples: pd.DataFrame, rows: int) -> tuple[pd.DataFrame, dict]:
     """Memory at each tenth of the batches; growth while streaming, from the first tenth (once the
     models, the loader workers and the allocator have settled) to the last batch."""
+    if samples.empty:
+        raise RuntimeError("infer.py finished before a sample was taken; measure more --rows")
     table = []
     for tenth in range(1, 11):
         upto = samples[samples.done <= tenth / 10]
@@ -149,7 +151,7 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         samples = measure(cmd)
         seconds = time.perf_counter() - start
-        written = sum(1 for _ in open(scratch / "submission.csv")) - 1
+        written = len(pd.read_csv(scratch / "submission.csv", usecols=[ID]))
     table, stats = summarize(samples, args.rows)
     stats.update(seconds=seconds, submission_rows=written)
     print(f"\ninfer.py memory over {args.rows} test rows ({args.backend}, batch {args.batch_size}, "
