@@ -31,7 +31,7 @@ import train
 from utils.config import load_yaml, parse_config
 from utils.engine import NonFiniteLoss
 from utils.folds import prepare_run
-from utils.io import atomic_write_csv, atomic_write_text
+from utils.io import atomic_path, atomic_write_csv, atomic_write_text
 from utils.schema import read_dataset
 
 
@@ -178,7 +178,8 @@ def save_plots(study, study_dir: Path) -> None:
         for name, plot in (("history", ovm.plot_optimization_history), ("importances", ovm.plot_param_importances)):
             try:
                 ax = plot(study)
-                ax.figure.savefig(study_dir / f"{name}.png", dpi=80, bbox_inches="tight")
+                with atomic_path(study_dir / f"{name}.png") as tmp:
+                    ax.figure.savefig(tmp, dpi=80, bbox_inches="tight", format="png")
                 plt.close(ax.figure)
             except (ValueError, RuntimeError) as err:  # e.g. importances need two complete trials
                 print(f"{name}.png not written: {err}")

@@ -35,6 +35,9 @@ def test_two_workers_share_one_study_and_the_yaml_trains(tiny_data, tmp_path):
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     best = yaml.safe_load(tuned.read_text())
     assert best["model"] == "resnet18" and set(best) - {"model"} == set(tune.load_space("configs/tune_space.yaml"))
+    study_dir = tmp_path / "run" / "tune" / "shared"
+    assert (study_dir / "trials.csv").is_file() and (study_dir / "history.png").stat().st_size > 0
+    assert not list(study_dir.glob(".*.tmp"))
     # the written YAML is a train.py config as it is
     run_script("train.py", "--config", str(tuned), "--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "final"),
                "--n-folds", "3", "--img-size", "32", "--epochs", "1", "--fold", "0", "--workers", "0",
