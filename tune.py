@@ -16,10 +16,15 @@ out of memory, ...) is recorded as failed with its reason and the study goes on.
 Writes: the best parameters as ``configs/tuned_<model>.yaml`` (``--tuned-config``), which
 ``train.py --config`` takes as it is; under ``<out-dir>/tune/<study>/``: one folder per trial,
 ``trials.csv``, ``history.png`` and ``importances.png``.
+
+With an RDB storage, a worker killed mid-trial leaves no trial running forever: once its
+heartbeats stop for ``2 * --heartbeat`` seconds, the next trial of any worker marks it failed and
+retries its parameters once. (A journal file has no heartbeats: there such a trial stays RUNNING.)
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -44,6 +49,8 @@ class TuneConfig(train.TrainConfig):
     space: str = "configs/tune_space.yaml"
     pruner: str = "median"  # median, hyperband, none
     tuned_config: Optional[str] = None  # default configs/tuned_<model>.yaml
+    heartbeat: int = 60  # RDB storages: seconds between a running trial's heartbeats; a trial silent for
+    #                      twice that (its worker was killed) is marked failed and its parameters retried once
 
 
 FAILURES = (NonFiniteLoss, RuntimeError, MemoryError, ValueError)  # a failed trial, not a failed study
@@ -73,20 +80,27 @@ def suggest(trial, space: dict) -> dict:
     return params
 
 
-def make_storage(url: str | None):
+def make_storage(url: str | None, heartbeat: int = 60):
     """A journal file (``journal:PATH``) for shared file systems; any other URL goes to Optuna's
-    RDB storage (sqlite, PostgreSQL, MySQL)."""
+    RDB storage (sqlite, PostgreSQL, MySQL), with heartbeats: the next trial of any worker marks a
+    trial silent for ``2 * heartbeat`` seconds as failed, and retries its parameters once."""
     import optuna
 
-    if url and url.startswith("journal:"):
+    if not url:
+        return None
+    if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
         path = Path(url[len("journal:"):])
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    if url and url.startswith("sqlite:///"):
+    if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return url
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.x
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                                          heartbeat_stale_trial_callback=retry)
 
 
 def make_pruner(name: str, epochs: int):
@@ -119,11 +133,16 @@ def objective_for(cfg: TuneConfig, space: dict, study_dir: Path, fold: int):
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} (val score {score:.4f})")
 
+        trial.set_user_attr("fail_reason", "its worker stopped before the trial ended (killed?)")  # until it ends
         try:
             metrics = train.train_fold(trial_cfg, schema, table, data, fold, train.Dist(), report=report)
+        except optuna.TrialPruned:
+            trial.set_user_attr("fail_reason", "")
+            raise
         except FAILURES as err:  # recorded with the trial; study.optimize(catch=...) then goes on
             trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
             raise
+        trial.set_user_attr("fail_reason", "")
         return float(metrics["val_score"])
 
     return objective
@@ -139,14 +158,15 @@ def main(cfg: TuneConfig):
     space = load_space(cfg.space)
     study_name = cfg.study_name or f"{cfg.name or cfg.model}_fold{fold}"
     study_dir = Path(cfg.out_dir) / "tune" / study_name
-    study = optuna.create_study(study_name=study_name, storage=make_storage(cfg.storage), direction="maximize",
+    study = optuna.create_study(study_name=study_name, storage=make_storage(cfg.storage, cfg.heartbeat), direction="maximize",
                                 load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=None),
                                 pruner=make_pruner(cfg.pruner, cfg.epochs))
     study.optimize(objective_for(cfg, space, study_dir, fold), n_trials=cfg.n_trials, timeout=cfg.timeout,
                    catch=FAILURES, gc_after_trial=True)
 
     trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
-    trials["fail_reason"] = trials["number"].map({t.number: t.user_attrs.get("fail_reason", "") for t in study.trials})
+    trials["fail_reason"] = trials["number"].map({t.number: t.user_attrs.get("fail_reason", "") if t.state.name == "FAIL"
+                                                  else "" for t in study.trials})
     study_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(study_dir / "trials.csv", trials)
     states = trials["state"].value_counts().to_dict()
@@ -171,7 +191,6 @@ def save_plots(study, study_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental

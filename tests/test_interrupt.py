@@ -224,3 +224,25 @@ def test_infer_killed_then_rerun_writes_the_same_submission(tiny_data, tiny_run,
     run_script(*args(cut))
     assert cut.read_bytes() == reference, why
     assert no_temporary_files(cut.parent) == [], why
+
+
+def test_tune_worker_killed_midtrial_is_failed_and_its_parameters_retried(tiny_data, tmp_path):
+    import optuna
+
+    from tests.test_tune import tiny_args
+
+    storage = f"sqlite:///{tmp_path}/study.db"
+    args = ["tune.py", *tiny_args(tiny_data, tmp_path / "run", "--epochs", "2", "--n-trials", "1",
+                                  "--storage", storage, "--study-name", "s", "--heartbeat", "1", "--pruner", "none",
+                                  "--batch-size", "16", "--tuned-config", str(tmp_path / "t.yaml"))]
+    rc, output, _ = launch(args, "epoch 1/2", kill_after=0.0)
+    assert rc == -signal.SIGKILL, output[-3000:]
+    time.sleep(3)  # past the grace period, 2 x heartbeat
+    run_script(*args)
+    killed, retried = optuna.load_study(study_name="s", storage=storage).trials
+    assert killed.state == optuna.trial.TrialState.FAIL
+    assert "worker stopped before the trial ended" in killed.user_attrs["fail_reason"]
+    assert retried.state == optuna.trial.TrialState.COMPLETE
+    assert retried.params == killed.params and retried.system_attrs["failed_trial"] == killed.number
+    trials = pd.read_csv(tmp_path / "run" / "tune" / "s" / "trials.csv", keep_default_na=False)
+    assert list(trials.fail_reason.astype(bool)) == [True, False]
