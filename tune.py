@@ -103,6 +103,13 @@ def make_storage(url: str | None, heartbeat: int = 60):
                                           heartbeat_stale_trial_callback=retry)
 
 
+def fail_reason(trial) -> str:
+    """Why a failed trial failed: the error it raised, or else its worker stopped mid-trial."""
+    if trial.state.name != "FAIL":
+        return ""
+    return trial.user_attrs.get("fail_reason") or "its worker stopped before the trial ended (killed?)"
+
+
 def make_pruner(name: str, epochs: int):
     import optuna
 
@@ -133,16 +140,11 @@ def objective_for(cfg: TuneConfig, space: dict, study_dir: Path, fold: int):
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} (val score {score:.4f})")
 
-        trial.set_user_attr("fail_reason", "its worker stopped before the trial ended (killed?)")  # until it ends
         try:
             metrics = train.train_fold(trial_cfg, schema, table, data, fold, train.Dist(), report=report)
-        except optuna.TrialPruned:
-            trial.set_user_attr("fail_reason", "")
-            raise
         except FAILURES as err:  # recorded with the trial; study.optimize(catch=...) then goes on
             trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
             raise
-        trial.set_user_attr("fail_reason", "")
         return float(metrics["val_score"])
 
     return objective
@@ -165,8 +167,7 @@ def main(cfg: TuneConfig):
                    catch=FAILURES, gc_after_trial=True)
 
     trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
-    trials["fail_reason"] = trials["number"].map({t.number: t.user_attrs.get("fail_reason", "") if t.state.name == "FAIL"
-                                                  else "" for t in study.trials})
+    trials["fail_reason"] = trials["number"].map({t.number: fail_reason(t) for t in study.trials})
     study_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(study_dir / "trials.csv", trials)
     states = trials["state"].value_counts().to_dict()
