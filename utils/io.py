@@ -27,6 +27,7 @@ import numpy as np
 
 
 _HOST = socket.gethostname().replace(".", "_")
+_SWEPT: set[Path] = set()  # folders this process has cleared of dead writers' temporary files
 
 
 def _stale(tmp: Path) -> bool:
@@ -47,13 +48,15 @@ def atomic_path(path: str | Path):
     and when it fails, remove it. For writers that need a file name (savefig, ONNX, PIL).
 
     The temporary name is ``.<name>.<host>-<pid>-<random>.tmp``. A process killed with ``kill -9``
-    leaves only that hidden file; the next write of the same target removes it once its writer's
-    process is gone."""
+    leaves only that hidden file; the first write of a later process into the same folder removes
+    it (the folder is listed once per process: a folder of 50,000 images is not listed per image)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for old in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(_HOST)}-*.tmp"):
-        if _stale(old):
-            old.unlink(missing_ok=True)
+    if path.parent not in _SWEPT:
+        _SWEPT.add(path.parent)
+        for old in path.parent.glob(f".*.{glob.escape(_HOST)}-*.tmp"):
+            if _stale(old):
+                old.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
