@@ -163,10 +163,10 @@ def predict_images(cfg: InferConfig, schema: Schema, test: pd.DataFrame, ens: di
     else:
         raise ValueError(f"backend must be onnx or torch, got {cfg.backend!r}")
     preps = sorted({m.prep for m in members})
-    dataset = TestImages(test[ID], test[CATEGORY], images_dir, preps)
+    ids, categories = test[ID].to_numpy(), test[CATEGORY].to_numpy()
+    dataset = TestImages(ids, categories, images_dir, preps)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=False)
     fallback = schema.prior_logits()
-    ids, categories = test[ID].to_numpy(), test[CATEGORY].to_numpy()
     preds, bad = np.empty((len(test), len(schema.heads)), dtype=np.int16), {}
     with torch.inference_mode():
         for batch in tqdm(loader, desc="infer", disable=not cfg.progress, dynamic_ncols=True):
