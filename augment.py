@@ -29,8 +29,8 @@ source image is reported by id and skipped.
 """
 from __future__ import annotations
 
-import argparse
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
@@ -40,11 +40,28 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from utils.config import DataConfig, option, run_command
+from utils.errors import ConfigError, DataError
 from utils.io import atomic_path, atomic_write_csv
 from utils.schema import ATTR_COLS, CATEGORY, ID, image_path, read_dataset
 from utils.transforms import load_image
 
 CAP = 3.0
+
+
+@dataclass
+class AugmentConfig(DataConfig):
+    out_dir: str = option("runs/demo_aug", "where augmented_train.csv and train_images/ are written")
+    attr: str = option("all", "the attribute slot to balance, or all of them", choices=tuple(ATTR_COLS) + ("all",))
+    aug_percentage: float = option(0.5, "share of each under-represented class's images that get copies, in (0, 1]")
+    cap: float = option(CAP, "largest class multiplier")
+    seed: int = option(42, "seed of the image picks and of each copy's augmentation")
+    workers: int = option(2, "processes writing images")
+    progress: bool = option(True, "progress bar")
+
+    def __post_init__(self):
+        if not 0 < self.aug_percentage <= 1:
+            raise ConfigError(f"key 'aug_percentage' must be in (0, 1], got {self.aug_percentage}")
 
 
 def calculate_class_proportions(train: pd.DataFrame, attr: str, cap: float = CAP) -> pd.DataFrame:
@@ -139,49 +156,32 @@ def class_counts(train: pd.DataFrame, attrs: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def main(argv=None) -> pd.DataFrame:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--data-dir", default="data/demo")
-    parser.add_argument("--out-dir", default="runs/demo_aug")
-    parser.add_argument("--attr", default="all", help="attr_1 .. attr_10, or all")
-    parser.add_argument("--aug-percentage", type=float, default=0.5)
-    parser.add_argument("--cap", type=float, default=CAP)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--progress", default="true")
-    args = parser.parse_args(argv)
-    if args.attr != "all" and args.attr not in ATTR_COLS:
-        parser.error(f"--attr must be one of attr_1..attr_10 or all, got {args.attr!r}")
-    if not 0 < args.aug_percentage <= 1:
-        parser.error("--aug-percentage must be in (0, 1]")
-    data = read_dataset(args.data_dir)
-    train = data.train
-    if "source_id" in train:
-        raise SystemExit(f"{args.data_dir}: train.csv is already augmented (has source_id)")
-    attrs = ATTR_COLS if args.attr == "all" else [args.attr]
-    out = Path(args.out_dir)
-    (out / "train_images").mkdir(parents=True, exist_ok=True)
-    first_id = int(max(train[ID].max(), data.test[ID].max() if len(data.test) else -1)) + 1
-    copies = plan(train, attrs, args.aug_percentage, args.cap, args.seed, first_id)
-    jobs = [(n, image_path(data.train_images, s), out / "train_images" / f"{n:06d}.jpg", t, args.seed * 1_000_003 + n)
+def write_copies(copies: pd.DataFrame, data, out: Path, cfg: AugmentConfig) -> dict:
+    """Write every planned copy's image (skipping those already written); {new_id: error}."""
+    jobs = [(n, image_path(data.train_images, s), out / "train_images" / f"{n:06d}.jpg", t, cfg.seed * 1_000_003 + n)
             for n, s, t in zip(copies["new_id"], copies["source_id"], copies["tiers"])]
     errors = {}
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+    with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
         for new_id, error in tqdm(pool.map(_make_copy, jobs, chunksize=8), total=len(jobs), desc="augment",
-                                  disable=args.progress == "false"):
+                                  disable=not cfg.progress):
             if error:
                 errors[new_id] = error
     source_of = dict(zip(copies["new_id"], copies["source_id"]))
     for new_id, error in errors.items():
         print(f"source image of id {source_of[new_id]} could not be read ({error}); its copy is skipped")
-    made = copies[~copies["new_id"].isin(errors)]
+    return errors
+
+
+def augmented_table(train: pd.DataFrame, made: pd.DataFrame) -> pd.DataFrame:
+    """The original rows (their own source) and one row per copy, with ``source_id`` and ``image``."""
     src = train.set_index(ID).loc[made["source_id"]].reset_index()
     augmented = src.assign(**{ID: made["new_id"].to_numpy(), "source_id": made["source_id"].to_numpy(),
                               "image": [f"train_images/{n:06d}.jpg" for n in made["new_id"]]})
     originals = train.assign(source_id=train[ID], image=np.nan)
-    table = pd.concat([originals, augmented], ignore_index=True)[[ID, CATEGORY, "len"] + ATTR_COLS + ["source_id", "image"]]
-    atomic_write_csv(out / "augmented_train.csv", table)
+    return pd.concat([originals, augmented], ignore_index=True)[[ID, CATEGORY, "len"] + ATTR_COLS + ["source_id", "image"]]
 
+
+def print_counts(train: pd.DataFrame, table: pd.DataFrame, attrs: list[str]) -> None:
     before, after = class_counts(train, attrs), class_counts(table, attrs)
     counts = before.merge(after, on=[CATEGORY, "attr", "value"], suffixes=("_before", "_after"))
     counts["growth"] = counts["count_after"] / counts["count_before"]
@@ -189,9 +189,26 @@ def main(argv=None) -> pd.DataFrame:
     with pd.option_context("display.width", 140, "display.max_rows", 400, "display.float_format", "{:.2f}".format):
         print("\nrows per category\n" + per_cat.to_string())
         print("\nclass counts per (category, slot) before and after\n" + counts.to_string(index=False))
+
+
+def main(cfg: AugmentConfig) -> pd.DataFrame:
+    data = read_dataset(cfg.data_dir)
+    train = data.train
+    if "source_id" in train:
+        raise DataError(f"{cfg.data_dir}: train.csv is already augmented (has source_id)")
+    attrs = ATTR_COLS if cfg.attr == "all" else [cfg.attr]
+    out = Path(cfg.out_dir)
+    (out / "train_images").mkdir(parents=True, exist_ok=True)
+    first_id = int(max(train[ID].max(), data.test[ID].max() if len(data.test) else -1)) + 1
+    copies = plan(train, attrs, cfg.aug_percentage, cfg.cap, cfg.seed, first_id)
+    errors = write_copies(copies, data, out, cfg)
+    made = copies[~copies["new_id"].isin(errors)]
+    table = augmented_table(train, made)
+    atomic_write_csv(out / "augmented_train.csv", table)
+    print_counts(train, table, attrs)
     print(f"\n{len(made)} augmented images ({len(errors)} skipped); {len(table)} rows in {out / 'augmented_train.csv'}")
     return table
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, AugmentConfig, __doc__)

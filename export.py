@@ -1,21 +1,22 @@
-"""Export the ensemble's fold checkpoints to ONNX, check parity, quantise, and time the options.
+"""Export the ensemble's fold checkpoints to ONNX, check parity, quantise, and choose how to serve.
 
     python export.py                         # runs of ensemble.json (or every run) -> <out-dir>/onnx/
-    python export.py --int8 true             # also int8 static quantisation (QDQ), with its OOF score change
-    python export.py --benchmark true        # end-to-end latency table (needs no trained run)
+    python export.py --int8                  # also int8 static quantisation (QDQ), with its OOF score change
 
-Every fold's ``best.pt`` becomes ``onnx/<run>_fold<k>.onnx`` (dynamic batch, schema and
+Every fold's ``best.pt`` becomes ``onnx/<run>_fold<k>.onnx`` (dynamic batch; schema and
 preprocessing embedded as metadata). Each export is checked against PyTorch on real images of its
 fold's validation rows: maximum absolute logit difference (must be <= 1e-3) and identical decoding.
 When all members share one preprocessing, the whole ensemble (folds, weights, biases) is also
 exported as one graph, ``onnx/ensemble.onnx``; both ways are timed single-stream and the faster
 one is recorded in ``onnx/manifest.json`` (``use``), which infer.py follows.
+
+Latency of the seed's backbones at 224 px: ``python -m utils.bench.latency``.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,257 +24,138 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from utils.blend import combine_members, expand_weights, load_ensemble
-from utils.config import CommonConfig, parse_config
+from utils.config import CommonConfig, option, run_command
+from utils.errors import DataError
 from utils.io import atomic_write_json
 from utils.metric import score_logits
-from utils.model import load_checkpoint
-from utils.onnx_utils import EnsembleGraph, LogitsOnly, export_onnx, make_session, quantize_int8
-from utils.schema import CATEGORY, ID, Schema, image_path, read_dataset
-from utils.transforms import build_transform, load_image
+from utils.model import checkpoint_preprocess, load_checkpoint
+from utils.onnx_utils import EnsembleGraph, LogitsOnly, export_onnx, quantize_int8
+from utils.run import RunDir
+from utils.schema import ID, Schema, image_path, read_dataset
+from utils.serving import onnx_runner, parity, preprocess_batch, single_stream_ms
+from utils.transforms import Preprocess
 
 
 @dataclass
 class ExportConfig(CommonConfig):
-    models: Optional[str] = None  # comma-separated runs; default: ensemble.json's, else every run
-    int8: bool = False  # also export int8-quantised models and report their OOF score change
-    calib_images: int = 200  # train images for int8 calibration
-    parity_images: int = 32
-    merge: bool = True  # also try the whole ensemble as one graph, keep the faster
-    threads: int = 2  # ONNX Runtime intra-op threads for timing and parity
-    timing_images: int = 50  # single-stream images for the merged-vs-separate timing
-    benchmark: bool = False
-    bench_models: str = "resnet18,densenet121,efficientnet_b0,legacy_xception"
-    bench_folds: int = 5
-    bench_size: int = 224
-    bench_images: int = 200
-    progress: bool = True
+    models: Optional[list[str]] = option(None, "runs to export (a,b,c); default: ensemble.json's, else every run")
+    int8: bool = option(False, "also export int8-quantised models and report their OOF score change")
+    calib_images: int = option(200, "train images for int8 calibration")
+    parity_images: int = option(32, "validation images of each fold for the ONNX-vs-PyTorch check")
+    merge: bool = option(True, "also try the whole ensemble as one graph; keep the faster")
+    threads: int = option(2, "ONNX Runtime intra-op threads for timing and parity")
+    timing_images: int = option(50, "test images for the single-stream merged-vs-separate timing")
+    progress: bool = option(True, "progress bars")
 
 
-def preprocess(paths, img_size: int, resize: str, mean, std) -> np.ndarray:
-    tf = build_transform(img_size, mean, std, resize)
-    return np.stack([tf(load_image(p, img_size, resize)) for p in paths]).astype(np.float32)
+def metadata(schema: Schema, run: str, prep, **extra) -> dict:
+    """What an ONNX file says about itself (utils.onnx_utils.read_metadata reads it back)."""
+    return {"fingerprint": schema.fingerprint, "schema": schema.to_dict(), "run": run,
+            "preprocess": prep.to_dict(), **extra}
 
 
-def max_diff_and_decoding(a: np.ndarray, b: np.ndarray, schema: Schema) -> tuple[float, bool]:
-    same = all((a[:, h.logits].argmax(1) == b[:, h.logits].argmax(1)).all() for h in schema.heads)
-    return float(np.abs(a - b).max()), same
-
-
-def single_stream_ms(run, inputs: list[np.ndarray]) -> list[float]:
-    times = []
-    for x in inputs:
-        start = time.perf_counter()
-        run(x)
-        times.append((time.perf_counter() - start) * 1000)
-    return times
+def export_fold(cfg: ExportConfig, run: str, k: int, path: Path, schema: Schema, data, train: pd.DataFrame,
+                onnx_dir: Path) -> tuple[dict, dict]:
+    """One fold to ONNX, checked against PyTorch; with ``int8``, also quantised, with the fp32 and
+    int8 logits of every validation row. Returns (manifest entry of the fold, its OOF logits)."""
+    model, ckpt = load_checkpoint(path, schema)
+    prep = checkpoint_preprocess(ckpt)
+    target = onnx_dir / f"{run}_fold{k}.onnx"
+    export_onnx(LogitsOnly(model), target, prep.img_size, metadata(schema, run, prep, fold=k, model=ckpt["model"]))
+    val = train[train["fold"] == k]
+    val_paths = [image_path(data.train_images, i) for i in val[ID]]
+    x = preprocess_batch(val_paths[: cfg.parity_images], prep)
+    with torch.no_grad():
+        expected = model.logits(torch.from_numpy(x)).numpy()
+    fp32 = onnx_runner(target, cfg.threads, schema)
+    diff, same = parity(expected, fp32(x), schema)
+    if diff > 1e-3 or not same:
+        raise RuntimeError(f"{target}: ONNX differs from PyTorch (max |diff| {diff:.2e}, same decoding {same})")
+    print(f"{target.name}: parity max |diff| {diff:.2e}, same decoding {same}")
+    entry = {"fold": k, "path": target.name, "parity_max_abs_diff": diff, "parity_same_decoding": same,
+             "model": ckpt["model"], "preprocess": prep.to_dict()}
+    if not cfg.int8:
+        return entry, {}
+    calib_ids = train[train["fold"] != k][ID].to_numpy()[: cfg.calib_images]
+    calib = preprocess_batch([image_path(data.train_images, i) for i in calib_ids], prep)
+    int8_path = onnx_dir / f"{run}_fold{k}.int8.onnx"
+    quantize_int8(target, int8_path, [calib[i:i + 16] for i in range(0, len(calib), 16)])
+    entry["int8_path"] = int8_path.name
+    int8 = onnx_runner(int8_path, cfg.threads, schema)
+    batches = [preprocess_batch(val_paths[i:i + 64], prep) for i in range(0, len(val_paths), 64)]
+    oof = {"fp32": np.concatenate([fp32(b) for b in batches]), "int8": np.concatenate([int8(b) for b in batches]),
+           "targets": schema.encode(val)}
+    return entry, oof
 
 
 def export_run(cfg: ExportConfig, run: str, paths: list[Path], schema: Schema, data, train: pd.DataFrame,
                onnx_dir: Path) -> dict:
-    """Export, check and (optionally) quantise every fold of one run."""
+    """Every fold of one run; with ``int8``, the run's OOF score in fp32 and int8."""
     entry = {"run": run, "folds": []}
-    oof = {"fp32": [], "int8": [], "targets": []}
+    oofs = []
     for k, path in enumerate(paths):
-        model, meta = load_checkpoint(path, schema)
-        size, resize, mean, std = meta["img_size"], meta["resize"], meta["mean"], meta["std"]
-        entry.update(img_size=size, resize=resize, mean=mean, std=std, model=meta["model"])
-        metadata = {"fingerprint": schema.fingerprint, "schema": schema.to_dict(), "run": run, "fold": k,
-                    "model": meta["model"], "img_size": size, "resize": resize, "mean": mean, "std": std}
-        target = onnx_dir / f"{run}_fold{k}.onnx"
-        export_onnx(LogitsOnly(model), target, size, metadata)
-        val = train[train["fold"] == k]
-        paths_val = [image_path(data.train_images, i) for i in val[ID]]
-        x = preprocess(paths_val[: cfg.parity_images], size, resize, mean, std)
-        with torch.no_grad():
-            expected = model.logits(torch.from_numpy(x)).numpy()
-        session = make_session(target, cfg.threads, schema)
-        diff, same = max_diff_and_decoding(expected, session.run(None, {"image": x})[0], schema)
-        if diff > 1e-3 or not same:
-            raise RuntimeError(f"{target}: ONNX differs from PyTorch (max |diff| {diff:.2e}, same decoding {same})")
-        fold = {"fold": k, "path": target.name, "parity_max_abs_diff": diff, "parity_same_decoding": same}
-        if cfg.int8:
-            calib_ids = train[train["fold"] != k][ID].to_numpy()[: cfg.calib_images]
-            calib = preprocess([image_path(data.train_images, i) for i in calib_ids], size, resize, mean, std)
-            int8_path = onnx_dir / f"{run}_fold{k}.int8.onnx"
-            quantize_int8(target, int8_path, [calib[i:i + 16] for i in range(0, len(calib), 16)])
-            fold["int8_path"] = int8_path.name
-            # OOF score change from quantisation, on every validation row of the fold
-            int8_session = make_session(int8_path, cfg.threads, schema)
-            fp32_logits, int8_logits = [], []
-            for i in range(0, len(paths_val), 64):
-                xb = preprocess(paths_val[i:i + 64], size, resize, mean, std)
-                fp32_logits.append(session.run(None, {"image": xb})[0])
-                int8_logits.append(int8_session.run(None, {"image": xb})[0])
-            oof["fp32"].append(np.concatenate(fp32_logits))
-            oof["int8"].append(np.concatenate(int8_logits))
-            oof["targets"].append(schema.encode(val))
+        fold, oof = export_fold(cfg, run, k, path, schema, data, train, onnx_dir)
         entry["folds"].append(fold)
-        print(f"{target.name}: parity max |diff| {diff:.2e}, same decoding {same}")
+        oofs.append(oof)
+    preps = {json.dumps(f["preprocess"], sort_keys=True) for f in entry["folds"]}
+    if len(preps) > 1:  # one Member serves every fold of a run with one preprocessing
+        raise DataError(f"run {run}: its folds were trained with different preprocessing ({sorted(preps)}); "
+                        f"retrain them with one config")
+    entry.update(model=entry["folds"][0]["model"], preprocess=entry["folds"][0]["preprocess"])
     if cfg.int8:
-        targets = np.concatenate(oof["targets"])
-        fp32_score, _ = score_logits(schema, targets, np.concatenate(oof["fp32"]))
-        int8_score, _ = score_logits(schema, targets, np.concatenate(oof["int8"]))
+        targets = np.concatenate([o["targets"] for o in oofs])
+        fp32_score, _ = score_logits(schema, targets, np.concatenate([o["fp32"] for o in oofs]))
+        int8_score, _ = score_logits(schema, targets, np.concatenate([o["int8"] for o in oofs]))
         entry.update(oof_fp32=fp32_score, oof_int8=int8_score)
         print(f"{run}: OOF score fp32 {fp32_score:.4f}, int8 {int8_score:.4f} ({int8_score - fp32_score:+.4f})")
     return entry
 
 
+def export_merged(cfg: ExportConfig, ens: dict, entries: list[dict], schema: Schema, data, onnx_dir: Path) -> dict:
+    """The whole ensemble as one graph; timed against separate sessions. Returns the manifest keys."""
+    prep = Preprocess.from_dict(entries[0]["preprocess"])
+    fold_models = [[load_checkpoint(p, schema)[0] for p in ens["folds"][run]] for run in ens["models"]]
+    graph = EnsembleGraph(fold_models, expand_weights(ens["weights"], schema), ens["biases"], schema)
+    merged_path = onnx_dir / "ensemble.onnx"
+    export_onnx(graph, merged_path, prep.img_size, metadata(schema, "ensemble", prep))
+    ids = data.test[ID].to_numpy()[: cfg.timing_images]
+    images = [preprocess_batch([image_path(data.test_images, i)], prep) for i in ids]
+    merged = onnx_runner(merged_path, cfg.threads, schema)
+    sessions = {e["run"]: [onnx_runner(onnx_dir / f["path"], cfg.threads, schema) for f in e["folds"]]
+                for e in entries}
+    separate = lambda x: combine_members({r: [s(x) for s in ss] for r, ss in sessions.items()}, ens, schema)
+    diff, same = parity(separate(images[0]), merged(images[0]), schema)
+    t_sep = statistics.median(single_stream_ms(separate, images))
+    t_merged = statistics.median(single_stream_ms(merged, images))
+    use = "merged" if t_merged < t_sep and same else "separate"
+    print(f"one image, {cfg.threads} threads, median: separate sessions {t_sep:.1f} ms, merged graph "
+          f"{t_merged:.1f} ms (max |diff| {diff:.1e}); infer.py uses: {use}")
+    return {"merged": {"path": merged_path.name, "preprocess": prep.to_dict(), "parity_max_abs_diff": diff,
+                       "parity_same_decoding": same},
+            "timing_ms_per_image": {"separate_sessions": t_sep, "merged_graph": t_merged,
+                                    "threads": cfg.threads, "images": len(images)},
+            "use": use}
+
+
 def main(cfg: ExportConfig) -> dict:
-    if cfg.benchmark:
-        return {"benchmark": benchmark(cfg)}
-    out_dir = Path(cfg.out_dir)
-    onnx_dir = out_dir / "onnx"
-    schema = Schema.load(out_dir / "schema.json")
-    data = read_dataset(cfg.data_dir)
-    folds = pd.read_csv(out_dir / "folds.csv")
-    train = data.train.merge(folds, on=ID)
-    ens = load_ensemble(out_dir, schema, cfg.models.split(",") if cfg.models else None)
-    entries = [export_run(cfg, run, ens["folds"][run], schema, data, train, onnx_dir) for run in ens["models"]]
+    run_dir = RunDir(cfg.out_dir)
+    schema, data = run_dir.schema, read_dataset(cfg.data_dir)
+    train = run_dir.train_rows(data.train)
+    ens = load_ensemble(run_dir, cfg.models)
+    entries = [export_run(cfg, run, ens["folds"][run], schema, data, train, run_dir.onnx_dir) for run in ens["models"]]
     manifest = {"models": ens["models"], "schema": schema.fingerprint, "members": entries, "use": "separate",
                 "config": dataclasses.asdict(cfg)}
-
-    preps = {(e["img_size"], e["resize"], tuple(e["mean"]), tuple(e["std"])) for e in entries}
-    if cfg.merge and len(preps) == 1:
-        size, resize, mean, std = preps.pop()
-        fold_models = [[load_checkpoint(p, schema)[0] for p in ens["folds"][run]] for run in ens["models"]]
-        graph = EnsembleGraph(fold_models, expand_weights(ens["weights"], schema), ens["biases"], schema)
-        merged_path = onnx_dir / "ensemble.onnx"
-        export_onnx(graph, merged_path, size, {"fingerprint": schema.fingerprint, "schema": schema.to_dict(),
-                                               "run": "ensemble", "img_size": size, "resize": resize,
-                                               "mean": list(mean), "std": list(std)})
-        ids = data.test[ID].to_numpy()[: cfg.timing_images]
-        images = [preprocess([image_path(data.test_images, i)], size, resize, mean, std) for i in ids]
-        merged = make_session(merged_path, cfg.threads, schema)
-        sessions = {e["run"]: [make_session(onnx_dir / f["path"], cfg.threads, schema) for f in e["folds"]]
-                    for e in entries}
-        separate = lambda x: combine_members({r: [s.run(None, {"image": x})[0] for s in ss]
-                                              for r, ss in sessions.items()}, ens, schema)
-        diff, same = max_diff_and_decoding(separate(images[0]), merged.run(None, {"image": images[0]})[0], schema)
-        t_sep = statistics.median(single_stream_ms(separate, images))
-        t_merged = statistics.median(single_stream_ms(lambda x: merged.run(None, {"image": x}), images))
-        manifest["merged"] = {"path": merged_path.name, "img_size": size, "resize": resize, "mean": list(mean),
-                              "std": list(std), "parity_max_abs_diff": diff, "parity_same_decoding": same}
-        manifest["timing_ms_per_image"] = {"separate_sessions": t_sep, "merged_graph": t_merged,
-                                           "threads": cfg.threads, "images": len(images)}
-        manifest["use"] = "merged" if t_merged < t_sep and same else "separate"
-        print(f"one image, {cfg.threads} threads, median: separate sessions {t_sep:.1f} ms, merged graph "
-              f"{t_merged:.1f} ms (max |diff| {diff:.1e}); infer.py uses: {manifest['use']}")
-    atomic_write_json(onnx_dir / "manifest.json", manifest)
+    if cfg.merge and len({json.dumps(e["preprocess"], sort_keys=True) for e in entries}) == 1:
+        manifest.update(export_merged(cfg, ens, entries, schema, data, run_dir.onnx_dir))
+    atomic_write_json(run_dir.manifest_path, manifest)
     rows = [{"run": e["run"], "fold": f["fold"], "max_abs_diff": f["parity_max_abs_diff"],
              "same_decoding": f["parity_same_decoding"], **({"int8": f["int8_path"]} if "int8_path" in f else {})}
             for e in entries for f in e["folds"]]
-    print("\n" + pd.DataFrame(rows).to_string(index=False) + f"\nwrote {onnx_dir / 'manifest.json'}")
+    print("\n" + pd.DataFrame(rows).to_string(index=False) + f"\nwrote {run_dir.manifest_path}")
     return manifest
 
 
-# ----------------------------------------------------------------------------- latency benchmark
-
-def benchmark(cfg: ExportConfig) -> pd.DataFrame:
-    """End-to-end latency per image (JPEG read, decode, resize, normalise, every member, decode),
-    single-stream with ``threads`` threads; and batch throughput. Randomly initialised weights:
-    latency does not depend on their values."""
-    import tempfile
-
-    import onnxruntime as ort
-
-    from utils.bench_train import machine
-    from utils.model import AttributeModel
-
-    data = read_dataset(cfg.data_dir)
-    schema = Schema.fit(data.train, data.category_attrs)
-    torch.set_num_threads(cfg.threads)
-    size = cfg.bench_size
-    paths = [image_path(data.test_images, i) for i in data.test[ID].to_numpy()[: cfg.bench_images]]
-    cats = data.test[CATEGORY].to_numpy()[: cfg.bench_images]
-    calib_paths = [image_path(data.train_images, i) for i in data.train[ID].to_numpy()[:64]]
-    tmp = Path(tempfile.mkdtemp(prefix="latency_"))
-    rows = []
-
-    def measure(name: str, runners: list, mean, std, batch_runners=None):
-        tf = build_transform(size, mean, std, "squash")
-        ens = {"models": [f"m{i}" for i in range(len(runners))], "weights": np.ones(len(runners)),
-               "biases": np.zeros(schema.n_logits, dtype=np.float32)}
-
-        def one(path, cat):
-            x = tf(load_image(path, size, "squash"))[None]
-            scores = combine_members({f"m{i}": [r(x)] for i, r in enumerate(runners)}, ens, schema)
-            return schema.decode(scores, [cat])
-
-        for p, c in zip(paths[:5], cats[:5]):  # warm-up
-            one(p, c)
-        times = []
-        for p, c in tqdm(list(zip(paths, cats)), desc=name, leave=False, disable=not cfg.progress):
-            start = time.perf_counter()
-            one(p, c)
-            times.append((time.perf_counter() - start) * 1000)
-        x = np.stack([tf(load_image(p, size, "squash")) for p in paths[:32]])
-        start = time.perf_counter()
-        for r in batch_runners or runners:
-            r(x)
-        batch_ips = len(x) / (time.perf_counter() - start)
-        p50, p95, p99 = np.percentile(times, [50, 95, 99])
-        rows.append({"what": name, "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "budget_ratio_p99": p99 / 500,
-                     "batch32_img_per_s": batch_ips})
-        print(f"{name}: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
-
-    def onnx_runner(path):
-        s = make_session(path, cfg.threads)
-        return lambda x: s.run(None, {"image": x})[0]
-
-    exported, models = {}, {}
-    for name in cfg.bench_models.split(","):
-        model = AttributeModel(name, [h.width for h in schema.heads]).eval()
-        from timm.data import resolve_data_config
-        dc = resolve_data_config({}, model=model.backbone)
-        mean, std = dc["mean"], dc["std"]
-        meta = {"fingerprint": schema.fingerprint, "img_size": size}
-        fp32 = tmp / f"{name}.onnx"
-        export_onnx(LogitsOnly(model), fp32, size, meta)
-        int8 = tmp / f"{name}.int8.onnx"
-        calib = preprocess(calib_paths, size, "squash", mean, std)
-        quantize_int8(fp32, int8, [calib[i:i + 16] for i in range(0, len(calib), 16)])
-        exported[name] = (fp32, int8, mean, std)
-        models[name] = model
-        with torch.inference_mode():
-            measure(f"{name} torch eager fp32", [lambda x, m=model: m.logits(torch.from_numpy(x)).numpy()], mean, std)
-        measure(f"{name} onnxruntime fp32", [onnx_runner(fp32)], mean, std)
-        measure(f"{name} onnxruntime int8", [onnx_runner(int8)], mean, std)
-    k = cfg.bench_folds
-    # mean/std differ per backbone; the ensemble preprocesses once with the first backbone's (the cost is the same)
-    mean, std = exported[cfg.bench_models.split(",")[0]][2:]
-    for variant, idx in (("fp32", 0), ("int8", 1)):
-        runners = [onnx_runner(exported[n][idx]) for n in cfg.bench_models.split(",") for _ in range(k)]
-        measure(f"ensemble {len(exported)} backbones x {k} folds, onnxruntime {variant}", runners, mean, std)
-    # the same ensemble as one ONNX graph; every fold a perturbed copy, so that no optimiser can
-    # merge identical subgraphs and flatter the timing
-    import copy
-    fold_models = []
-    for name in cfg.bench_models.split(","):
-        folds = []
-        for f in range(k):
-            m = copy.deepcopy(models[name])
-            with torch.no_grad():
-                for p in m.parameters():
-                    p.add_(torch.randn_like(p) * 1e-4 * (f + 1))
-            folds.append(m)
-        fold_models.append(folds)
-    graph = EnsembleGraph(fold_models, expand_weights(np.ones(len(fold_models)), schema),
-                          np.zeros(schema.n_logits, dtype=np.float32), schema)
-    merged_path = tmp / "ensemble.onnx"
-    export_onnx(graph, merged_path, size, {"fingerprint": schema.fingerprint, "img_size": size})
-    merged = onnx_runner(merged_path)
-    measure(f"ensemble {len(exported)} backbones x {k} folds, onnxruntime fp32, one merged graph",
-            [merged], mean, std)
-    table = pd.DataFrame(rows)
-    print(f"\nend-to-end latency per image at {size}px, single stream, {cfg.threads} threads, {len(paths)} images "
-          f"(JPEG read, decode, resize, normalise, all members, decode); batch: 32 preprocessed images\n"
-          f"machine: {machine()}, onnxruntime {ort.__version__}")
-    print(table.to_string(index=False, float_format="{:.2f}".format))
-    return table
-
-
 if __name__ == "__main__":
-    main(parse_config(ExportConfig, description=__doc__))
+    run_command(main, ExportConfig, __doc__)

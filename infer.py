@@ -3,8 +3,8 @@
     python infer.py                                   # demo run -> submission.csv
     python infer.py --data-dir data/real --out-dir runs/real --output subs/real.csv
     python infer.py --backend torch                   # PyTorch checkpoints instead of ONNX
-    python infer.py --tta-hflip true                  # average with the mirrored image
-    python infer.py --from-logits true                # from train.py's saved test logits, no images
+    python infer.py --tta-hflip                       # average with the mirrored image
+    python infer.py --from-logits                     # from train.py's saved test logits, no images
 
 Members, weights and biases come from ``<out-dir>/ensemble.json`` (equal weights without it).
 The ONNX backend reads ``<out-dir>/onnx/manifest.json`` from ``export.py``. Images are decoded and
@@ -30,142 +30,67 @@ from tqdm import tqdm
 
 from utils.baseline import solution_score
 from utils.blend import combine_members, load_ensemble
-from utils.config import CommonConfig, parse_config
-from utils.io import load_logits
-from utils.schema import CATEGORY, ID, DataError, Schema, image_path, read_category_attributes, read_test
-from utils.submission import make_submission, submission_from_predictions, write_submission
+from utils.config import CommonConfig, option, run_command
 from utils.data import read_or_placeholder
-from utils.transforms import build_transform
+from utils.errors import DataError
+from utils.io import load_logits
+from utils.run import RunDir
+from utils.schema import CATEGORY, ID, image_path, read_category_attributes, read_test
+from utils.serving import onnx_members, run_members, torch_members
+from utils.submission import make_submission, submission_from_predictions, write_submission
+from utils.transforms import Preprocess
 
 
 @dataclass
 class InferConfig(CommonConfig):
-    output: str = "submission.csv"
-    backend: str = "onnx"  # onnx (export.py's models) or torch (the best.pt checkpoints)
-    int8: bool = False  # onnx: the int8-quantised models (export.py --int8 true)
-    from_logits: bool = False  # build the submission from train.py's test_logits.npz
-    models: Optional[str] = None  # comma-separated runs; default: ensemble.json's, else every run
-    tta_hflip: bool = False
-    batch_size: int = 32
-    workers: int = 2
-    threads: int = 0  # compute threads (0 = every core)
-    progress: bool = True
-
-
-# ----------------------------------------------------------------------------- members
-
-@dataclass
-class Member:
-    """One run of the ensemble: a callable per fold (normalised images -> logits), and the
-    preprocessing its checkpoint describes."""
-    run: str
-    folds: list
-    img_size: int
-    resize: str
-    mean: tuple
-    std: tuple
-
-    @property
-    def prep(self) -> tuple:
-        return (self.img_size, self.resize, tuple(self.mean), tuple(self.std))
-
-
-def torch_members(ens: dict, schema: Schema) -> list[Member]:
-    from utils.model import load_checkpoint
-
-    members = []
-    for run in ens["models"]:
-        folds, meta = [], None
-        for path in ens["folds"][run]:
-            model, meta = load_checkpoint(path, schema)
-            folds.append(lambda x, m=model: m.logits(torch.from_numpy(x)).float().numpy())
-        members.append(Member(run, folds, meta["img_size"], meta["resize"], tuple(meta["mean"]), tuple(meta["std"])))
-    return members
-
-
-def onnx_members(out_dir: Path, ens: dict, schema: Schema, int8: bool, threads: int) -> tuple[list[Member], bool]:
-    """Per-fold sessions, or one session of the merged ensemble graph when export.py found it
-    faster (manifest ``use: merged``). Returns (members, merged)."""
-    from utils.onnx_utils import make_session
-
-    manifest_path = out_dir / "onnx" / "manifest.json"
-    if not manifest_path.is_file():
-        raise DataError(f"{manifest_path} not found: run `python export.py --out-dir {out_dir}` first, "
-                        f"or use --backend torch")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest["models"] != ens["models"]:
-        raise DataError(f"{manifest_path} was exported for runs {manifest['models']}, but the ensemble is "
-                        f"{ens['models']}; re-run export.py")
-    suffix = "int8_path" if int8 else "path"
-    if manifest.get("use") == "merged" and not int8:
-        m = manifest["merged"]
-        session = make_session(out_dir / "onnx" / m["path"], threads, schema)
-        run = lambda x, s=session: s.run(None, {"image": x})[0]
-        return [Member("ensemble", [run], m["img_size"], m["resize"], tuple(m["mean"]), tuple(m["std"]))], True
-    members = []
-    for entry in manifest["members"]:
-        folds = []
-        for fold in entry["folds"]:
-            if suffix not in fold:
-                raise DataError(f"{manifest_path}: no int8 model for {entry['run']}; run export.py --int8 true")
-            session = make_session(out_dir / "onnx" / fold[suffix], threads, schema)
-            folds.append(lambda x, s=session: s.run(None, {"image": x})[0])
-        members.append(Member(entry["run"], folds, entry["img_size"], entry["resize"], tuple(entry["mean"]),
-                              tuple(entry["std"])))
-    return members, False
+    output: str = option("submission.csv", "the submission to write")
+    backend: str = option("onnx", "onnx (export.py's models) or torch (the best.pt checkpoints)",
+                          choices=("onnx", "torch"))
+    int8: bool = option(False, "onnx: the int8-quantised models (export.py --int8)")
+    from_logits: bool = option(False, "build the submission from train.py's test_logits.npz, no images read")
+    models: Optional[list[str]] = option(None, "runs (a,b,c), equal weights and no biases; "
+                                               "default: ensemble.json's, else every run")
+    tta_hflip: bool = option(False, "average each model's logits with the mirrored image's")
+    batch_size: int = option(32, "images per batch")
+    workers: int = option(2, "data loader worker processes")
+    threads: int = option(0, "compute threads (0 = every core)")
+    progress: bool = option(True, "progress bars")
 
 
 # ----------------------------------------------------------------------------- streaming
 
 class TestImages(torch.utils.data.Dataset):
-    """Each test image decoded once per distinct preprocessing, as in training (draft decode at the
-    target size, then the evaluation transform)."""
+    """Each test image decoded once per distinct preprocessing, exactly as its checkpoint's
+    training decoded and transformed its validation images."""
 
-    def __init__(self, ids, categories, images_dir: Path, preps: list[tuple]):
-        self.ids, self.categories, self.images_dir = list(ids), list(categories), images_dir
-        self.preps = preps
-        self.transforms = [build_transform(size, mean, std, resize) for size, resize, mean, std in preps]
+    def __init__(self, ids, images_dir: Path, preps: list[Preprocess]):
+        self.ids, self.images_dir, self.preps = list(ids), images_dir, preps
+        self.transforms = [p.transform() for p in preps]
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, i):
         images, error = [], ""
-        for (size, resize, _, _), tf in zip(self.preps, self.transforms):
-            image, problem = read_or_placeholder(image_path(self.images_dir, self.ids[i]), size, resize)
+        for prep, tf in zip(self.preps, self.transforms):
+            image, problem = read_or_placeholder(image_path(self.images_dir, self.ids[i]), prep)
             error = error or problem
             images.append(torch.from_numpy(tf(image)))
         return {"images": images, "index": i, "ok": not error, "error": error}
 
 
-def run_members(members: list[Member], images: dict, tta_hflip: bool) -> dict:
-    """{run: [fold logits]} for one batch; TTA averages each fold's logits with the mirror's."""
-    out = {}
-    for m in members:
-        x = images[m.prep]
-        logits = []
-        for fold in m.folds:
-            z = fold(x)
-            if tta_hflip:
-                z = (z + fold(np.ascontiguousarray(x[..., ::-1]))) / 2
-            logits.append(z)
-        out[m.run] = logits
-    return out
-
-
-def predict_images(cfg: InferConfig, schema: Schema, test: pd.DataFrame, ens: dict, images_dir: Path):
+def predict_images(cfg: InferConfig, run_dir: RunDir, test: pd.DataFrame, ens: dict, images_dir: Path):
     """Blended scores decoded batch by batch; memory holds one batch of images at a time, and
     each row's class indices. Returns (decoded rows, ids of bad images with their reasons)."""
+    schema = run_dir.schema
     if cfg.backend == "torch":
         members, merged = torch_members(ens, schema), False
-    elif cfg.backend == "onnx":
-        members, merged = onnx_members(Path(cfg.out_dir), ens, schema, cfg.int8, cfg.threads)
     else:
-        raise ValueError(f"backend must be onnx or torch, got {cfg.backend!r}")
-    preps = sorted({m.prep for m in members})
+        members, merged = onnx_members(run_dir, ens, schema, cfg.int8, cfg.threads)
+    preps = sorted({m.prep for m in members}, key=lambda p: json.dumps(p.to_dict(), sort_keys=True))
     ids, categories = test[ID].to_numpy(), test[CATEGORY].to_numpy()
-    dataset = TestImages(ids, categories, images_dir, preps)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=False)
+    loader = torch.utils.data.DataLoader(TestImages(ids, images_dir, preps), batch_size=cfg.batch_size,
+                                         num_workers=cfg.workers, shuffle=False)
     fallback = schema.prior_logits()
     preds, bad = np.empty((len(test), len(schema.heads)), dtype=np.int16), {}
     with torch.inference_mode():
@@ -184,8 +109,9 @@ def predict_images(cfg: InferConfig, schema: Schema, test: pd.DataFrame, ens: di
     return submission_from_predictions(ids, categories, preds, schema), bad
 
 
-def predict_from_logits(cfg: InferConfig, schema: Schema, test: pd.DataFrame, ens: dict) -> pd.DataFrame:
+def predict_from_logits(run_dir: RunDir, test: pd.DataFrame, ens: dict) -> pd.DataFrame:
     """The submission from the test logits each fold saved at training time."""
+    schema = run_dir.schema
     position = pd.Series(np.arange(len(test)), index=test[ID])
     member_logits = {}
     for run, paths in ens["folds"].items():
@@ -202,21 +128,20 @@ def predict_from_logits(cfg: InferConfig, schema: Schema, test: pd.DataFrame, en
 
 def main(cfg: InferConfig) -> dict:
     start = time.perf_counter()
-    out_dir, data_dir = Path(cfg.out_dir), Path(cfg.data_dir)
+    run_dir, data_dir = RunDir(cfg.out_dir), Path(cfg.data_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    schema = Schema.load(out_dir / "schema.json")
+    schema = run_dir.schema
     test = read_test(data_dir / "test.csv", schema.categories)
-    ens = load_ensemble(out_dir, schema, cfg.models.split(",") if cfg.models else None)
+    ens = load_ensemble(run_dir, cfg.models)
     bad = {}
     if cfg.from_logits:
-        sub = predict_from_logits(cfg, schema, test, ens)
+        sub = predict_from_logits(run_dir, test, ens)
     else:
-        sub, bad = predict_images(cfg, schema, test, ens, data_dir / "test_images")
+        sub, bad = predict_images(cfg, run_dir, test, ens, data_dir / "test_images")
     write_submission(sub, test, schema, cfg.output)
     seconds = time.perf_counter() - start
-    attrs = read_category_attributes(data_dir / "category_attributes.parquet")
-    result = solution_score(data_dir, sub, attrs)
+    result = solution_score(data_dir, sub, read_category_attributes(data_dir / "category_attributes.parquet"))
     source = "saved test logits" if cfg.from_logits else f"{cfg.backend}{' int8' if cfg.int8 else ''}" + \
         (" + hflip TTA" if cfg.tta_hflip else "")
     summary = pd.DataFrame([{"rows": len(sub), "members": len(ens["models"]), "source": source,
@@ -231,4 +156,4 @@ def main(cfg: InferConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(InferConfig, description=__doc__))
+    run_command(main, InferConfig, __doc__)

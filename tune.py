@@ -8,7 +8,7 @@
     python tune.py --model resnet18 --config configs/tune_tiny.yaml   # tiny budget, for a quick look
 
 Every train.py key works here too (they are the base of each trial). The objective is the
-competition score on the fold's validation rows, from ``train.train_fold`` itself, reported after
+competition score on the fold's validation rows, from ``utils.trainer.train_fold`` itself, reported after
 every epoch so the pruner (median or Hyperband, ``--pruner``) can stop a bad trial early. The
 search space is ``configs/tune_space.yaml`` (``--space``). A trial that fails (non-finite loss,
 out of memory, ...) is recorded as failed with its reason and the study goes on.
@@ -32,29 +32,34 @@ from typing import Optional
 import pandas as pd
 import yaml
 
-import train
-from utils.config import load_yaml, parse_config
-from utils.engine import NonFiniteLoss
-from utils.folds import prepare_run
-from utils.io import atomic_path, atomic_write_csv, atomic_write_text
+from utils import trainer
+from utils.config import load_yaml, option, run_command
+from utils.distributed import Dist
+from utils.errors import NonFiniteLoss
+from utils.io import atomic_write_csv, atomic_write_text
+from utils.plots import pyplot, save_figure
+from utils.run import RunDir
 from utils.schema import read_dataset
 
 
 @dataclass
-class TuneConfig(train.TrainConfig):
-    n_trials: int = 20  # trials for this worker
-    timeout: Optional[float] = None  # seconds for this worker
-    storage: Optional[str] = None  # sqlite:///x.db, journal:PATH, postgresql://..., mysql://... (None: in memory)
-    study_name: Optional[str] = None  # default <name or model>_fold<k>
-    space: str = "configs/tune_space.yaml"
-    pruner: str = "median"  # median, hyperband, none
-    tuned_config: Optional[str] = None  # default configs/tuned_<model>.yaml
-    heartbeat: int = 60  # RDB storages: seconds between a running trial's heartbeats; a trial silent for
-    #                      twice that (its worker was killed) is marked failed and its parameters retried once
+class TuneConfig(trainer.TrainConfig):
+    n_trials: int = option(20, "trials for this worker")
+    timeout: Optional[float] = option(None, "seconds for this worker")
+    storage: Optional[str] = option(None, "sqlite:///x.db, journal:PATH, postgresql://..., mysql://... "
+                                          "(default: in memory, one worker)")
+    study_name: Optional[str] = option(None, "default <name or model>_fold<k>")
+    space: str = option("configs/tune_space.yaml", "the search space (YAML)")
+    pruner: str = option("median", "stops a trial early when its epochs score below the others'",
+                         choices=("median", "hyperband", "none"))
+    tuned_config: Optional[str] = option(None, "where to write the best parameters "
+                                               "(default configs/tuned_<model>.yaml)")
+    heartbeat: int = option(60, "RDB storages: seconds between a running trial's heartbeats; a trial silent "
+                                "for twice that (its worker was killed) is failed and its parameters retried once")
 
 
 FAILURES = (NonFiniteLoss, RuntimeError, MemoryError, ValueError)  # a failed trial, not a failed study
-TRAIN_KEYS = {f.name for f in dataclasses.fields(train.TrainConfig)}
+TRAIN_KEYS = {f.name for f in dataclasses.fields(trainer.TrainConfig)}
 
 
 def load_space(path: str) -> dict:
@@ -117,23 +122,21 @@ def make_pruner(name: str, epochs: int):
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, epochs))
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise ValueError(f"pruner must be median, hyperband or none, got {name!r}")
+    return optuna.pruners.NopPruner()
 
 
 def objective_for(cfg: TuneConfig, space: dict, study_dir: Path, fold: int):
-    """The objective: one fold trained by train.train_fold with the trial's parameters."""
+    """The objective: one fold trained by the fold trainer with the trial's parameters."""
     import optuna
 
     data = read_dataset(cfg.data_dir, cfg.train_csv)
-    schema, table = prepare_run(data, cfg.out_dir, cfg.n_folds, cfg.seed)
+    schema, table = RunDir(cfg.out_dir).prepare(data, cfg.n_folds, cfg.seed)
     base = {k: v for k, v in dataclasses.asdict(cfg).items() if k in TRAIN_KEYS}
 
     def objective(trial) -> float:
         params = suggest(trial, space)
-        trial_cfg = train.TrainConfig(**{**base, **params, "out_dir": str(study_dir / f"trial{trial.number:04d}"),
-                                         "name": cfg.name or cfg.model, "resume": False, "predict_test": False})
+        trial_cfg = trainer.TrainConfig(**{**base, **params, "out_dir": str(study_dir / f"trial{trial.number:04d}"),
+                                         "name": cfg.run_name, "resume": False, "predict_test": False})
 
         def report(epoch: int, score: float) -> None:
             trial.report(score, epoch)
@@ -141,7 +144,7 @@ def objective_for(cfg: TuneConfig, space: dict, study_dir: Path, fold: int):
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} (val score {score:.4f})")
 
         try:
-            metrics = train.train_fold(trial_cfg, schema, table, data, fold, train.Dist(), report=report)
+            metrics = trainer.train_fold(trial_cfg, schema, table, data, fold, Dist(), report=report)
         except FAILURES as err:  # recorded with the trial; study.optimize(catch=...) then goes on
             trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
             raise
@@ -158,7 +161,7 @@ def main(cfg: TuneConfig):
         raise ValueError("tune.py tunes on one fold: pass --fold K")
     fold = int(cfg.fold)
     space = load_space(cfg.space)
-    study_name = cfg.study_name or f"{cfg.name or cfg.model}_fold{fold}"
+    study_name = cfg.study_name or f"{cfg.run_name}_fold{fold}"
     study_dir = Path(cfg.out_dir) / "tune" / study_name
     study = optuna.create_study(study_name=study_name, storage=make_storage(cfg.storage, cfg.heartbeat), direction="maximize",
                                 load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=None),
@@ -188,22 +191,17 @@ def main(cfg: TuneConfig):
 
 
 def save_plots(study, study_dir: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
 
+    pyplot()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
         for name, plot in (("history", ovm.plot_optimization_history), ("importances", ovm.plot_param_importances)):
             try:
-                ax = plot(study)
-                with atomic_path(study_dir / f"{name}.png") as tmp:
-                    ax.figure.savefig(tmp, dpi=80, bbox_inches="tight", format="png")
-                plt.close(ax.figure)
+                save_figure(plot(study).figure, study_dir / f"{name}.png", bbox_inches="tight")
             except (ValueError, RuntimeError) as err:  # e.g. importances need two complete trials
                 print(f"{name}.png not written: {err}")
 
 
 if __name__ == "__main__":
-    main(parse_config(TuneConfig, model_config=True, description=__doc__))
+    run_command(main, TuneConfig, __doc__, model_config=True)

@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 
 import augment
-import train as train_script
 from tests.conftest import run_script
-from utils.folds import prepare_run
+from utils.run import RunDir
+from utils.trainer import split_fold
 from utils.schema import ATTR_COLS, read_dataset
 
 
@@ -94,11 +94,11 @@ def test_unreadable_source_is_reported_and_skipped_and_rerun_skips(augmented):
 def test_copies_inherit_their_source_fold_and_never_leak(augmented, tmp_path):
     data_dir, out, _, _ = augmented
     data = read_dataset(data_dir, str(out / "augmented_train.csv"))
-    schema, table_ = prepare_run(data, tmp_path, n_folds=3, seed=0)
+    schema, table_ = RunDir(tmp_path).prepare(data, n_folds=3, seed=0)
     fold_of = dict(zip(table_.id, table_.fold))
     assert all(f == fold_of[s] for f, s in zip(table_.fold, table_.source_id))
     for k in range(3):
-        trn, val = train_script.split_fold(table_, k)
+        trn, val = split_fold(table_, k)
         assert (val.source_id == val.id).all()  # only original images are validated
         assert not set(trn.source_id) & set(val.id)  # no copy of a validation image is trained on
         assert len(trn) + len(val) + int(((table_.fold == k) & (table_.source_id != table_.id)).sum()) == len(table_)

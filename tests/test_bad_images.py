@@ -9,6 +9,7 @@ from PIL import Image
 
 from tests.conftest import run_script
 from utils.metric import validate_submission
+from utils.run import RunDir
 from utils.schema import Schema, read_dataset
 
 TRAIN = ["--model", "resnet18", "--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs", "1",
@@ -36,12 +37,11 @@ def break_images(folder, ids):
 @pytest.fixture(scope="module")
 def broken(tiny_data, tmp_path_factory):
     """A copy of the tiny data with eight bad images among fold 0's training rows."""
-    from utils.folds import prepare_run
     from utils.schema import read_dataset
 
     data = tmp_path_factory.mktemp("broken") / "data"
     shutil.copytree(tiny_data, data)
-    _, table = prepare_run(read_dataset(data), tmp_path_factory.mktemp("folds"), 3, 42)
+    _, table = RunDir(tmp_path_factory.mktemp("folds")).prepare(read_dataset(data), 3, 42)
     ids = table[table.fold != 0].id.to_numpy()[:8]
     return data, break_images(data / "train_images", [int(i) for i in ids])
 

@@ -4,7 +4,8 @@ from typing import Optional
 import pytest
 import yaml
 
-from utils.config import CommonConfig, ConfigError, parse_config, save_config
+from utils.config import CommonConfig, parse_config, save_config
+from utils.errors import ConfigError
 
 
 @dataclasses.dataclass

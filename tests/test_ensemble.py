@@ -1,12 +1,15 @@
 import numpy as np
+import pandas as pd
 import pytest
 
-import ensemble
+from utils import search
 from utils.blend import blend, head_log_softmax, load_oof
+from utils.errors import DataError
 from utils.demo_data import COUNTS, sample_labels
 from utils.io import save_logits
 from utils.metric import score
-from utils.schema import DataError, Schema
+from utils.run import RunDir
+from utils.schema import Schema
 from utils.submission import make_submission
 
 
@@ -27,15 +30,15 @@ def test_sto_beats_random_search_at_equal_budget(fn, bound):
         # shifted optimum, so the bounds' centre is not the answer
         shift = np.random.default_rng(100 + seed).uniform(-2, 2, 10)
         f = lambda x: fn(x - shift)
-        _, f_sto = ensemble.sto(f, 10, -bound, bound, pop, iters, np.random.default_rng(seed))
-        _, f_rand = ensemble.random_search(f, 10, -bound, bound, budget, np.random.default_rng(seed))
+        _, f_sto = search.sto(f, 10, -bound, bound, pop, iters, np.random.default_rng(seed))
+        _, f_rand = search.random_search(f, 10, -bound, bound, budget, np.random.default_rng(seed))
         wins += f_sto < f_rand
     assert wins == 5
 
 
 def test_sto_counts_its_evaluations():
     calls = []
-    ensemble.sto(lambda x: calls.append(1) or sphere(x), 3, -1, 1, 6, 4, np.random.default_rng(0))
+    search.sto(lambda x: calls.append(1) or sphere(x), 3, -1, 1, 6, 4, np.random.default_rng(0))
     assert len(calls) == 6 * (1 + 4 * 4)
 
 
@@ -58,7 +61,7 @@ def test_objective_equals_the_metric_on_a_blend(synthetic):
     members = np.stack([head_log_softmax(z, schema) for z in logits])
     weights = np.array([0.2, 0.3, 0.5])
     bias = np.random.default_rng(1).normal(0, 0.3, schema.n_logits).astype(np.float32)
-    obj = ensemble.BlendObjective(members, targets, schema)
+    obj = search.BlendObjective(members, targets, schema)
     sub = make_submission(train.id, train.Category, blend(members, weights, schema, bias), schema)
     expected, _ = score(train, sub)
     assert obj.score(weights, bias) == pytest.approx(expected, abs=1e-9)
@@ -67,7 +70,7 @@ def test_objective_equals_the_metric_on_a_blend(synthetic):
 def test_bias_fitting_improves_macro_f1_in_sample(synthetic):
     train, schema, targets, logits, _ = synthetic
     members = np.stack([head_log_softmax(z, schema) for z in logits])
-    obj = ensemble.BlendObjective(members, targets, schema)
+    obj = search.BlendObjective(members, targets, schema)
     w = np.ones(3)
     bias = obj.fit_bias(w, rounds=1, span=2.0, steps=5)
     assert obj.score(w, bias) > obj.score(w)
@@ -81,17 +84,19 @@ def test_pure_noise_shows_no_nested_gain(synthetic):
     rng = np.random.default_rng(5)
     noise = np.stack([head_log_softmax(rng.normal(0, 1, (len(train), schema.n_logits)).astype(np.float32), schema)
                       for _ in range(5)])
-    cfg = ensemble.EnsembleConfig(sto_population=8, sto_iterations=4)
-    equal = ensemble.nested_cv(noise, targets, folds, schema, "equal", False, cfg)["score"]
-    nested = ensemble.nested_cv(noise, targets, folds, schema, "sto", False, cfg)["score"]
-    in_sample = ensemble.BlendObjective(noise, targets, schema)
-    in_sample_score = in_sample.score(ensemble.fit_weights("sto", in_sample, False, cfg, 0))
+    budget = search.Budget(population=8, iterations=4)
+    equal = search.nested_cv(noise, targets, folds, schema, "equal", False, False, budget, 42)["score"]
+    nested = search.nested_cv(noise, targets, folds, schema, "sto", False, False, budget, 42)["score"]
+    in_sample = search.BlendObjective(noise, targets, schema)
+    in_sample_score = in_sample.score(search.fit_weights("sto", in_sample, False, budget, 0))
     assert in_sample_score > equal + 0.01
     assert nested < equal + 0.01
     assert in_sample_score - nested > 0.008
 
 
 def _write_run(out, schema, train, folds, name, logits):
+    schema.save(out / "schema.json")
+    pd.DataFrame({"id": train.id, "fold": folds}).to_csv(out / "folds.csv", index=False)
     for k in range(3):
         rows = np.flatnonzero(folds == k)
         save_logits(out / name / f"fold{k}" / "oof_logits.npz", train.id.to_numpy()[rows], logits[rows],
@@ -110,7 +115,7 @@ def test_misaligned_ids_and_layouts_raise(synthetic, tmp_path):
         save_logits(tmp_path / "bad_ids" / f"fold{k}" / "oof_logits.npz", train.id.to_numpy()[rows], logits[0][rows],
                     schema.fingerprint, k)
     with pytest.raises(DataError, match="run bad_ids: its OOF ids do not cover"):
-        load_oof(tmp_path, ["good", "bad_ids"], schema, train.id.to_numpy(), 3)
+        load_oof(RunDir(tmp_path), ["good", "bad_ids"], train.id.to_numpy())
     # a run made with another schema
     _write_run(tmp_path, schema, train, folds, "other_schema", logits[1])
     for k in range(3):
@@ -118,8 +123,8 @@ def test_misaligned_ids_and_layouts_raise(synthetic, tmp_path):
         z = np.load(path)
         save_logits(path, z["ids"], z["logits"], "0000000000000000", k)
     with pytest.raises(DataError, match="run other_schema: .*made with schema 0000000000000000"):
-        load_oof(tmp_path, ["good", "other_schema"], schema, train.id.to_numpy(), 3)
-    assert load_oof(tmp_path, ["good"], schema, train.id.to_numpy(), 3).shape == (1, len(train), schema.n_logits)
+        load_oof(RunDir(tmp_path), ["good", "other_schema"], train.id.to_numpy())
+    assert load_oof(RunDir(tmp_path), ["good"], train.id.to_numpy()).shape == (1, len(train), schema.n_logits)
 
 
 def test_search_at_full_scale_fits_in_a_few_gb():
@@ -128,8 +133,8 @@ def test_search_at_full_scale_fits_in_a_few_gb():
     from tests.conftest import run_script
 
     code = ("import resource, runpy, sys\n"
-            "sys.argv = ['ensemble.py', '--benchmark', 'true', '--bench-models', '20', '--bench-rows', '70000']\n"
-            "runpy.run_path('ensemble.py', run_name='__main__')\n"
+            "sys.argv = ['utils/bench/ensemble.py', '--models', '20', '--rows', '70000']\n"
+            "runpy.run_module('utils.bench.ensemble', run_name='__main__')\n"
             "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
     proc = run_script("-c", code)
     assert "STO N=16 T=12" in proc.stdout

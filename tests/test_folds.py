@@ -2,8 +2,10 @@ import numpy as np
 import pandas as pd
 
 from utils.demo_data import generate
-from utils.folds import make_folds, prepare_run, stratification_matrix
-from utils.schema import DataError, Schema, read_dataset
+from utils.errors import DataError
+from utils.folds import make_folds, stratification_matrix
+from utils.run import RunDir
+from utils.schema import Schema, read_dataset
 
 import pytest
 
@@ -44,14 +46,14 @@ def test_folds_are_deterministic_and_seed_dependent(tiny_data):
 
 def test_prepare_run_writes_once_and_reuses(tiny_data, tmp_path):
     data = read_dataset(tiny_data)
-    schema, train = prepare_run(data, tmp_path, n_folds=3, seed=0)
+    schema, train = RunDir(tmp_path).prepare(data, n_folds=3, seed=0)
     assert (tmp_path / "schema.json").is_file() and (tmp_path / "folds.csv").is_file()
     before = (tmp_path / "folds.csv").read_bytes()
-    schema2, train2 = prepare_run(data, tmp_path, n_folds=3, seed=99)  # cached: seed is not re-applied
+    schema2, train2 = RunDir(tmp_path).prepare(data, n_folds=3, seed=99)  # cached: seed is not re-applied
     assert (tmp_path / "folds.csv").read_bytes() == before
     assert train.fold.equals(train2.fold)
     with pytest.raises(DataError, match="has 3 folds but n_folds is 4"):
-        prepare_run(data, tmp_path, n_folds=4, seed=0)
+        RunDir(tmp_path).prepare(data, n_folds=4, seed=0)
 
 
 def test_demo_data_is_deterministic_and_valid(tmp_path):

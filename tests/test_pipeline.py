@@ -8,7 +8,8 @@ import pytest
 
 from tests.conftest import pipeline, run_script
 from utils.metric import validate_submission
-from utils.schema import DataError, Schema, read_dataset
+from utils.errors import DataError
+from utils.schema import Schema, read_dataset
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +83,11 @@ def test_the_same_seed_reproduces_the_pipeline(run, tiny_data, tmp_path):
 def test_inference_memory_stays_flat(run, tiny_data):
     """3,000 rows of 32 px images through the streaming loop; holding on to every batch's images
     would add 3,000 x 3 x 32 x 32 x 4 bytes = 37 MB after the first tenth."""
-    from utils.bench_memory import main as bench_memory
+    from utils.bench.memory import BenchMemoryConfig, main as bench_memory
+    from utils.config import parse_config
 
-    stats = bench_memory(["--data-dir", str(tiny_data), "--out-dir", str(run), "--rows", "3000", "--workers", "1"])
+    stats = bench_memory(parse_config(BenchMemoryConfig, ["--data-dir", str(tiny_data), "--out-dir", str(run),
+                                                          "--rows", "3000", "--workers", "1"]))
     assert stats["submission_rows"] == 3000
     assert stats["rss_growth_mb"] < 15, stats
     assert stats["pss_growth_mb"] < 15, stats

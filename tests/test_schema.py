@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from utils.schema import ATTR_COLS, DUMMY, IGNORE_INDEX, DataError, Schema, image_path, read_dataset
+from utils.errors import DataError
+from utils.schema import ATTR_COLS, DUMMY, IGNORE_INDEX, Schema, image_path, read_dataset
 
 
 @pytest.fixture

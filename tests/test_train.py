@@ -8,19 +8,22 @@ import pandas as pd
 import pytest
 import torch
 
-import train
 from tests.conftest import ROOT, run_script
+from utils import trainer
 from utils.config import parse_config
+from utils.distributed import Dist
+from utils.errors import DataError
 from utils.io import load_logits
 from utils.model import AttributeModel, HeadLoss, load_checkpoint
-from utils.schema import IGNORE_INDEX, DataError, Schema, read_dataset
+from utils.run import RunDir
+from utils.schema import IGNORE_INDEX, Schema, read_dataset
 
 TINY = ["--model", "resnet18", "--n-folds", "3", "--img-size", "32", "--batch-size", "16",
         "--workers", "0", "--progress", "false", "--amp", "off"]
 
 
 def cfg_for(tiny_data, out, *extra):
-    return parse_config(train.TrainConfig, ["--data-dir", str(tiny_data), "--out-dir", str(out), *TINY, *extra],
+    return parse_config(trainer.TrainConfig, ["--data-dir", str(tiny_data), "--out-dir", str(out), *TINY, *extra],
                         model_config=True)
 
 
@@ -48,7 +51,7 @@ def test_smoke_real_script_writes_every_output(tiny_data, tmp_path):
     assert list(history.epoch) == [1] and history.images_per_s.iloc[0] > 0
     # the checkpoint describes itself: the model is rebuilt from the file alone
     model, ckpt = load_checkpoint(fold_dir / "best.pt", schema)
-    assert ckpt["img_size"] == 32 and len(ckpt["mean"]) == 3 and ckpt["model"] == "resnet18"
+    assert ckpt["preprocess"]["img_size"] == 32 and len(ckpt["preprocess"]["mean"]) == 3 and ckpt["model"] == "resnet18"
     with pytest.raises(ValueError, match="different schema"):
         d = schema.to_dict()
         d["vocabs"][schema.heads[0].name] = ["only-one"]
@@ -95,9 +98,8 @@ def test_losses(tiny_data, kind):
 def test_frozen_backbone_does_not_change(tiny_data, tmp_path):
     cfg = cfg_for(tiny_data, tmp_path, "--epochs", "1", "--freeze-epochs", "1", "--fold", "0")
     data = read_dataset(tiny_data)
-    from utils.folds import prepare_run
-    schema, table = prepare_run(data, tmp_path, 3, cfg.seed)
-    train.train_fold(cfg, schema, table, data, 0, train.Dist())
+    schema, table = RunDir(tmp_path).prepare(data, 3, cfg.seed)
+    trainer.train_fold(cfg, schema, table, data, 0, Dist())
     ckpt = torch.load(tmp_path / "resnet18" / "fold0" / "best.pt", weights_only=True)
     torch.manual_seed(cfg.seed)  # train_fold builds its model right after this seed
     fresh = AttributeModel(**ckpt["model_args"])
@@ -110,12 +112,12 @@ def test_frozen_backbone_does_not_change(tiny_data, tmp_path):
 
 def test_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
     full = cfg_for(tiny_data, tmp_path / "full", "--epochs", "2", "--fold", "0")
-    train.main(full)
+    trainer.train(full)
     part = cfg_for(tiny_data, tmp_path / "part", "--epochs", "2", "--fold", "0", "--stop-after", "1")
-    train.main(part)
+    trainer.train(part)
     assert not (tmp_path / "part" / "resnet18" / "fold0" / "oof_logits.npz").exists()
     resumed = cfg_for(tiny_data, tmp_path / "part", "--epochs", "2", "--fold", "0", "--resume", "true")
-    train.main(resumed)
+    trainer.train(resumed)
     a = np.load(tmp_path / "full" / "resnet18" / "fold0" / "oof_logits.npz")
     b = np.load(tmp_path / "part" / "resnet18" / "fold0" / "oof_logits.npz")
     assert (a["ids"] == b["ids"]).all()

@@ -5,11 +5,11 @@ import optuna
 import pytest
 import yaml
 
-import train
 import tune
 from tests.conftest import ROOT, run_script
+from utils import trainer
 from utils.config import parse_config
-from utils.engine import NonFiniteLoss
+from utils.errors import NonFiniteLoss
 
 
 def tiny_args(data, out, *extra):
@@ -46,7 +46,7 @@ def test_two_workers_share_one_study_and_the_yaml_trains(tiny_data, tmp_path):
 
 
 def fake_train_fold(cfg, schema, table, data, fold, d, report=None):
-    """Stands in for train.train_fold: good trials score 0.8 every epoch, bad ones 0.1, and a
+    """Stands in for utils.trainer.train_fold: good trials score 0.8 every epoch, bad ones 0.1, and a
     learning rate above 0.5 makes the loss non-finite."""
     if cfg.lr_head > 0.5:
         raise NonFiniteLoss("loss is nan at step 3")
@@ -72,7 +72,7 @@ def _study(tmp_path, lr_values):
 
 
 def test_pruning_stops_a_clearly_worse_trial(tiny_data, tmp_path, lr_space, monkeypatch):
-    monkeypatch.setattr(train, "train_fold", fake_train_fold)
+    monkeypatch.setattr(trainer, "train_fold", fake_train_fold)
     storage = _study(tmp_path, [0.01, 0.02, 0.03, 1e-5])
     cfg = parse_config(tune.TuneConfig, tiny_args(tiny_data, tmp_path, "--n-trials", "4", "--epochs", "5",
                                                   "--space", str(lr_space), "--storage", storage,
@@ -85,7 +85,7 @@ def test_pruning_stops_a_clearly_worse_trial(tiny_data, tmp_path, lr_space, monk
 
 
 def test_a_failing_trial_leaves_the_study_usable(tiny_data, tmp_path, lr_space, monkeypatch):
-    monkeypatch.setattr(train, "train_fold", fake_train_fold)
+    monkeypatch.setattr(trainer, "train_fold", fake_train_fold)
     storage = _study(tmp_path, [0.9, 0.01, 0.02])
     cfg = parse_config(tune.TuneConfig, tiny_args(tiny_data, tmp_path, "--n-trials", "3", "--pruner", "none",
                                                   "--space", str(lr_space), "--storage", storage,

@@ -6,14 +6,20 @@ Prints the score when ``<data-dir>/test_solution.csv`` exists (the demo data has
 """
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from utils.config import DataConfig, option, run_command
 from utils.metric import score
 from utils.schema import ATTR_COLS, CATEGORY, ID, Schema, read_dataset
 from utils.submission import majority_logits, make_submission, write_submission
+
+
+@dataclass
+class BaselineConfig(DataConfig):
+    out: str = option("runs/demo/baseline_submission.csv", "the submission to write")
 
 
 def solution_score(data_dir: Path, sub: pd.DataFrame, category_attrs) -> float | None:
@@ -27,20 +33,15 @@ def solution_score(data_dir: Path, sub: pd.DataFrame, category_attrs) -> float |
     return final
 
 
-def main(argv=None) -> float | None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default="data/demo")
-    parser.add_argument("--out", default="runs/demo/baseline_submission.csv")
-    args = parser.parse_args(argv)
-    data = read_dataset(args.data_dir)
+def main(cfg: BaselineConfig) -> float | None:
+    data = read_dataset(cfg.data_dir)
     schema = Schema.fit(data.train, data.category_attrs)
     sub = make_submission(data.test[ID], data.test[CATEGORY], majority_logits(schema, len(data.test)), schema)
-    write_submission(sub, data.test, schema, args.out)
-    result = solution_score(args.data_dir, sub, data.category_attrs)
-    print(f"majority baseline written to {args.out}"
-          + (f"; score {result:.4f}" if result is not None else ""))
+    write_submission(sub, data.test, schema, cfg.out)
+    result = solution_score(cfg.data_dir, sub, data.category_attrs)
+    print(f"majority baseline written to {cfg.out}" + (f"; score {result:.4f}" if result is not None else ""))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, BaselineConfig, __doc__)

@@ -5,11 +5,15 @@ Shared by ``ensemble.py`` (which fits the weights and biases on OOF logits) and 
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 
+from utils.errors import DataError
 from utils.io import load_logits
-from utils.schema import DataError, Schema
+from utils.run import RunDir
+from utils.schema import Schema
 
 
 def head_log_softmax(logits: np.ndarray, schema: Schema) -> np.ndarray:
@@ -48,39 +52,23 @@ def blend(members: np.ndarray, weights: np.ndarray, schema: Schema, bias: np.nda
     return out
 
 
-def load_ensemble(out_dir, schema: Schema, models: list[str] | None = None) -> dict:
-    """The ensemble to apply: ``<out_dir>/ensemble.json`` (models, weights, biases), or, without
-    it, equal weights over ``models`` (default: every run with all folds' checkpoints) and no bias.
+def load_ensemble(run_dir: RunDir, models: list[str] | None = None) -> dict:
+    """The ensemble to apply: ``ensemble.json`` (models, weights, biases), or, without it or when
+    ``models`` are named, equal weights over ``models`` (default: every complete run) and no bias.
     Returns {"models", "folds" {run: [best.pt paths]}, "weights" [M] or [M, H], "biases" [L]}."""
-    import json
-    from pathlib import Path
-
-    import pandas as pd
-
-    from utils.schema import DataError
-
-    out_dir = Path(out_dir)
-    n_folds = int(pd.read_csv(out_dir / "folds.csv")["fold"].nunique())
-    path = out_dir / "ensemble.json"
+    schema, path = run_dir.schema, run_dir.ensemble_path
     if path.is_file() and not models:
         spec = json.loads(path.read_text())
         if spec["schema"] != schema.fingerprint:
             raise DataError(f"{path} was made with schema {spec['schema']}, this run's is {schema.fingerprint}")
         models, weights, biases = spec["models"], np.asarray(spec["weights"]), np.asarray(spec["biases"], dtype=np.float32)
     else:
-        if not models:
-            models = sorted(p.name for p in out_dir.iterdir()
-                            if p.is_dir() and all((p / f"fold{k}" / "best.pt").is_file() for k in range(n_folds)))
+        models = models or run_dir.complete_runs()
         weights, biases = np.ones(len(models)), np.zeros(schema.n_logits, dtype=np.float32)
     if not models:
-        raise DataError(f"no trained run under {out_dir}; run train.py --fold all first")
-    folds = {}
-    for run in models:
-        paths = [out_dir / run / f"fold{k}" / "best.pt" for k in range(n_folds)]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise DataError(f"run {run}: missing checkpoint(s) {missing}")
-        folds[run] = paths
+        raise DataError(f"no complete run under {run_dir.path}; run train.py --fold all first")
+    run_dir.require_complete(models)
+    folds = {run: [run_dir.fold_file(run, k, "best.pt") for k in range(run_dir.n_folds)] for run in models}
     return {"models": list(models), "folds": folds, "weights": weights, "biases": biases}
 
 
@@ -92,18 +80,16 @@ def combine_members(member_logits: dict, ens: dict, schema: Schema) -> np.ndarra
     return blend(members, ens["weights"], schema, ens["biases"])
 
 
-def load_oof(out_dir, runs: list[str], schema: Schema, train_ids: np.ndarray, n_folds: int) -> np.ndarray:
+def load_oof(run_dir: RunDir, runs: list[str], train_ids: np.ndarray) -> np.ndarray:
     """[M, N, L] per-head log-probabilities in the order of ``train_ids``; every run must cover the
-    train set exactly once with this schema's layout."""
-    from pathlib import Path
-
-    out_dir = Path(out_dir)
+    train set exactly once with this run folder's schema."""
+    schema = run_dir.schema
     members = np.empty((len(runs), len(train_ids), schema.n_logits), dtype=np.float32)
     position = pd.Series(np.arange(len(train_ids)), index=train_ids)
     for m, run in enumerate(runs):
         ids, logits = [], []
-        for k in range(n_folds):
-            path = out_dir / run / f"fold{k}" / "oof_logits.npz"
+        for k in range(run_dir.n_folds):
+            path = run_dir.fold_file(run, k, "oof_logits.npz")
             if not path.is_file():
                 raise DataError(f"run {run}: {path} is missing; train every fold first")
             try:

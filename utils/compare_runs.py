@@ -3,19 +3,26 @@ classes (those with less than ``--rare-share`` of their head's labelled train ro
 
     python -m utils.compare_runs --data-dir data/demo --out-dir runs/demo --runs resnet18,resnet18_la
 
-This is how the README's loss and augmentation tables were measured.
+This is how BENCHMARKS.md's loss and augmentation tables were measured.
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from utils.blend import load_oof
+from utils.config import CommonConfig, option, run_command
 from utils.metric import score_logits
+from utils.run import RunDir
 from utils.schema import ID, Schema, read_dataset
+
+
+@dataclass
+class CompareConfig(CommonConfig):
+    runs: list[str] = option(help="run names to compare (a,b,c); default: every complete run", factory=list)
+    rare_share: float = option(0.05, "a class is rare below this share of its head's labelled train rows")
 
 
 def rare_class_f1(schema: Schema, targets: np.ndarray, logits: np.ndarray, share: float) -> tuple[float, int]:
@@ -33,29 +40,21 @@ def rare_class_f1(schema: Schema, targets: np.ndarray, logits: np.ndarray, share
     return float(np.mean(f1s)) if f1s else float("nan"), len(f1s)
 
 
-def main(argv=None) -> pd.DataFrame:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default="data/demo")
-    parser.add_argument("--out-dir", default="runs/demo")
-    parser.add_argument("--runs", required=True, help="comma-separated run names")
-    parser.add_argument("--rare-share", type=float, default=0.05)
-    args = parser.parse_args(argv)
-    out = Path(args.out_dir)
-    schema = Schema.load(out / "schema.json")
-    folds = pd.read_csv(out / "folds.csv")
-    train = read_dataset(args.data_dir).train
-    train = train[train[ID].isin(folds[ID])].reset_index(drop=True)
-    targets = schema.encode(train)
-    rows = []
-    for run in args.runs.split(","):
-        logits = load_oof(out, [run], schema, train[ID].to_numpy(), folds["fold"].nunique())[0]
+def main(cfg: CompareConfig) -> pd.DataFrame:
+    run_dir = RunDir(cfg.out_dir)
+    schema = run_dir.schema
+    rows = run_dir.train_rows(read_dataset(cfg.data_dir).train)
+    targets = schema.encode(rows)
+    table = []
+    for run in cfg.runs or run_dir.complete_runs():
+        logits = load_oof(run_dir, [run], rows[ID].to_numpy())[0]
         score, _ = score_logits(schema, targets, logits)
-        rare, n = rare_class_f1(schema, targets, logits, args.rare_share)
-        rows.append({"run": run, "oof_score": score, "rare_class_f1": rare, "rare_classes": n})
-    table = pd.DataFrame(rows)
+        rare, n = rare_class_f1(schema, targets, logits, cfg.rare_share)
+        table.append({"run": run, "oof_score": score, "rare_class_f1": rare, "rare_classes": n})
+    table = pd.DataFrame(table)
     print(table.to_string(index=False, float_format="{:.4f}".format))
     return table
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, CompareConfig, __doc__)

@@ -1,8 +1,9 @@
-"""One config chain for every script: defaults -> YAML files -> command-line flags.
+"""One config chain for every command: defaults -> YAML files -> command-line flags.
 
-Each script declares its settings as a dataclass (the defaults, in one block). Then:
+Each command declares its settings as a dataclass whose fields are ``option(...)``s: the
+default, a help text and, where the values are a closed set, the choices. Then:
 
-    cfg = parse_config(TrainConfig, argv, model_config=True)
+    cfg = parse_config(TrainConfig, argv, model_config=True, description=__doc__)
 
 applies, in order,
   1. the dataclass defaults;
@@ -11,15 +12,19 @@ applies, in order,
   3. every ``--config FILE`` in the order given (YAML, read with ``yaml.safe_load``);
   4. every ``--some-key VALUE`` flag (``some_key`` in the dataclass).
 
-A key that the dataclass does not declare, or a value of the wrong type, is an error that
-names the key and where it came from. Flag values are parsed as YAML scalars/collections, so
-``--betas "[0.9, 0.99]"`` and ``--aug "{hflip: {p: 0}}"`` work; dict values merge into the
-default dict (one level deep) instead of replacing it, so one transform can be tuned alone.
+A key that the dataclass does not declare, a value of the wrong type, or a value outside the
+option's choices is a ConfigError naming the key, the value and where it came from. Flag values
+are parsed as YAML, so ``--betas "[0.9, 0.99]"`` and ``--aug "{hflip: {p: 0}}"`` work; a list of
+strings also takes ``a,b,c``; a boolean flag alone (``--resume``) means true; dict values merge
+into the default dict instead of replacing it, so one transform can be tuned alone.
+``--help`` lists every option with its help text, choices and default.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -27,20 +32,32 @@ from typing import Any
 
 import yaml
 
+from utils.errors import ConfigError, DataError, NonFiniteLoss
+from utils.io import atomic_write_text
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-class ConfigError(ValueError):
-    """A config key is unknown or has a value of the wrong type."""
+def option(default: Any = dataclasses.MISSING, help: str = "", *, choices=None, factory=None):
+    """A config field: its default (or ``factory`` for a mutable one), the help text ``--help``
+    shows, and the allowed values, checked when the config is parsed."""
+    metadata = {"help": help, "choices": tuple(choices) if choices else None}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass
-class CommonConfig:
-    """Keys shared by every script."""
+class DataConfig:
+    data_dir: str = option("data/demo", "dataset folder in the competition layout")
 
-    data_dir: str = "data/demo"  # dataset folder in the competition layout
-    out_dir: str = "runs/demo"  # run folder: schema, folds, models, logits, ensemble
-    seed: int = 42
+
+@dataclasses.dataclass
+class CommonConfig(DataConfig):
+    """Keys shared by the pipeline's scripts."""
+
+    out_dir: str = option("runs/demo", "run folder: schema, folds, runs, logits, ensemble, onnx/")
+    seed: int = option(42, "random seed (folds, initialisation, augmentation, searches)")
 
 
 def _type_name(tp: Any) -> str:
@@ -80,8 +97,10 @@ def _check(key: str, value: Any, tp: Any, source: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. "--fold 0" for a str key that also takes "all"
     elif origin in (list, tuple) or tp in (list, tuple):
+        (item_tp,) = typing.get_args(tp)[:1] or (Any,)
+        if isinstance(value, str) and item_tp is str:  # "a,b,c"
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, (list, tuple)):
-            (item_tp,) = typing.get_args(tp)[:1] or (Any,)
             return [_check(f"{key}[{i}]", v, item_tp, source) for i, v in enumerate(value)]
     elif origin is dict or tp is dict:
         if isinstance(value, dict):
@@ -89,6 +108,15 @@ def _check(key: str, value: Any, tp: Any, source: str) -> Any:
     else:  # pragma: no cover - a dataclass field with an unsupported annotation
         raise TypeError(f"unsupported config type {tp!r} for key '{key}'")
     raise ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r}")
+
+
+def _check_choices(key: str, value: Any, choices: tuple | None, source: str) -> None:
+    if not choices or value is None:
+        return
+    for item in value if isinstance(value, list) else [value]:
+        if item not in choices:
+            raise ConfigError(f"{source}: key '{key}' must be one of {', '.join(map(str, choices))}; "
+                              f"got {item!r}")
 
 
 def _merge(base: Any, update: Any) -> Any:
@@ -121,24 +149,61 @@ def _apply(values: dict, updates: dict, fields: dict, source: str) -> None:
             close = [k for k in fields if key in k or k in key]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
-        checked = _check(key, value, fields[key], source)
+        tp, choices = fields[key]
+        checked = _check(key, value, tp, source)
+        _check_choices(key, checked, choices, source)
         values[key] = _merge(values[key], checked) if isinstance(values[key], dict) else checked
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the module docstring's layout (its commands) and widens the option column."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32, width=100)
+
+
+def option_help(f: dataclasses.Field) -> str:
+    """The help line of one option: its text, its choices and its default (unless the text
+    already says what the default is)."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    text = f.metadata.get("help", "")
+    choices = f.metadata.get("choices")
+    if choices:
+        text += f" [{' | '.join(map(str, choices))}]"
+    if isinstance(default, dict):
+        text += f" (default: {{{', '.join(default)}: ...}})" if default else " (default: {})"
+    elif "default" not in text:
+        shown = ",".join(default) if isinstance(default, list) and all(isinstance(v, str) for v in default) else default
+        text += f" (default: {shown!r})"
+    return text.replace("%", "%%")
+
+
+def _metavar(tp: Any) -> str:
+    """STR, INT, FLOAT, BOOL, A,B (a list of strings) or YAML, for ``--help``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _metavar(args[0])
+    if typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
+        return "A,B"
+    names = {str: "STR", int: "INT", float: "FLOAT", bool: "BOOL"}
+    return names.get(tp, "YAML")
 
 
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with ``--config`` and one ``--flag`` per dataclass field."""
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=description, formatter_class=_HelpFormatter,
         allow_abbrev=False,  # "--epoch" must not silently mean "--epochs"
     )
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="YAML config file(s), applied in order after the defaults")
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        is_bool = hints[f.name] is bool
         parser.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-            metavar=_type_name(f.type).upper().replace(" ", ""),
-            help=f"(default: {default!r})",
+            "--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS, metavar=_metavar(hints[f.name]),
+            nargs="?" if is_bool else None, const="true" if is_bool else None,
+            help=option_help(f),
         )
     return parser
 
@@ -147,7 +212,7 @@ def parse_config(cls: type, argv: list[str] | None = None, *, model_config: bool
                  description: str | None = None):
     """Resolve ``cls`` from defaults, YAML files and flags (see the module docstring)."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    fields = {f.name: (hints[f.name], f.metadata.get("choices")) for f in dataclasses.fields(cls)}
     parser = build_parser(cls, description)
     args = vars(parser.parse_args(argv))
     config_files = args.pop("config")
@@ -157,7 +222,7 @@ def parse_config(cls: type, argv: list[str] | None = None, *, model_config: bool
             flags[key] = yaml.safe_load(raw) if raw.strip() else raw
         except yaml.YAMLError:
             flags[key] = raw
-        if fields[key] is str and not isinstance(flags[key], str) and flags[key] is not None:
+        if fields[key][0] is str and not isinstance(flags[key], str) and flags[key] is not None:
             flags[key] = raw  # strings stay as typed: "--fold 0" -> "0", "--model 1e3" -> "1e3"
     values = dataclasses.asdict(cls())
     if model_config and "model" in fields:
@@ -177,9 +242,20 @@ def parse_config(cls: type, argv: list[str] | None = None, *, model_config: bool
 
 def save_config(cfg, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically), so a run folder records how it was made."""
-    from utils.io import atomic_write_text
-
     text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
     files = getattr(cfg, "config_files", [])
     header = "# resolved config; from defaults" + "".join(f" < {p}" for p in files) + " < flags\n"
     atomic_write_text(path, header + text)
+
+
+def run_command(main, cls: type, description: str | None = None, *, model_config: bool = False):
+    """The entry point of every command: parse the config chain, run ``main(cfg)``. The kit's own
+    errors (bad data, a bad config, a non-finite loss) end the command with ``error: <message>``
+    and exit status 2, without a traceback (``KIT_TRACEBACK=1`` shows it)."""
+    try:
+        return main(parse_config(cls, model_config=model_config, description=description))
+    except (ConfigError, DataError, NonFiniteLoss) as err:
+        if os.environ.get("KIT_TRACEBACK"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -8,18 +8,20 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from utils.schema import IGNORE_INDEX, Schema
-from utils.transforms import Transform, load_image
+from utils.transforms import Preprocess, Transform
 
 
-def read_or_placeholder(path, size: int, resize: str, draft: bool = True) -> tuple[np.ndarray, str]:
-    """(image, "") for a usable image; (grey square, reason) for a missing, empty, truncated,
-    non-image or degenerate (under 2x2 pixels) file. Callers decide what a bad image means."""
+def read_or_placeholder(path, prep: Preprocess) -> tuple[np.ndarray, str]:
+    """(image, "") for a usable image, decoded as ``prep`` says; (grey square, reason) for a
+    missing, empty, truncated, non-image or degenerate (under 2x2 pixels) file. Callers decide
+    what a bad image means."""
     try:
-        image = load_image(path, size if draft else None, resize)
+        image = prep.decode(path)
         if image.shape[0] < 2 or image.shape[1] < 2:
             raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} pixels")
         return image, ""
     except Exception as err:  # unreadable, truncated, missing, not an image, degenerate
+        size = prep.img_size
         return np.full((size, size, 3), 127, dtype=np.uint8), f"{type(err).__name__}: {err}"
 
 
@@ -29,10 +31,9 @@ class ImageDataset(torch.utils.data.Dataset):
     never trains, and the caller decides what else a bad image means."""
 
     def __init__(self, paths: list, categories: list[str], targets: np.ndarray | None,
-                 transform: Transform, img_size: int, resize: str, draft: bool = True,
-                 augment_seed: int | None = None):
+                 transform: Transform, prep: Preprocess, augment_seed: int | None = None):
         self.paths, self.categories, self.targets = list(paths), list(categories), targets
-        self.transform, self.img_size, self.resize, self.draft = transform, img_size, resize, draft
+        self.transform, self.prep = transform, prep
         self.augment_seed = augment_seed  # None: evaluation, no per-sample randomness
         self.epoch = 0
 
@@ -43,7 +44,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        image, error = read_or_placeholder(self.paths[i], self.img_size, self.resize, self.draft)
+        image, error = read_or_placeholder(self.paths[i], self.prep)
         seed = None
         if self.augment_seed is not None:
             seed = (self.augment_seed * 1_000_003 + self.epoch * 100_003 + i) % 2**32
@@ -85,12 +86,11 @@ class EpochSampler(Sampler):
 
 
 def balanced_weights(targets: np.ndarray, schema: Schema, power: float = 0.5, cap: float = 10.0) -> np.ndarray:
-    """Row weight = the largest (n_max / n_class) ** power over the row's given labels, capped:
-    a row carrying a rare class is drawn more often."""
+    """Row weight = the largest class weight (``Schema.class_weights``) over the row's given
+    labels: a row carrying a rare class is drawn more often."""
     w = np.ones(len(targets))
     for j, h in enumerate(schema.heads):
-        counts = np.maximum(np.asarray(schema.counts[h.name], dtype=float), 1)
-        boost = np.minimum((counts.max() / counts) ** power, cap)
+        boost = schema.class_weights(h.name, power, cap)
         given = targets[:, j] >= 0
         w[given] = np.maximum(w[given], boost[targets[given, j]])
     return w

@@ -13,8 +13,8 @@ label-noise rate keep the task learnable but not trivial. Output is deterministi
 """
 from __future__ import annotations
 
-import argparse
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from utils.config import option, run_command
 from utils.io import atomic_path, atomic_write, atomic_write_csv
 from utils.schema import ATTR_COLS, CATEGORY, DUMMY, ID, LEN
 
@@ -224,6 +225,30 @@ def _contrast(rgb) -> tuple:
     return (20, 20, 20) if sum(rgb) > 380 else (235, 235, 235)
 
 
+@dataclass
+class _Canvas:
+    """One product image being drawn, and what every part of the drawing reads."""
+    img: Image.Image
+    draw: ImageDraw.ImageDraw
+    rng: np.random.Generator
+    bg: tuple
+    cat: str
+    labels: dict
+    scale: float  # the garment's size
+    cx: float  # its horizontal centre
+    top: float  # its top edge
+    fills: list  # body colours (several for multicolor)
+
+    @property
+    def ink(self) -> tuple:
+        """The contrasting colour of textures and glyphs."""
+        return _contrast(self.fills[0])
+
+    def v(self, attr: str) -> int:
+        """The index of the row's value of ``attr`` in its vocabulary; -1 when not given."""
+        return _value_index(self.cat, attr, self.labels.get(attr))
+
+
 def render(cat: str, labels: dict, height: int, seed: int) -> Image.Image:
     """One product image 512 wide; ``labels`` maps attribute -> value (None = not given)."""
     rng = np.random.default_rng(seed)
@@ -231,168 +256,213 @@ def render(cat: str, labels: dict, height: int, seed: int) -> Image.Image:
     bg = tuple(int(v) for v in rng.integers(170, 256, size=3))
     img = Image.new("RGB", (W, H), bg)
     draw = ImageDraw.Draw(img)
-    # background clutter: a soft gradient band and a few faint shapes
+    # background clutter: a few faint shapes
     for _ in range(3):
         x, y = rng.integers(0, W), rng.integers(0, H)
         r = rng.integers(20, 80)
         shade = tuple(int(c) - int(rng.integers(10, 40)) for c in bg)
         draw.ellipse([x - r, y - r, x + r, y + r], fill=shade)
-
     scale = min(W, H) / 512 * rng.uniform(0.75, 1.0)
     cx = W / 2 + rng.uniform(-0.08, 0.08) * W
     top = H * rng.uniform(0.08, 0.16)
-    fills = _fill(cat, labels, rng)
-    ink = _contrast(fills[0])
-    v = lambda attr: _value_index(cat, attr, labels.get(attr))
-
-    body_w = 200 * scale
-    avail = H - top - 10
+    c = _Canvas(img, draw, rng, bg, cat, labels, scale, cx, top, _fill(cat, labels, rng))
     if cat == "Sarees":
-        body_h = avail * 0.92
-        x0, x1, y0, y1 = cx - body_w * 0.75, cx + body_w * 0.75, top, top + body_h
-        draw.rectangle([x0, y0, x1, y1], fill=fills[0])
-        for i, f in enumerate(fills[1:]):  # multicolor bands
-            bx = x0 + (x1 - x0) * (i + 1) / len(fills)
-            draw.rectangle([bx, y0, bx + (x1 - x0) / len(fills) / 2, y1], fill=f)
-        if labels.get("transparency") == "yes":  # see-through: a faded overlay
-            overlay = Image.new("RGB", img.size, bg)
-            mask = Image.new("L", img.size, 0)
-            ImageDraw.Draw(mask).rectangle([x0, y0, x1, y1], fill=110)
-            img.paste(overlay, (0, 0), mask)
-            draw = ImageDraw.Draw(img)
-        # pattern over the body
-        k = v("pattern")
-        if k >= 0:
-            _texture(draw, (x0, y0 + 30, x1, y1 - 30), [9, 0, 4, 8, 2][k], ink, rng, scale)
-        # pallu: a diagonal region with its own texture
-        k = v("pallu_details")
-        pallu = [(x0, y0), (x0 + (x1 - x0) * 0.45, y0), (x0, y0 + (y1 - y0) * 0.35)]
-        draw.polygon(pallu, fill=tuple(max(0, c - 50) for c in fills[0]))
-        if k >= 0:
-            _glyph(draw, (x0 + 30 * scale, y0 + 35 * scale), 14 * scale, k, ink)
-        # border bands: type = texture, width = thickness
-        width = {0: 10, 1: 34, 2: 0, -1: 18}[v("border_width")] * scale
-        k = v("border")
-        if width > 0 and labels.get("border") != "no border":
-            band_col = (200, 160, 40) if labels.get("border") == "zari" else ink
-            for yb in (y0, y1 - width):
-                draw.rectangle([x0, yb, x1, yb + width], fill=band_col)
-                if k >= 0:
-                    _texture(draw, (x0, yb, x1, yb + width), [1, 6, 7, 3, 0, 0][k], fills[0], rng, scale * 0.6)
-        # print type: motifs in the lower half
-        k = v("print_or_pattern_type")
-        if k >= 0:
-            _glyph(draw, (cx, y0 + (y1 - y0) * 0.65), 22 * scale, k, ink)
-        # blouse piece in the corner, ornamentation, occasion
-        k = v("blouse_pattern")
-        if k >= 0:
-            bx, by = x1 - 50 * scale, y0 + 50 * scale
-            draw.rectangle([bx - 25 * scale, by - 25 * scale, bx + 25 * scale, by + 25 * scale], outline=ink, width=3)
-            _glyph(draw, (bx, by), 12 * scale, k, ink)
-        k = v("ornamentation")
-        if k == 2:  # tassels hanging from the hem
-            for xt in np.linspace(x0 + 10, x1 - 10, 8):
-                draw.line([xt, y1, xt, min(H - 1, y1 + 25 * scale)], fill=ink, width=3)
-        elif k >= 0:
-            _glyph(draw, (x0 + 30 * scale, y1 - 60 * scale), 10 * scale, k + 3, ink)
-        k = v("occasion")
-        if k >= 0:
-            _glyph(draw, (x1 - 30 * scale, y1 - 60 * scale), 12 * scale, k + 1, ink)
+        box = _saree_body(c)
+        _saree_details(c, box)
     else:
-        # torso geometry: length and fit
-        length_f = {"crop": 0.45, "regular": 0.62, "long": 0.8, "knee length": 0.8,
-                    "calf length": 0.95}.get(labels.get("length"), 0.62 if "Tshirts" in cat else 0.75)
-        if cat == "Kurtis" and labels.get("length") is None:
-            length_f = 0.88
-        body_h = min(avail, 520 * scale) * length_f
-        fit = labels.get("fit_shape")
-        top_w = body_w * {"boxy": 1.2, "loose": 1.15, "fitted": 0.85}.get(fit, 1.0)
-        flare = {"a-line": 1.6, "loose": 1.15, "boxy": 1.0, "fitted": 0.9, "straight": 1.0,
-                 "default": 1.3}.get(fit, 1.05)
-        y0, y1 = top + 40 * scale, top + 40 * scale + body_h
-        shoulders = [(cx - top_w / 2, y0), (cx + top_w / 2, y0)]
-        hem = [(cx + top_w / 2 * flare, y1), (cx - top_w / 2 * flare, y1)]
-        # sleeves: length from sleeve_length, styling at the cuff
-        sl = labels.get("sleeve_length") or ("" if cat != "Men Tshirts" else "short sleeves")
-        sleeve_f = {"sleeveless": 0.0, "short sleeves": 0.28, "three-quarter sleeves": 0.6,
-                    "long sleeves": 0.9, "default": 0.42}.get(sl, 0.35)
-        styling = labels.get("sleeve_styling")
-        if styling == "sleeveless":
-            sleeve_f = 0.0
-        if sleeve_f > 0:
-            sw = 55 * scale
-            for side in (-1, 1):
-                sx = cx + side * top_w / 2
-                ex = sx + side * body_h * sleeve_f * 0.7
-                ey = y0 + body_h * sleeve_f * 0.9
-                draw.polygon([(sx, y0), (sx, y0 + sw * 1.3), (ex, ey + sw * 0.4), (ex + side * 0.5 * sw, ey - sw * 0.5)],
-                             fill=fills[-1])
-                if styling in ("puff sleeves",):
-                    draw.ellipse([sx + side * 5 - 30 * scale, y0 - 10 * scale, sx + side * 5 + 30 * scale,
-                                  y0 + 50 * scale], fill=fills[-1], outline=ink, width=2)
-                elif styling in ("cuffed sleeves",):
-                    draw.line([(ex, ey + sw * 0.4), (ex + side * 0.5 * sw, ey - sw * 0.5)], fill=ink, width=8)
-                elif styling == "default":
-                    _glyph(draw, (ex, ey), 8 * scale, 2, ink)
-        draw.polygon(shoulders + hem, fill=fills[0])
-        for i, f in enumerate(fills[1:]):  # multicolor: horizontal colour blocks
-            by = y0 + body_h * (i + 1) / len(fills)
-            draw.rectangle([cx - top_w / 2, by, cx + top_w / 2, by + body_h / len(fills) / 2], fill=f)
-        # neck / neck_collar shape
-        neck = labels.get("neck") or labels.get("neck_collar")
-        nw = 32 * scale
-        if neck in ("round", "round neck"):
-            draw.ellipse([cx - nw, y0 - nw * 0.6, cx + nw, y0 + nw * 0.8], fill=bg)
-        elif neck == "polo":
-            draw.rectangle([cx - nw, y0 - 8, cx + nw, y0 + 14 * scale], fill=ink)
-            draw.rectangle([cx - 5, y0, cx + 5, y0 + 45 * scale], fill=ink)
-        elif neck == "v-neck":
-            draw.polygon([(cx - nw, y0), (cx + nw, y0), (cx, y0 + 2.2 * nw)], fill=bg)
-        elif neck == "square neck":
-            draw.rectangle([cx - nw, y0 - 2, cx + nw, y0 + 1.2 * nw], fill=bg)
-        elif neck == "high":
-            draw.rectangle([cx - nw * 0.7, y0 - 28 * scale, cx + nw * 0.7, y0 + 4], fill=fills[0], outline=ink, width=3)
-        elif neck == "sweetheart neck":
-            draw.ellipse([cx - nw, y0 - nw * 0.5, cx, y0 + nw], fill=bg)
-            draw.ellipse([cx, y0 - nw * 0.5, cx + nw, y0 + nw], fill=bg)
-        elif neck == "stylised":
-            draw.polygon([(cx - nw, y0), (cx - nw / 3, y0 + nw), (cx, y0 + nw / 3), (cx + nw / 3, y0 + nw),
-                          (cx + nw, y0)], fill=bg)
-        elif neck == "default":
-            draw.arc([cx - nw, y0 - nw, cx + nw, y0 + nw], 0, 180, fill=ink, width=5)
-        else:
-            draw.ellipse([cx - nw * 0.8, y0 - nw * 0.5, cx + nw * 0.8, y0 + nw * 0.5], fill=bg)
-        chest = (cx - top_w * 0.4, y0 + body_h * 0.25, cx + top_w * 0.4, y0 + body_h * 0.75)
-        # pattern over the body, print type as a chest motif
-        pattern = labels.get("pattern")
-        ptype = labels.get("print_or_pattern_type")
-        k = v("print_or_pattern_type")
-        if pattern == "printed" or (pattern is None and k >= 0 and ptype not in ("solid", "default")):
-            _texture(draw, (cx - top_w / 2 + 8, y0 + 20, cx + top_w / 2 - 8, y1 - 10), 2, ink, rng, scale)
-        elif pattern == "default":
-            _texture(draw, (cx - top_w / 2 + 8, y0 + 20, cx + top_w / 2 - 8, y1 - 10), 8, ink, rng, scale)
-        if k >= 0:
-            texture = {"typography": 3, "funky print": 4, "quirky": 9, "graphic": 5, "floral": 6,
-                       "default": 0}.get(ptype)
-            if texture is not None:
-                draw.rectangle(chest, fill=fills[0])
-                _texture(draw, chest, texture, ink, rng, scale)
-        # small embellishments for occasion / ornamentation / surface styling
-        for j, attr in enumerate(("occasion", "ocassion", "ornamentation", "surface_styling")):
-            k = v(attr) if attr in COUNTS[cat] else -1
+        _garment(c)
+    return _camera(c.img, rng)
+
+
+def _saree_body(c: _Canvas) -> tuple:
+    """The drape, its colour bands, transparency, body pattern and pallu; returns its box."""
+    body_w, H = 200 * c.scale, c.img.size[1]
+    body_h = (H - c.top - 10) * 0.92
+    x0, x1, y0, y1 = c.cx - body_w * 0.75, c.cx + body_w * 0.75, c.top, c.top + body_h
+    fills, draw = c.fills, c.draw
+    draw.rectangle([x0, y0, x1, y1], fill=fills[0])
+    for i, f in enumerate(fills[1:]):  # multicolor bands
+        bx = x0 + (x1 - x0) * (i + 1) / len(fills)
+        draw.rectangle([bx, y0, bx + (x1 - x0) / len(fills) / 2, y1], fill=f)
+    if c.labels.get("transparency") == "yes":  # see-through: a faded overlay
+        overlay = Image.new("RGB", c.img.size, c.bg)
+        mask = Image.new("L", c.img.size, 0)
+        ImageDraw.Draw(mask).rectangle([x0, y0, x1, y1], fill=110)
+        c.img.paste(overlay, (0, 0), mask)
+        c.draw = draw = ImageDraw.Draw(c.img)
+    k = c.v("pattern")  # pattern over the body
+    if k >= 0:
+        _texture(draw, (x0, y0 + 30, x1, y1 - 30), [9, 0, 4, 8, 2][k], c.ink, c.rng, c.scale)
+    k = c.v("pallu_details")  # pallu: a diagonal region with its own glyph
+    pallu = [(x0, y0), (x0 + (x1 - x0) * 0.45, y0), (x0, y0 + (y1 - y0) * 0.35)]
+    draw.polygon(pallu, fill=tuple(max(0, v - 50) for v in fills[0]))
+    if k >= 0:
+        _glyph(draw, (x0 + 30 * c.scale, y0 + 35 * c.scale), 14 * c.scale, k, c.ink)
+    return x0, x1, y0, y1
+
+
+def _saree_details(c: _Canvas, box: tuple) -> None:
+    """Border bands (type = texture, width = thickness), print motif, blouse piece,
+    ornamentation and occasion glyphs."""
+    (x0, x1, y0, y1), draw, scale, ink, labels = box, c.draw, c.scale, c.ink, c.labels
+    width = {0: 10, 1: 34, 2: 0, -1: 18}[c.v("border_width")] * scale
+    k = c.v("border")
+    if width > 0 and labels.get("border") != "no border":
+        band_col = (200, 160, 40) if labels.get("border") == "zari" else ink
+        for yb in (y0, y1 - width):
+            draw.rectangle([x0, yb, x1, yb + width], fill=band_col)
             if k >= 0:
-                gx = cx - top_w * 0.3 + (j % 2) * top_w * 0.6
-                _glyph(draw, (gx, y1 - 30 * scale), 11 * scale, k + 2 * j, ink)
-        if labels.get("surface_styling") in ("tie-ups", "waist tie-ups"):
-            wy = y0 + body_h * (0.55 if labels["surface_styling"] == "waist tie-ups" else 0.15)
-            draw.line([cx, wy, cx - 25 * scale, wy + 40 * scale], fill=ink, width=4)
-            draw.line([cx, wy, cx + 25 * scale, wy + 40 * scale], fill=ink, width=4)
-        elif labels.get("surface_styling") == "ruffles":
-            for xr in np.linspace(cx - top_w / 2 * flare, cx + top_w / 2 * flare, 9):
-                draw.ellipse([xr - 8, y1 - 8, xr + 8, y1 + 8], fill=fills[0], outline=ink)
-        if labels.get("ornamentation") == "net":
-            _texture(draw, (cx - top_w / 2, y1 - 40 * scale, cx + top_w / 2, y1), 1, ink, rng, scale * 0.5)
-    # camera effects: blur and sensor noise
+                _texture(draw, (x0, yb, x1, yb + width), [1, 6, 7, 3, 0, 0][k], c.fills[0], c.rng, scale * 0.6)
+    k = c.v("print_or_pattern_type")  # print type: a motif in the lower half
+    if k >= 0:
+        _glyph(draw, (c.cx, y0 + (y1 - y0) * 0.65), 22 * scale, k, ink)
+    k = c.v("blouse_pattern")  # blouse piece in the corner
+    if k >= 0:
+        bx, by = x1 - 50 * scale, y0 + 50 * scale
+        draw.rectangle([bx - 25 * scale, by - 25 * scale, bx + 25 * scale, by + 25 * scale], outline=ink, width=3)
+        _glyph(draw, (bx, by), 12 * scale, k, ink)
+    k = c.v("ornamentation")
+    if k == 2:  # tassels hanging from the hem
+        for xt in np.linspace(x0 + 10, x1 - 10, 8):
+            draw.line([xt, y1, xt, min(c.img.size[1] - 1, y1 + 25 * scale)], fill=ink, width=3)
+    elif k >= 0:
+        _glyph(draw, (x0 + 30 * scale, y1 - 60 * scale), 10 * scale, k + 3, ink)
+    k = c.v("occasion")
+    if k >= 0:
+        _glyph(draw, (x1 - 30 * scale, y1 - 60 * scale), 12 * scale, k + 1, ink)
+
+
+@dataclass
+class _Torso:
+    """A top's geometry: shoulder width, hem flare, and its vertical extent."""
+    top_w: float
+    flare: float
+    y0: float
+    y1: float
+
+    @property
+    def body_h(self) -> float:
+        return self.y1 - self.y0
+
+
+def _garment(c: _Canvas) -> None:
+    """A top (t-shirt, kurti, tunic): torso by length and fit, sleeves, neck, prints, trims."""
+    labels, scale = c.labels, c.scale
+    length_f = {"crop": 0.45, "regular": 0.62, "long": 0.8, "knee length": 0.8,
+                "calf length": 0.95}.get(labels.get("length"), 0.62 if "Tshirts" in c.cat else 0.75)
+    if c.cat == "Kurtis" and labels.get("length") is None:
+        length_f = 0.88
+    body_h = min(c.img.size[1] - c.top - 10, 520 * scale) * length_f
+    fit = labels.get("fit_shape")
+    top_w = 200 * scale * {"boxy": 1.2, "loose": 1.15, "fitted": 0.85}.get(fit, 1.0)
+    flare = {"a-line": 1.6, "loose": 1.15, "boxy": 1.0, "fitted": 0.9, "straight": 1.0, "default": 1.3}.get(fit, 1.05)
+    y0 = c.top + 40 * scale
+    t = _Torso(top_w, flare, y0, c.top + 40 * scale + body_h)
+    _sleeves(c, t)
+    cx, fills = c.cx, c.fills
+    c.draw.polygon([(cx - top_w / 2, t.y0), (cx + top_w / 2, t.y0), (cx + top_w / 2 * flare, t.y1),
+                    (cx - top_w / 2 * flare, t.y1)], fill=fills[0])
+    for i, f in enumerate(fills[1:]):  # multicolor: horizontal colour blocks
+        by = t.y0 + body_h * (i + 1) / len(fills)
+        c.draw.rectangle([cx - top_w / 2, by, cx + top_w / 2, by + body_h / len(fills) / 2], fill=f)
+    _neck(c, t)
+    _prints(c, t)
+    _trims(c, t)
+
+
+def _sleeves(c: _Canvas, t: _Torso) -> None:
+    """Sleeve length from sleeve_length, styling at the shoulder or cuff."""
+    labels, scale, draw, ink, fill = c.labels, c.scale, c.draw, c.ink, c.fills[-1]
+    sl = labels.get("sleeve_length") or ("" if c.cat != "Men Tshirts" else "short sleeves")
+    sleeve_f = {"sleeveless": 0.0, "short sleeves": 0.28, "three-quarter sleeves": 0.6,
+                "long sleeves": 0.9, "default": 0.42}.get(sl, 0.35)
+    styling = labels.get("sleeve_styling")
+    if styling == "sleeveless" or sleeve_f == 0:
+        return
+    sw, y0, body_h = 55 * scale, t.y0, t.body_h
+    for side in (-1, 1):
+        sx = c.cx + side * t.top_w / 2
+        ex = sx + side * body_h * sleeve_f * 0.7
+        ey = y0 + body_h * sleeve_f * 0.9
+        draw.polygon([(sx, y0), (sx, y0 + sw * 1.3), (ex, ey + sw * 0.4), (ex + side * 0.5 * sw, ey - sw * 0.5)],
+                     fill=fill)
+        if styling == "puff sleeves":
+            draw.ellipse([sx + side * 5 - 30 * scale, y0 - 10 * scale, sx + side * 5 + 30 * scale,
+                          y0 + 50 * scale], fill=fill, outline=ink, width=2)
+        elif styling == "cuffed sleeves":
+            draw.line([(ex, ey + sw * 0.4), (ex + side * 0.5 * sw, ey - sw * 0.5)], fill=ink, width=8)
+        elif styling == "default":
+            _glyph(draw, (ex, ey), 8 * scale, 2, ink)
+
+
+def _neck(c: _Canvas, t: _Torso) -> None:
+    """The neck (Men Tshirts) or neck_collar (tops) shape, cut out of the body."""
+    neck = c.labels.get("neck") or c.labels.get("neck_collar")
+    draw, cx, y0, bg, ink, scale = c.draw, c.cx, t.y0, c.bg, c.ink, c.scale
+    nw = 32 * scale
+    if neck in ("round", "round neck"):
+        draw.ellipse([cx - nw, y0 - nw * 0.6, cx + nw, y0 + nw * 0.8], fill=bg)
+    elif neck == "polo":
+        draw.rectangle([cx - nw, y0 - 8, cx + nw, y0 + 14 * scale], fill=ink)
+        draw.rectangle([cx - 5, y0, cx + 5, y0 + 45 * scale], fill=ink)
+    elif neck == "v-neck":
+        draw.polygon([(cx - nw, y0), (cx + nw, y0), (cx, y0 + 2.2 * nw)], fill=bg)
+    elif neck == "square neck":
+        draw.rectangle([cx - nw, y0 - 2, cx + nw, y0 + 1.2 * nw], fill=bg)
+    elif neck == "high":
+        draw.rectangle([cx - nw * 0.7, y0 - 28 * scale, cx + nw * 0.7, y0 + 4], fill=c.fills[0], outline=ink, width=3)
+    elif neck == "sweetheart neck":
+        draw.ellipse([cx - nw, y0 - nw * 0.5, cx, y0 + nw], fill=bg)
+        draw.ellipse([cx, y0 - nw * 0.5, cx + nw, y0 + nw], fill=bg)
+    elif neck == "stylised":
+        draw.polygon([(cx - nw, y0), (cx - nw / 3, y0 + nw), (cx, y0 + nw / 3), (cx + nw / 3, y0 + nw),
+                      (cx + nw, y0)], fill=bg)
+    elif neck == "default":
+        draw.arc([cx - nw, y0 - nw, cx + nw, y0 + nw], 0, 180, fill=ink, width=5)
+    else:
+        draw.ellipse([cx - nw * 0.8, y0 - nw * 0.5, cx + nw * 0.8, y0 + nw * 0.5], fill=bg)
+
+
+def _prints(c: _Canvas, t: _Torso) -> None:
+    """Pattern over the body, print type as a chest motif."""
+    draw, cx, ink, rng, scale = c.draw, c.cx, c.ink, c.rng, c.scale
+    pattern, ptype = c.labels.get("pattern"), c.labels.get("print_or_pattern_type")
+    k = c.v("print_or_pattern_type")
+    body = (cx - t.top_w / 2 + 8, t.y0 + 20, cx + t.top_w / 2 - 8, t.y1 - 10)
+    if pattern == "printed" or (pattern is None and k >= 0 and ptype not in ("solid", "default")):
+        _texture(draw, body, 2, ink, rng, scale)
+    elif pattern == "default":
+        _texture(draw, body, 8, ink, rng, scale)
+    if k >= 0:
+        texture = {"typography": 3, "funky print": 4, "quirky": 9, "graphic": 5, "floral": 6,
+                   "default": 0}.get(ptype)
+        if texture is not None:
+            chest = (cx - t.top_w * 0.4, t.y0 + t.body_h * 0.25, cx + t.top_w * 0.4, t.y0 + t.body_h * 0.75)
+            draw.rectangle(chest, fill=c.fills[0])
+            _texture(draw, chest, texture, ink, rng, scale)
+
+
+def _trims(c: _Canvas, t: _Torso) -> None:
+    """Small glyphs for occasion / ornamentation / surface styling; tie-ups, ruffles, net."""
+    draw, cx, ink, scale, labels, top_w = c.draw, c.cx, c.ink, c.scale, c.labels, t.top_w
+    for j, attr in enumerate(("occasion", "ocassion", "ornamentation", "surface_styling")):
+        k = c.v(attr) if attr in COUNTS[c.cat] else -1
+        if k >= 0:
+            gx = cx - top_w * 0.3 + (j % 2) * top_w * 0.6
+            _glyph(draw, (gx, t.y1 - 30 * scale), 11 * scale, k + 2 * j, ink)
+    if labels.get("surface_styling") in ("tie-ups", "waist tie-ups"):
+        wy = t.y0 + t.body_h * (0.55 if labels["surface_styling"] == "waist tie-ups" else 0.15)
+        draw.line([cx, wy, cx - 25 * scale, wy + 40 * scale], fill=ink, width=4)
+        draw.line([cx, wy, cx + 25 * scale, wy + 40 * scale], fill=ink, width=4)
+    elif labels.get("surface_styling") == "ruffles":
+        for xr in np.linspace(cx - top_w / 2 * t.flare, cx + top_w / 2 * t.flare, 9):
+            draw.ellipse([xr - 8, t.y1 - 8, xr + 8, t.y1 + 8], fill=c.fills[0], outline=ink)
+    if labels.get("ornamentation") == "net":
+        _texture(draw, (cx - top_w / 2, t.y1 - 40 * scale, cx + top_w / 2, t.y1), 1, ink, c.rng, scale * 0.5)
+
+
+def _camera(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Camera effects: blur (half the time) and sensor noise."""
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.5))))
     arr = np.asarray(img, dtype=np.int16)
@@ -452,17 +522,19 @@ def generate(out: str | Path, n_train: int = 3000, n_test: int = 600, seed: int 
     return out
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="data/demo")
-    parser.add_argument("--n-train", type=int, default=3000)
-    parser.add_argument("--n-test", type=int, default=600)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args(argv)
-    out = generate(args.out, args.n_train, args.n_test, args.seed, args.workers)
-    print(f"demo dataset written to {out} ({args.n_train} train, {args.n_test} test images)")
+@dataclass
+class DemoDataConfig:
+    out: str = option("data/demo", "the dataset folder to write")
+    n_train: int = option(3000, "train images")
+    n_test: int = option(600, "test images")
+    seed: int = option(0, "the same seed gives byte-identical files")
+    workers: int = option(2, "processes drawing images")
+
+
+def main(cfg: DemoDataConfig) -> None:
+    out = generate(cfg.out, cfg.n_train, cfg.n_test, cfg.seed, cfg.workers)
+    print(f"demo dataset written to {out} ({cfg.n_train} train, {cfg.n_test} test images)")
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, DemoDataConfig, __doc__)

@@ -1,5 +1,5 @@
 """The training engine: one epoch of training, and prediction. Small functions that take values,
-not the config, so ``train.py`` and ``tune.py`` share them."""
+not the config, so the fold trainer and the benchmarks share them."""
 from __future__ import annotations
 
 import contextlib
@@ -10,10 +10,24 @@ import torch
 from tqdm import tqdm
 
 from utils.data import warn_bad
+from utils.errors import NonFiniteLoss
+
+AMP = ("auto", "bf16", "fp16", "off")
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; training stops rather than poisoning the checkpoint."""
+def amp_dtype(amp: str, device: torch.device):
+    """auto: bf16 on CUDA, and on a CPU with native bf16 (faster there, see BENCHMARKS.md); off on
+    other CPUs, where emulated bf16 is slower than fp32."""
+    if amp not in AMP:
+        raise ValueError(f"amp must be one of {AMP}, got {amp!r}")
+    if amp == "off" or (amp == "auto" and device.type == "cpu" and not native_bf16()):
+        return None
+    return torch.float16 if amp == "fp16" else torch.bfloat16
+
+
+def native_bf16() -> bool:
+    """Whether this CPU runs bf16 natively (AVX-512 BF16 / AMX); elsewhere bf16 is emulated."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

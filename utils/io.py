@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from utils.errors import DataError
 
 _HOST = socket.gethostname().replace(".", "_")
 _SWEPT: set[Path] = set()  # folders this process has cleared of dead writers' temporary files
@@ -98,8 +99,6 @@ def load_torch(path: str | Path) -> dict:
     import pickle
 
     import torch
-
-    from utils.schema import DataError
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

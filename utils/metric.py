@@ -16,13 +16,21 @@ prints the per-category table, then the final score alone on its last line.
 """
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from utils.config import option, run_command
 from utils.schema import ATTR_COLS, CATEGORY, DUMMY, ID, LEN, read_category_attributes
+
+
+@dataclass
+class MetricConfig:
+    submission: str = option("submission.csv", "the submission to score")
+    solution: str = option("data/demo/test_solution.csv", "the true labels, in the submission layout")
+    per_head: bool = option(False, "also print the per-head table")
 
 
 def f1_scores(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> tuple[float, float, float]:
@@ -65,7 +73,7 @@ def score_logits(schema, targets: np.ndarray, logits: np.ndarray) -> tuple[float
     rows = []
     for j, head in enumerate(schema.heads):
         given = np.flatnonzero(targets[:, j] >= 0)
-        pred = logits[given, head.offset:head.offset + head.width].argmax(axis=1)
+        pred = logits[given, head.logits].argmax(axis=1)
         micro, macro, s = f1_scores(targets[given, j], pred, head.width)
         rows.append({"category": head.category, "attribute": head.attribute, "n": len(given),
                      "micro_f1": micro, "macro_f1": macro, "score": s})
@@ -169,24 +177,19 @@ def _print_tables(final: float, table: pd.DataFrame) -> None:
     print(f"{final:.6f}")
 
 
-def main(argv=None) -> float:
-    parser = argparse.ArgumentParser(description="Score a submission against a solution.")
-    parser.add_argument("--submission", required=True)
-    parser.add_argument("--solution", required=True)
-    parser.add_argument("--per-head", action="store_true", help="also print the per-head table")
-    args = parser.parse_args(argv)
+def main(cfg: MetricConfig) -> float:
     read = lambda p: pd.read_csv(p, dtype=str, keep_default_na=False, na_values=[""])
-    solution, submission = read(args.solution), read(args.submission)
+    solution, submission = read(cfg.solution), read(cfg.submission)
     for df in (solution, submission):
         df[ID] = df[ID].astype(np.int64)
         for col in [c for c in ATTR_COLS + [CATEGORY] if c in df]:
             df[col] = df[col].str.strip()
     if LEN in solution:
         solution[LEN] = solution[LEN].astype(int)
-    parquet = Path(args.solution).parent / "category_attributes.parquet"
+    parquet = Path(cfg.solution).parent / "category_attributes.parquet"
     names = read_category_attributes(parquet) if parquet.is_file() else None
     final, table = score(solution, submission, names)
-    if args.per_head:
+    if cfg.per_head:
         with pd.option_context("display.width", 120, "display.max_rows", 200,
                                "display.float_format", "{:.4f}".format):
             print(table.to_string(index=False))
@@ -195,4 +198,4 @@ def main(argv=None) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, MetricConfig, __doc__)

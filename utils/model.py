@@ -8,15 +8,15 @@ row's category, so a row's loss covers only its own category's given labels.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pathlib import Path
-
 from utils.io import load_torch
 from utils.schema import IGNORE_INDEX, Schema
+from utils.transforms import Preprocess
 
 LOSSES = ("ce", "weighted_ce", "focal", "logit_adjusted")
 
@@ -43,6 +43,14 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | 
             f"{err}). The hub may be unreachable from this machine. Either download the weights "
             f"elsewhere and set `pretrained_file: PATH` (a .pth or .safetensors state dict for "
             f"this timm model), or train from scratch with `pretrained: false`.") from err
+
+
+def data_config(backbone: nn.Module) -> tuple[list[float], list[float]]:
+    """Mean and std from the backbone's pretrained config, as timm resolves them."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=backbone)
+    return [float(x) for x in cfg["mean"]], [float(x) for x in cfg["std"]]
 
 
 class AttributeModel(nn.Module):
@@ -101,23 +109,23 @@ class HeadLoss(nn.Module):
         if kind not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
         self.kind, self.gamma, self.label_smoothing = kind, gamma, label_smoothing
-        self.slices = [(h.offset, h.width) for h in schema.heads]
+        self.slices = [h.logits for h in schema.heads]
         for j, h in enumerate(schema.heads):
             counts = torch.tensor(schema.counts[h.name], dtype=torch.float32).clamp(min=1.0)
-            weight = ((counts.max() / counts) ** power).clamp(max=weight_cap)
+            weight = torch.as_tensor(schema.class_weights(h.name, power, weight_cap), dtype=torch.float32)
             self.register_buffer(f"weight{j}", weight / (weight * counts).sum() * counts.sum(), persistent=False)
             self.register_buffer(f"shift{j}", tau * torch.log(counts / counts.sum()), persistent=False)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         total = logits.new_zeros(())
         count = 0
-        for j, (offset, width) in enumerate(self.slices):
+        for j, head in enumerate(self.slices):
             t = targets[:, j]
             given = t != IGNORE_INDEX
             n = int(given.sum())
             if n == 0:
                 continue
-            z, t = logits[given, offset:offset + width], t[given]
+            z, t = logits[given, head], t[given]
             if self.kind == "logit_adjusted":
                 z = z + getattr(self, f"shift{j}")
             # class weights are normalised so that their mean over the train labels is 1
@@ -153,10 +161,16 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_factor: float = 0.01)
 
 
 def load_checkpoint(path: str | Path, schema: Schema | None = None) -> tuple[AttributeModel, dict]:
-    """Rebuild a model from a best.pt alone (weights_only loading); refuse another schema's file."""
+    """Rebuild a model from a best.pt alone (weights_only loading); refuse another schema's file.
+    Returns (model in eval mode, the checkpoint dict); ``Preprocess.from_dict(ckpt["preprocess"])``
+    is how its images must be prepared."""
     ckpt = load_torch(path)
     if schema is not None:
         schema.check_same(Schema.from_dict(ckpt["schema"]), f"checkpoint {path}")
     model = AttributeModel(**ckpt["model_args"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt
+
+
+def checkpoint_preprocess(ckpt: dict) -> Preprocess:
+    return Preprocess.from_dict(ckpt["preprocess"])

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from utils.errors import DataError
 from utils.io import atomic_path
-from utils.schema import DataError, Schema
+from utils.schema import Schema
 
 
 class LogitsOnly(nn.Module):
@@ -35,10 +36,10 @@ class EnsembleGraph(nn.Module):
         self.members = nn.ModuleList(nn.ModuleList(folds) for folds in fold_models)
         self.register_buffer("weights", torch.as_tensor(per_logit_weights, dtype=torch.float32))
         self.register_buffer("bias", torch.as_tensor(bias, dtype=torch.float32))
-        self.slices = [(h.offset, h.width) for h in schema.heads]
+        self.slices = [h.logits for h in schema.heads]
 
     def head_log_softmax(self, z):
-        return torch.cat([torch.log_softmax(z[:, o:o + w], dim=1) for o, w in self.slices], dim=1)
+        return torch.cat([torch.log_softmax(z[:, head], dim=1) for head in self.slices], dim=1)
 
     def forward(self, image):
         total = self.bias.unsqueeze(0)

@@ -27,15 +27,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from utils.errors import DataError
+from utils.io import atomic_write_json
+
 ID, CATEGORY, LEN = "id", "Category", "len"
 MAX_ATTRS = 10
 ATTR_COLS = [f"attr_{i}" for i in range(1, MAX_ATTRS + 1)]
 DUMMY = "dummy_value"  # the placeholder for slots past a category's len
 IGNORE_INDEX = -100  # target of a missing label or of a head outside the row's category
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, and the line and column where it applies."""
 
 
 def where(path: str | Path, pos: int | None = None, column: str | None = None, row_id=None) -> str:
@@ -247,8 +246,6 @@ class Schema:
         return cls(d["category_attrs"], d["vocabs"], d.get("counts"))
 
     def save(self, path: str | Path) -> None:
-        from utils.io import atomic_write_json
-
         atomic_write_json(path, self.to_dict())
 
     @classmethod
@@ -344,6 +341,12 @@ class Schema:
             if len(rows):
                 out.loc[rows, head.column] = np.asarray(head.vocab, dtype=object)[pred[rows, j]]
         return out
+
+    def class_weights(self, name: str, power: float = 0.5, cap: float = 10.0) -> np.ndarray:
+        """Inverse-frequency weight of each class of head ``name``: (n_max / n_c) ** power, capped
+        at ``cap`` (float64). The weighted loss and the balanced sampler both use it."""
+        counts = np.maximum(np.asarray(self.counts[name], dtype=np.float64), 1)
+        return np.minimum((counts.max() / counts) ** power, cap)
 
     def prior_logits(self) -> np.ndarray:
         """log class frequency per head, laid out like the logits (argmax = the majority class)."""

@@ -13,6 +13,7 @@ small everywhere on purpose: a hue shift changes the colour label.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import albumentations as A
@@ -42,6 +43,49 @@ DEFAULT_CATEGORY_AUG = {
     "Women Tshirts": {"rotate": {"p": 0.3}, "distort": {"p": 0.2}},
     "Kurtis": {"neckline_crop": {"p": 0.25}},
 }
+
+
+INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
+RESIZES = ("squash", "pad")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Every choice that changes the pixels a model sees. Training stores it in each checkpoint
+    (and export in each ONNX file); validation, OOF, export parity and inference all rebuild
+    their decoding and transform from it, so they see exactly the pixels training validated on."""
+
+    img_size: int
+    mean: tuple
+    std: tuple
+    resize: str = "squash"  # squash to a square, or pad keeping the aspect ratio
+    draft: bool = True  # JPEG decoded at a reduced DCT scale when the target size allows
+    interpolation: str = "area"
+
+    def __post_init__(self):
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(**d)
+
+    def decode(self, path: str | Path) -> np.ndarray:
+        """The image as RGB uint8, decoded as training decoded it; raises when unreadable."""
+        return load_image(path, self.img_size if self.draft else None, self.resize)
+
+    def transform(self, train: bool = False, aug: dict | None = None, category_aug: dict | None = None,
+                  categories: list[str] | None = None) -> "Transform":
+        return build_transform(self.img_size, self.mean, self.std, self.resize, train=train, aug=aug,
+                               category_aug=category_aug, categories=categories,
+                               interpolation=self.interpolation)
+
+    def __call__(self, path: str | Path) -> np.ndarray:
+        """Decode and apply the evaluation transform: float32 [3, S, S]."""
+        return self.transform()(self.decode(path))
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -207,11 +251,14 @@ class Transform:
 
 def build_transform(img_size: int, mean, std, resize: str = "squash", train: bool = False,
                     aug: dict | None = None, category_aug: dict | None = None,
-                    categories: list[str] | None = None) -> Transform:
+                    categories: list[str] | None = None, interpolation: str = "area") -> Transform:
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+    inter = INTERPOLATIONS[interpolation]
     if resize == "squash":
-        sizing = [A.Resize(img_size, img_size, interpolation=cv2.INTER_AREA)]
+        sizing = [A.Resize(img_size, img_size, interpolation=inter)]
     elif resize == "pad":
-        sizing = [A.LongestMaxSize(max_size=img_size, interpolation=cv2.INTER_AREA),
+        sizing = [A.LongestMaxSize(max_size=img_size, interpolation=inter),
                   A.PadIfNeeded(img_size, img_size, border_mode=cv2.BORDER_CONSTANT, fill=0)]
     else:
         raise ValueError(f"resize must be 'squash' or 'pad', got {resize!r}")

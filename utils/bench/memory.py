@@ -1,6 +1,6 @@
 """Inference memory over a large test set: infer.py's memory as the images stream by.
 
-    python -m utils.bench_memory --data-dir data/demo --out-dir runs/demo --rows 30000
+    python -m utils.bench.memory --data-dir data/demo --out-dir runs/demo --rows 30000
 
 Builds a test set of ``--rows`` rows in a scratch folder (``test.csv`` and hard links to the data's
 own test images under new ids: no image is copied), runs ``infer.py`` on it as a user would, and
@@ -12,7 +12,6 @@ Linux only (it reads /proc).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -21,14 +20,25 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from utils.bench_train import machine
-from utils.schema import CATEGORY, ID, Schema, image_path, read_test
+from utils.bench import machine
+from utils.config import CommonConfig, option, run_command
+from utils.run import RunDir
+from utils.schema import CATEGORY, ID, image_path, read_test
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class BenchMemoryConfig(CommonConfig):
+    rows: int = option(30000, "test rows to stream (hard links to the data's own test images)")
+    backend: str = option("onnx", "infer.py's backend", choices=("onnx", "torch"))
+    batch_size: int = option(32, "infer.py's batch size")
+    workers: int = option(2, "infer.py's loader workers")
 
 
 def make_test_set(data_dir: Path, dst: Path, rows: int, categories: list[str]) -> None:
@@ -132,30 +142,21 @@ def summarize(samples: pd.DataFrame, rows: int) -> tuple[pd.DataFrame, dict]:
     return pd.DataFrame(table), stats
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default="data/demo")
-    parser.add_argument("--out-dir", default="runs/demo")
-    parser.add_argument("--rows", type=int, default=30000)
-    parser.add_argument("--backend", default="onnx")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args(argv)
+def main(cfg: BenchMemoryConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as scratch:
         scratch = Path(scratch)
-        categories = Schema.load(Path(args.out_dir) / "schema.json").categories
-        make_test_set(Path(args.data_dir), scratch / "data", args.rows, categories)
-        cmd = [sys.executable, "infer.py", "--data-dir", str(scratch / "data"), "--out-dir", args.out_dir,
-               "--output", str(scratch / "submission.csv"), "--backend", args.backend,
-               "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--progress", "true"]
+        make_test_set(Path(cfg.data_dir), scratch / "data", cfg.rows, RunDir(cfg.out_dir).schema.categories)
+        cmd = [sys.executable, "infer.py", "--data-dir", str(scratch / "data"), "--out-dir", cfg.out_dir,
+               "--output", str(scratch / "submission.csv"), "--backend", cfg.backend,
+               "--batch-size", str(cfg.batch_size), "--workers", str(cfg.workers), "--progress", "true"]
         start = time.perf_counter()
         samples = measure(cmd)
         seconds = time.perf_counter() - start
         written = len(pd.read_csv(scratch / "submission.csv", usecols=[ID]))
-    table, stats = summarize(samples, args.rows)
+    table, stats = summarize(samples, cfg.rows)
     stats.update(seconds=seconds, submission_rows=written)
-    print(f"\ninfer.py memory over {args.rows} test rows ({args.backend}, batch {args.batch_size}, "
-          f"{args.workers} loader workers); {machine()}")
+    print(f"\ninfer.py memory over {cfg.rows} test rows ({cfg.backend}, batch {cfg.batch_size}, "
+          f"{cfg.workers} loader workers); {machine()}")
     print(table.to_string(index=False))
     print(f"peak: infer.py RSS {stats['peak_rss_mb']:.0f} MB, with workers PSS {stats['peak_pss_mb']:.0f} MB; "
           f"growth while streaming (first tenth to last batch): RSS {stats['rss_growth_mb']:+.1f} MB, PSS {stats['pss_growth_mb']:+.1f} MB; "
@@ -164,4 +165,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, BenchMemoryConfig, __doc__)

@@ -1,0 +1,131 @@
+"""The kit's layering and its command lines: the package never imports a script, no two modules
+import each other (at module or function level), every option of every command explains itself,
+and a value outside an option's choices is refused when the config is parsed."""
+import ast
+import dataclasses
+import importlib
+import typing
+
+import pytest
+
+from tests.conftest import ROOT, run_script
+from utils.config import parse_config
+from utils.errors import ConfigError
+
+SCRIPTS = ["train", "ensemble", "export", "infer", "augment", "tune"]
+
+
+def module_name(path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def imports_of(path) -> set[str]:
+    """Every kit module (script or utils.*) that ``path`` imports, anywhere in the file."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] in SCRIPTS or name.startswith("utils."):
+                if (ROOT / (name.replace(".", "/") + ".py")).is_file() or name in SCRIPTS:
+                    found.add(name)
+                elif (ROOT / name.replace(".", "/") / "__init__.py").is_file():
+                    found.add(name)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    files = [ROOT / f"{s}.py" for s in SCRIPTS] + sorted((ROOT / "utils").rglob("*.py"))
+    return {module_name(p): imports_of(p) - {module_name(p)} for p in files}
+
+
+def test_the_package_never_imports_a_script():
+    offenders = {m: sorted(i for i in deps if i in SCRIPTS) for m, deps in graph().items() if m.startswith("utils")}
+    assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def test_no_import_cycle():
+    g = graph()
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in g.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    cycles = sorted(m for m in g if m in reach(m))
+    assert cycles == []
+
+
+def config_classes():
+    """(command, config dataclass) of every command line of the kit: the class each script or
+    ``python -m`` module hands to ``run_command``."""
+    found = []
+    files = [ROOT / f"{s}.py" for s in SCRIPTS] + sorted((ROOT / "utils").rglob("*.py"))
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "run_command":
+                module = importlib.import_module(module_name(path))
+                found.append((module.__name__, getattr(module, node.args[1].id)))
+    return found
+
+
+def test_every_option_of_every_command_has_help_and_valid_choices():
+    classes = config_classes()
+    assert {m for m, _ in classes} >= {*SCRIPTS, "utils.baseline", "utils.metric", "utils.demo_data",
+                                       "utils.compare_runs", "utils.bench.train", "utils.bench.memory",
+                                       "utils.bench.ensemble", "utils.bench.latency"}
+    for module, cls in classes:
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{module}.{cls.__name__}.{f.name} has no help text"
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            choices, value = f.metadata.get("choices"), getattr(defaults, f.name)
+            if choices and value is not None:
+                assert all(v in choices for v in (value if isinstance(value, list) else [value])), f.name
+
+
+@pytest.mark.parametrize("script", ["train.py", "ensemble.py", "export.py", "infer.py"])
+def test_help_lists_every_option_with_its_text(script):
+    out = run_script(script, "--help").stdout
+    module = importlib.import_module(script[:-3])
+    cls = next(c for s, c in config_classes() if s == script[:-3])
+    for f in dataclasses.fields(cls):
+        assert f"--{f.name.replace('_', '-')}" in out
+        words = f.metadata["help"].split()[:3]
+        assert " ".join(words) in " ".join(out.split()), (f.name, words)
+    assert module.__doc__.splitlines()[0] in out
+
+
+@pytest.mark.parametrize("script, key, value", [
+    ("train.py", "loss", "cross_entropy"), ("ensemble.py", "bias", "onn"), ("ensemble.py", "compare", "equal,sot"),
+    ("export.py", "threads", "two"), ("infer.py", "backend", "tensorrt"),
+])
+def test_a_wrong_value_is_refused_at_parse_time_naming_key_value_and_choices(script, key, value):
+    cls = next(c for s, c in config_classes() if s == script[:-3])
+    with pytest.raises(ConfigError) as err:
+        parse_config(cls, [f"--{key.replace('_', '-')}", value])
+    message = str(err.value)
+    assert f"key '{key}'" in message and "command line" in message
+    choices = dataclasses.fields(cls)[[f.name for f in dataclasses.fields(cls)].index(key)].metadata["choices"]
+    if choices:
+        assert all(c in message for c in choices) and repr(value.split(",")[-1]) in message
+    proc = run_script(script, f"--{key.replace('_', '-')}", value, check=False)  # before any work starts
+    assert proc.returncode == 2 and f"error: command line: key '{key}'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_bare_boolean_flag_means_true():
+    from utils.trainer import TrainConfig
+
+    cfg = parse_config(TrainConfig, ["--resume", "--fold", "all", "--progress", "false"])
+    assert cfg.resume is True and cfg.progress is False and cfg.fold == "all"
+    hints = typing.get_type_hints(TrainConfig)
+    assert hints["resume"] is bool

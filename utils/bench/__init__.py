@@ -1,0 +1,38 @@
+"""Benchmarks: each a ``python -m utils.bench.<name>`` entry point over the package, printing a
+table headed by the machine it ran on. BENCHMARKS.md keeps their results with the command.
+
+    python -m utils.bench.train      training throughput: loader, model-only ceiling, full step
+    python -m utils.bench.ensemble   the weight search at the real scale (20 x 70,000 x 42 heads)
+    python -m utils.bench.latency    end-to-end latency per image of the seed's backbones
+    python -m utils.bench.memory     infer.py's memory over a large test set
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """The vector-ISA flags of this CPU that decide kernel speed (bf16 native or emulated)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [f for f in FLAGS if f in flags]
+
+
+def machine() -> str:
+    """'<CPU model>, <n> cores, flags ..., torch <v>[, <GPU>]': the line every benchmark prints."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores, flags {' '.join(cpu_flags()) or 'none'}{gpu}, torch {torch.__version__}"

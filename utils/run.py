@@ -1,0 +1,149 @@
+"""The run folder: one object that knows every file the pipeline writes there.
+
+    runs/<name>/
+      schema.json, folds.csv             fitted once by the first script, then only read
+      <run>/fold<k>/                     one fold of one trained run (see utils/trainer.py)
+        best.pt, last.pt, oof_logits.npz, test_logits.npz, history.csv, metrics.json, config.yaml
+      <run>/oof_score.json               when every fold is done
+      ensemble.json, ensemble_heads.png  ensemble.py
+      onnx/manifest.json, onnx/*.onnx    export.py
+
+A fold is complete when its ``metrics.json`` exists: train.py writes it last, after the
+checkpoint and both logits files. A run is complete when all its folds are. Scripts ask this
+object for paths, the schema, the folds and the complete runs; none re-derives them.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from utils.errors import DataError
+from utils.folds import make_folds
+from utils.io import atomic_write_csv
+from utils.schema import ID, Dataset, Schema
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # -- the files
+    @property
+    def schema_path(self) -> Path:
+        return self.path / "schema.json"
+
+    @property
+    def folds_path(self) -> Path:
+        return self.path / "folds.csv"
+
+    @property
+    def ensemble_path(self) -> Path:
+        return self.path / "ensemble.json"
+
+    @property
+    def onnx_dir(self) -> Path:
+        return self.path / "onnx"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.onnx_dir / "manifest.json"
+
+    def fold_dir(self, run: str, fold: int) -> Path:
+        return self.path / run / f"fold{fold}"
+
+    def fold_file(self, run: str, fold: int, name: str) -> Path:
+        """``best.pt``, ``last.pt``, ``oof_logits.npz``, ``test_logits.npz``, ``metrics.json``..."""
+        return self.fold_dir(run, fold) / name
+
+    # -- schema and folds
+    @cached_property
+    def schema(self) -> Schema:
+        if not self.schema_path.is_file():
+            raise DataError(f"{self.schema_path} not found: {self.path} is not a run folder yet; "
+                            f"run train.py with --out-dir {self.path} first")
+        return Schema.load(self.schema_path)
+
+    @cached_property
+    def folds(self) -> pd.DataFrame:
+        """``id, fold`` of every original train row."""
+        if not self.folds_path.is_file():
+            raise DataError(f"{self.folds_path} not found: run train.py with --out-dir {self.path} first")
+        return pd.read_csv(self.folds_path)
+
+    @property
+    def n_folds(self) -> int:
+        return int(self.folds["fold"].nunique())
+
+    def prepare(self, data: Dataset, n_folds: int, seed: int) -> tuple[Schema, pd.DataFrame]:
+        """Load (or, the first time, fit and write) ``schema.json`` and ``folds.csv``.
+
+        Returns the schema and the train table with a ``fold`` column. A run folder whose schema
+        no longer matches the data, or whose folds were made for other ids or another k, is an
+        error, never silently rebuilt. Rows of an augmented train CSV (``source_id`` column) take
+        the fold of their source image."""
+        fitted = Schema.fit(data.train, data.category_attrs)
+        if self.schema_path.is_file():
+            schema = Schema.load(self.schema_path)
+            schema.check_same(fitted, f"{data.root}'s train.csv, against {self.schema_path},")
+        else:
+            schema = fitted
+            schema.save(self.schema_path)
+        self.__dict__["schema"] = schema
+
+        train = data.train
+        source = train["source_id"] if "source_id" in train else train[ID]
+        originals = train[source == train[ID]]
+        if self.folds_path.is_file():
+            folds = pd.read_csv(self.folds_path)
+            if folds["fold"].nunique() != n_folds:
+                raise DataError(f"{self.folds_path} has {folds['fold'].nunique()} folds but n_folds is "
+                                f"{n_folds}; use another --out-dir or delete the file")
+            unknown = ~originals[ID].isin(folds[ID])
+            if unknown.any():
+                raise DataError(f"{self.folds_path}: {int(unknown.sum())} train id(s) have no fold, e.g. "
+                                f"{originals[ID][unknown].head(3).tolist()}; the train data changed")
+        else:
+            folds = make_folds(originals, schema, n_folds, seed)
+            atomic_write_csv(self.folds_path, folds)
+        self.__dict__["folds"] = folds
+        fold_of = dict(zip(folds[ID], folds["fold"]))
+        train = train.copy()
+        train["fold"] = source.map(fold_of)
+        if train["fold"].isna().any():
+            bad = train[train["fold"].isna()]
+            raise DataError(f"{bad[ID].iloc[0]}: augmented row whose source id "
+                            f"{source[train['fold'].isna()].iloc[0]} has no fold")
+        train["fold"] = train["fold"].astype(np.int64)
+        return schema, train
+
+    def train_rows(self, train: pd.DataFrame) -> pd.DataFrame:
+        """The original train rows this folder's folds cover, with their ``fold``, in train order
+        (the rows OOF logits are about)."""
+        rows = train[train[ID].isin(self.folds[ID])].reset_index(drop=True)
+        rows["fold"] = rows[ID].map(dict(zip(self.folds[ID], self.folds["fold"]))).astype(np.int64)
+        return rows
+
+    # -- complete runs
+    def fold_complete(self, run: str, fold: int) -> bool:
+        return self.fold_file(run, fold, "metrics.json").is_file()
+
+    def complete_runs(self) -> list[str]:
+        """Every run whose folds are all complete, sorted by name."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir()
+                      if p.is_dir() and all(self.fold_complete(p.name, k) for k in range(self.n_folds)))
+
+    def require_complete(self, runs: list[str]) -> None:
+        """Raise, naming the folds, when a run is not complete."""
+        for run in runs:
+            missing = [k for k in range(self.n_folds) if not self.fold_complete(run, k)]
+            if missing:
+                raise DataError(f"run {run} in {self.path}: fold(s) {missing} not complete (no "
+                                f"metrics.json); run train.py --model ... --name {run} --fold all --resume")

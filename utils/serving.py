@@ -1,0 +1,113 @@
+"""What serving needs, shared by export.py (parity, timing), infer.py and the latency benchmark:
+ensemble members as plain callables, each with the preprocessing its checkpoint describes."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from utils.errors import DataError
+from utils.model import checkpoint_preprocess, load_checkpoint
+from utils.onnx_utils import make_session
+from utils.run import RunDir
+from utils.schema import Schema
+from utils.transforms import Preprocess
+
+
+@dataclass
+class Member:
+    """One run of the ensemble: a callable per fold (normalised images [B, 3, S, S] -> logits
+    [B, L]), and the preprocessing its checkpoint describes."""
+    run: str
+    folds: list[Callable[[np.ndarray], np.ndarray]]
+    prep: Preprocess
+
+
+def torch_members(ens: dict, schema: Schema) -> list[Member]:
+    """The runs' best.pt checkpoints, in eval mode."""
+    members = []
+    for run in ens["models"]:
+        folds, ckpt = [], None
+        for path in ens["folds"][run]:
+            model, ckpt = load_checkpoint(path, schema)
+            folds.append(lambda x, m=model: m.logits(torch.from_numpy(x)).float().numpy())
+        members.append(Member(run, folds, checkpoint_preprocess(ckpt)))
+    return members
+
+
+def onnx_runner(path: Path, threads: int, schema: Schema | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    session = make_session(path, threads, schema)
+    return lambda x: session.run(None, {"image": x})[0]
+
+
+def read_manifest(run_dir: RunDir, models: list[str]) -> dict:
+    """export.py's ``onnx/manifest.json``, checked to be for these runs."""
+    path = run_dir.manifest_path
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `python export.py --out-dir {run_dir.path}` first, "
+                        f"or use --backend torch")
+    manifest = json.loads(path.read_text())
+    if manifest["models"] != models:
+        raise DataError(f"{path} was exported for runs {manifest['models']}, but the ensemble is "
+                        f"{models}; re-run export.py")
+    return manifest
+
+
+def onnx_members(run_dir: RunDir, ens: dict, schema: Schema, int8: bool, threads: int) -> tuple[list[Member], bool]:
+    """Per-fold sessions, or one session of the merged ensemble graph when export.py found it
+    faster (manifest ``use: merged``). Returns (members, merged)."""
+    manifest = read_manifest(run_dir, ens["models"])
+    if manifest.get("use") == "merged" and not int8:
+        m = manifest["merged"]
+        run = onnx_runner(run_dir.onnx_dir / m["path"], threads, schema)
+        return [Member("ensemble", [run], Preprocess.from_dict(m["preprocess"]))], True
+    key = "int8_path" if int8 else "path"
+    members = []
+    for entry in manifest["members"]:
+        if any(key not in fold for fold in entry["folds"]):
+            raise DataError(f"{run_dir.manifest_path}: no int8 model for {entry['run']}; run export.py --int8 true")
+        folds = [onnx_runner(run_dir.onnx_dir / fold[key], threads, schema) for fold in entry["folds"]]
+        members.append(Member(entry["run"], folds, Preprocess.from_dict(entry["preprocess"])))
+    return members, False
+
+
+def run_members(members: list[Member], images: dict, tta_hflip: bool = False) -> dict:
+    """{run: [fold logits]} for one batch; ``images`` maps each Preprocess to its batch.
+    TTA averages each fold's logits with the mirror's."""
+    out = {}
+    for m in members:
+        x = images[m.prep]
+        logits = []
+        for fold in m.folds:
+            z = fold(x)
+            if tta_hflip:
+                z = (z + fold(np.ascontiguousarray(x[..., ::-1]))) / 2
+            logits.append(z)
+        out[m.run] = logits
+    return out
+
+
+def preprocess_batch(paths, prep: Preprocess) -> np.ndarray:
+    """Images decoded and transformed as for evaluation: float32 [N, 3, S, S]."""
+    return np.stack([prep(p) for p in paths]).astype(np.float32)
+
+
+def parity(a: np.ndarray, b: np.ndarray, schema: Schema) -> tuple[float, bool]:
+    """(max |a - b|, whether every head decodes the same) of two logits arrays."""
+    same = all((a[:, h.logits].argmax(1) == b[:, h.logits].argmax(1)).all() for h in schema.heads)
+    return float(np.abs(a - b).max()), same
+
+
+def single_stream_ms(fn: Callable, inputs: list) -> list[float]:
+    """Wall time of ``fn(x)`` for each input in turn, in milliseconds."""
+    times = []
+    for x in inputs:
+        start = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
