@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from utils import provenance
 from utils.blend import load_oof
 from utils.config import CommonConfig, option, run_command
 from utils.errors import DataError
@@ -105,6 +106,15 @@ def print_tables(singles: dict, table: pd.DataFrame, n_folds: int) -> None:
         print(f"no nested gain over equal weights: {', '.join(not_positive.method)}")
 
 
+def made_from(cfg: EnsembleConfig, run_dir: RunDir, runs: list[str]) -> dict:
+    """ensemble.json is made from every OOF logits file it read (and the folds that split them)."""
+    files = [run_dir.fold_file(r, k, "oof_logits.npz") for r in runs for k in range(run_dir.n_folds)]
+    options = f" --method {cfg.method} --bias {cfg.bias}" + (" --per-head" if cfg.per_head else "") + \
+        (f" --models {','.join(cfg.models)}" if cfg.models else "")
+    return provenance.record(files + [run_dir.schema_path, run_dir.folds_path], run_dir.path,
+                             rebuild=f"python ensemble.py --data-dir {cfg.data_dir} --out-dir {{root}}{options}")
+
+
 def main(cfg: EnsembleConfig) -> dict:
     run_dir = RunDir(cfg.out_dir)
     schema = run_dir.schema
@@ -131,7 +141,7 @@ def main(cfg: EnsembleConfig) -> dict:
         "nested_cv_score": chosen["score"], "oof_score_in_sample": full.score(weights, bias),
         "equal_weights_nested_cv": equal_score, "single_models_oof": singles,
         "methods": table.to_dict(orient="records"), "refit_seconds": refit_s,
-        "config": dataclasses.asdict(cfg),
+        "config": dataclasses.asdict(cfg), "provenance": made_from(cfg, run_dir, runs),
     }
     atomic_write_json(run_dir.ensemble_path, report)
     best_single = max(singles, key=singles.get)

@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from utils.blend import combine_members, expand_weights, load_ensemble
+from utils import provenance
+from utils.blend import combine_members, ensemble_digest, expand_weights, load_ensemble
 from utils.config import CommonConfig, option, run_command
 from utils.errors import DataError
 from utils.io import atomic_write_json
@@ -133,10 +134,25 @@ def export_merged(cfg: ExportConfig, ens: dict, entries: list[dict], schema: Sch
     print(f"one image, {cfg.threads} threads, median: separate sessions {t_sep:.1f} ms, merged graph "
           f"{t_merged:.1f} ms (max |diff| {diff:.1e}); infer.py uses: {use}")
     return {"merged": {"path": merged_path.name, "preprocess": prep.to_dict(), "parity_max_abs_diff": diff,
-                       "parity_same_decoding": same},
+                       "parity_same_decoding": same, "ensemble": ensemble_digest(ens)},
             "timing_ms_per_image": {"separate_sessions": t_sep, "merged_graph": t_merged,
                                     "threads": cfg.threads, "images": len(images)},
             "use": use}
+
+
+def made_from(cfg: ExportConfig, run_dir: RunDir, ens: dict, manifest: dict) -> dict:
+    """The manifest is made from the checkpoints, ensemble.json (whose weights the merged graph
+    bakes in) and the ONNX files it lists: a change to any of them after export is noticed."""
+    onnx = [run_dir.onnx_dir / f[key] for e in manifest["members"] for f in e["folds"]
+            for key in ("path", "int8_path") if key in f]
+    if "merged" in manifest:
+        onnx.append(run_dir.onnx_dir / manifest["merged"]["path"])
+    used = [p for paths in ens["folds"].values() for p in paths] + onnx
+    if run_dir.ensemble_path.is_file() and not cfg.models:
+        used.append(run_dir.ensemble_path)
+    options = (" --int8" if cfg.int8 else "") + (f" --models {','.join(cfg.models)}" if cfg.models else "")
+    return provenance.record(used, run_dir.path,
+                             rebuild=f"python export.py --data-dir {cfg.data_dir} --out-dir {{root}}{options}")
 
 
 def main(cfg: ExportConfig) -> dict:
@@ -149,6 +165,7 @@ def main(cfg: ExportConfig) -> dict:
                 "config": dataclasses.asdict(cfg)}
     if cfg.merge and len({json.dumps(e["preprocess"], sort_keys=True) for e in entries}) == 1:
         manifest.update(export_merged(cfg, ens, entries, schema, data, run_dir.onnx_dir))
+    manifest["provenance"] = made_from(cfg, run_dir, ens, manifest)
     atomic_write_json(run_dir.manifest_path, manifest)
     rows = [{"run": e["run"], "fold": f["fold"], "max_abs_diff": f["parity_max_abs_diff"],
              "same_decoding": f["parity_same_decoding"], **({"int8": f["int8_path"]} if "int8_path" in f else {})}

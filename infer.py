@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from utils import provenance
 from utils.baseline import solution_score
 from utils.blend import combine_members, load_ensemble
 from utils.config import CommonConfig, option, run_command
@@ -117,6 +118,7 @@ def predict_from_logits(run_dir: RunDir, test: pd.DataFrame, ens: dict) -> pd.Da
     for run, paths in ens["folds"].items():
         member_logits[run] = []
         for ckpt in paths:
+            provenance.check_file(ckpt.parent / "test_logits.npz", run_dir.path)
             ids, logits = load_logits(ckpt.parent / "test_logits.npz", schema.fingerprint)
             if len(ids) != len(test) or not np.isin(ids, test[ID]).all():
                 raise DataError(f"{ckpt.parent / 'test_logits.npz'}: its ids do not match test.csv")

@@ -8,7 +8,7 @@
     python tune.py --model resnet18 --config configs/tune_tiny.yaml   # tiny budget, for a quick look
 
 Every train.py key works here too (they are the base of each trial). The objective is the
-competition score on the fold's validation rows, from ``utils.trainer.train_fold`` itself, reported after
+competition score on the fold's validation rows, from ``utils.kfold.train_fold`` itself, reported after
 every epoch so the pruner (median or Hyperband, ``--pruner``) can stop a bad trial early. The
 search space is ``configs/tune_space.yaml`` (``--space``). A trial that fails (non-finite loss,
 out of memory, ...) is recorded as failed with its reason and the study goes on.
@@ -23,7 +23,11 @@ retries its parameters once. (A journal file has no heartbeats: there such a tri
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import random
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +36,10 @@ from typing import Optional
 import pandas as pd
 import yaml
 
-from utils import trainer
+from utils import kfold, trainer
 from utils.config import load_yaml, option, run_command
 from utils.distributed import Dist
-from utils.errors import NonFiniteLoss
+from utils.errors import DataError, NonFiniteLoss
 from utils.io import atomic_write_csv, atomic_write_text
 from utils.plots import pyplot, save_figure
 from utils.run import RunDir
@@ -108,6 +112,54 @@ def make_storage(url: str | None, heartbeat: int = 60):
                                           heartbeat_stale_trial_callback=retry)
 
 
+def storage_file(url: str | None) -> Path | None:
+    """The local file behind a storage URL (a journal or a sqlite database), else None."""
+    if url and url.startswith("journal:"):
+        return Path(url[len("journal:"):])
+    if url and url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///"):])
+    return None
+
+
+@contextlib.contextmanager
+def storage_lock(url: str | None):
+    """Workers that start together on one local storage file open it one at a time (an exclusive
+    lock on ``<file>.lock``), so only the first creates its tables and the study."""
+    path = storage_file(url)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def open_study(cfg: TuneConfig, study_name: str, attempts: int = 8):
+    """Create the study, or load it when another worker did. Workers started at the same instant
+    on a fresh storage race to create its tables and the study: on a local file they take turns
+    (``storage_lock``); on a database server the loser of a race retries after a random wait."""
+    import optuna
+    import sqlalchemy.exc
+
+    races = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError, optuna.exceptions.DuplicatedStudyError)
+    for attempt in range(attempts):
+        try:
+            with storage_lock(cfg.storage):
+                return optuna.create_study(study_name=study_name, storage=make_storage(cfg.storage, cfg.heartbeat),
+                                           direction="maximize", load_if_exists=True,
+                                           sampler=optuna.samplers.TPESampler(seed=None),
+                                           pruner=make_pruner(cfg.pruner, cfg.epochs))
+        except races as err:
+            if attempt == attempts - 1:
+                raise DataError(f"could not open study {study_name!r} in {cfg.storage} after {attempts} attempts: "
+                                f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
+            time.sleep(random.uniform(0.1, 0.5) * 2 ** attempt)
+
+
 def fail_reason(trial) -> str:
     """Why a failed trial failed: the error it raised, or else its worker stopped mid-trial."""
     if trial.state.name != "FAIL":
@@ -144,7 +196,7 @@ def objective_for(cfg: TuneConfig, space: dict, study_dir: Path, fold: int):
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} (val score {score:.4f})")
 
         try:
-            metrics = trainer.train_fold(trial_cfg, schema, table, data, fold, Dist(), report=report)
+            metrics = kfold.train_fold(trial_cfg, schema, table, data, fold, Dist(), report=report)
         except FAILURES as err:  # recorded with the trial; study.optimize(catch=...) then goes on
             trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
             raise
@@ -163,9 +215,7 @@ def main(cfg: TuneConfig):
     space = load_space(cfg.space)
     study_name = cfg.study_name or f"{cfg.run_name}_fold{fold}"
     study_dir = Path(cfg.out_dir) / "tune" / study_name
-    study = optuna.create_study(study_name=study_name, storage=make_storage(cfg.storage, cfg.heartbeat), direction="maximize",
-                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=None),
-                                pruner=make_pruner(cfg.pruner, cfg.epochs))
+    study = open_study(cfg, study_name)
     study.optimize(objective_for(cfg, space, study_dir, fold), n_trials=cfg.n_trials, timeout=cfg.timeout,
                    catch=FAILURES, gc_after_trial=True)
 

@@ -47,3 +47,7 @@ def run_script(*args, cwd=ROOT, check=True, env=None, timeout=600):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end or timing-bound; left out of `make test-fast`")

@@ -47,8 +47,45 @@ def test_valid_submission_and_backends_agree(run, tiny_data, tmp_path):
     sub["id"] = sub["id"].astype(int)
     sub["len"] = sub["len"].astype(int)
     assert validate_submission(sub, data.test, schema) == []
-    assert (tmp_path / "onnx.csv").read_bytes() == (tmp_path / "torch.csv").read_bytes()
-    assert (tmp_path / "logits.csv").read_bytes() == (tmp_path / "torch.csv").read_bytes()
+    scores = torch_blend(run, tiny_data)
+    same_up_to_ties(tmp_path / "onnx.csv", tmp_path / "torch.csv", scores, schema)
+    same_up_to_ties(tmp_path / "logits.csv", tmp_path / "torch.csv", scores, schema)
+
+
+def torch_blend(run, data_dir):
+    """The torch backend's blended scores of every test row, in test.csv order."""
+    import torch
+
+    from utils.blend import combine_members, load_ensemble
+    from utils.run import RunDir
+    from utils.schema import image_path, read_test
+    from utils.serving import preprocess_batch, run_members, torch_members
+
+    run_dir = RunDir(run)
+    test = read_test(data_dir / "test.csv", run_dir.schema.categories)
+    ens = load_ensemble(run_dir)
+    members = torch_members(ens, run_dir.schema)
+    with torch.inference_mode():
+        images = {m.prep: preprocess_batch([image_path(data_dir / "test_images", i) for i in test.id], m.prep)
+                  for m in members}
+        return combine_members(run_members(members, images), ens, run_dir.schema)
+
+
+def same_up_to_ties(a, b, scores, schema, tol=2e-3):
+    """Two submissions (files) agree in every cell, except where the torch blend's top two classes
+    are within ``tol`` of each other (float rounding between kernels may flip those), and such
+    cells are rare. Any real difference (preprocessing, weights, layout) changes far more."""
+    a, b = (pd.read_csv(p, dtype=str, keep_default_na=False) for p in (a, b))
+    assert list(a.id) == list(b.id) and list(a.Category) == list(b.Category)
+    differing = 0
+    for j, head in enumerate(schema.heads):
+        rows = np.flatnonzero((a.Category == head.category).to_numpy())
+        for r in rows[(a[head.column].to_numpy()[rows] != b[head.column].to_numpy()[rows])]:
+            top2 = np.sort(scores[r, head.logits])[-2:]
+            assert top2[1] - top2[0] < tol, f"row {r} {head.name}: {a.at[r, head.column]} vs {b.at[r, head.column]}"
+            differing += 1
+    cells = sum(int((a.Category == h.category).sum()) for h in schema.heads)
+    assert differing <= 0.01 * cells, (differing, cells)
 
 
 def test_unknown_test_category_is_a_clear_error(run, tiny_data, tmp_path):

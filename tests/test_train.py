@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, run_script
-from utils import trainer
+from utils import kfold, trainer
 from utils.config import parse_config
 from utils.distributed import Dist
 from utils.errors import DataError
@@ -99,7 +99,7 @@ def test_frozen_backbone_does_not_change(tiny_data, tmp_path):
     cfg = cfg_for(tiny_data, tmp_path, "--epochs", "1", "--freeze-epochs", "1", "--fold", "0")
     data = read_dataset(tiny_data)
     schema, table = RunDir(tmp_path).prepare(data, 3, cfg.seed)
-    trainer.train_fold(cfg, schema, table, data, 0, Dist())
+    kfold.train_fold(cfg, schema, table, data, 0, Dist())
     ckpt = torch.load(tmp_path / "resnet18" / "fold0" / "best.pt", weights_only=True)
     torch.manual_seed(cfg.seed)  # train_fold builds its model right after this seed
     fresh = AttributeModel(**ckpt["model_args"])
@@ -110,14 +110,19 @@ def test_frozen_backbone_does_not_change(tiny_data, tmp_path):
     assert heads_changed
 
 
-def test_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
-    full = cfg_for(tiny_data, tmp_path / "full", "--epochs", "2", "--fold", "0")
-    trainer.train(full)
-    part = cfg_for(tiny_data, tmp_path / "part", "--epochs", "2", "--fold", "0", "--stop-after", "1")
-    trainer.train(part)
+FINETUNE = ["--ema-decay", "0.9", "--grad-accum", "2", "--head", "mlp", "--head-hidden", "32", "--layer-decay", "0.8"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--workers", "2", "--channels-last", "on", *FINETUNE]],
+                         ids=["plain", "persistent-workers-channels-last-ema-accum-mlp-layer-decay"])
+def test_resume_matches_an_uninterrupted_run(tiny_data, tmp_path, extra):
+    full = cfg_for(tiny_data, tmp_path / "full", "--epochs", "2", "--fold", "0", *extra)
+    kfold.train(full)
+    part = cfg_for(tiny_data, tmp_path / "part", "--epochs", "2", "--fold", "0", "--stop-after", "1", *extra)
+    kfold.train(part)
     assert not (tmp_path / "part" / "resnet18" / "fold0" / "oof_logits.npz").exists()
-    resumed = cfg_for(tiny_data, tmp_path / "part", "--epochs", "2", "--fold", "0", "--resume", "true")
-    trainer.train(resumed)
+    resumed = cfg_for(tiny_data, tmp_path / "part", "--epochs", "2", "--fold", "0", "--resume", "true", *extra)
+    kfold.train(resumed)
     a = np.load(tmp_path / "full" / "resnet18" / "fold0" / "oof_logits.npz")
     b = np.load(tmp_path / "part" / "resnet18" / "fold0" / "oof_logits.npz")
     assert (a["ids"] == b["ids"]).all()
@@ -129,7 +134,8 @@ def test_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
 
 def test_ddp_two_cpu_processes(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "train.py", "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), *TINY, "--epochs", "1", "--fold", "1"]
+           "train.py", "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), *TINY, "--epochs", "1", "--fold", "1",
+           "--channels-last", "on", *FINETUNE]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

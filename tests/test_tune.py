@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
@@ -7,7 +8,7 @@ import yaml
 
 import tune
 from tests.conftest import ROOT, run_script
-from utils import trainer
+from utils import kfold
 from utils.config import parse_config
 from utils.errors import NonFiniteLoss
 
@@ -46,7 +47,7 @@ def test_two_workers_share_one_study_and_the_yaml_trains(tiny_data, tmp_path):
 
 
 def fake_train_fold(cfg, schema, table, data, fold, d, report=None):
-    """Stands in for utils.trainer.train_fold: good trials score 0.8 every epoch, bad ones 0.1, and a
+    """Stands in for utils.kfold.train_fold: good trials score 0.8 every epoch, bad ones 0.1, and a
     learning rate above 0.5 makes the loss non-finite."""
     if cfg.lr_head > 0.5:
         raise NonFiniteLoss("loss is nan at step 3")
@@ -72,7 +73,7 @@ def _study(tmp_path, lr_values):
 
 
 def test_pruning_stops_a_clearly_worse_trial(tiny_data, tmp_path, lr_space, monkeypatch):
-    monkeypatch.setattr(trainer, "train_fold", fake_train_fold)
+    monkeypatch.setattr(kfold, "train_fold", fake_train_fold)
     storage = _study(tmp_path, [0.01, 0.02, 0.03, 1e-5])
     cfg = parse_config(tune.TuneConfig, tiny_args(tiny_data, tmp_path, "--n-trials", "4", "--epochs", "5",
                                                   "--space", str(lr_space), "--storage", storage,
@@ -85,7 +86,7 @@ def test_pruning_stops_a_clearly_worse_trial(tiny_data, tmp_path, lr_space, monk
 
 
 def test_a_failing_trial_leaves_the_study_usable(tiny_data, tmp_path, lr_space, monkeypatch):
-    monkeypatch.setattr(trainer, "train_fold", fake_train_fold)
+    monkeypatch.setattr(kfold, "train_fold", fake_train_fold)
     storage = _study(tmp_path, [0.9, 0.01, 0.02])
     cfg = parse_config(tune.TuneConfig, tiny_args(tiny_data, tmp_path, "--n-trials", "3", "--pruner", "none",
                                                   "--space", str(lr_space), "--storage", storage,
@@ -105,3 +106,31 @@ def test_space_keys_must_be_train_keys(tmp_path):
     bad.write_text("learning_rate: {type: float, low: 0.1, high: 1}\n")
     with pytest.raises(ValueError, match="'learning_rate' is not a train.py config key"):
         tune.load_space(str(bad))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_three_workers_started_in_the_same_instant_on_a_fresh_storage_all_run(tiny_data, tmp_path, kind):
+    """The README's pattern with every worker released at once (after its imports, so that they
+    meet at the storage's creation): none crashes, and the study holds the sum of their trials."""
+    storage = f"sqlite:///{tmp_path}/study.db" if kind == "sqlite" else f"journal:{tmp_path}/study.journal"
+    go = tmp_path / "go"
+    code = ("import os, sys, time\nimport tune\nfrom utils.config import run_command\n"
+            f"open(os.environ['READY'], 'w').close()\nwhile not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
+            "sys.argv = ['tune.py'] + sys.argv[1:]\nrun_command(tune.main, tune.TuneConfig, tune.__doc__, model_config=True)\n")
+    args = tiny_args(tiny_data, tmp_path / "run", "--n-trials", "1", "--storage", storage, "--study-name", "s",
+                     "--pruner", "none", "--tuned-config", str(tmp_path / "t.yaml"), "--batch-size", "16")
+    workers = []
+    for k in range(3):
+        env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "READY": str(tmp_path / f"ready{k}")}
+        workers.append(subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"ready{k}").exists() for k in range(3)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    for w in workers:
+        out, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err[-3000:]
+    study = optuna.load_study(study_name="s", storage=tune.make_storage(storage))
+    assert len(study.trials) == 3
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)

@@ -13,7 +13,7 @@ import pandas as pd
 
 from utils.config import DataConfig, option, run_command
 from utils.metric import score
-from utils.schema import ATTR_COLS, CATEGORY, ID, Schema, read_dataset
+from utils.schema import CATEGORY, ID, Schema, read_dataset, read_submission
 from utils.submission import majority_logits, make_submission, write_submission
 
 
@@ -27,9 +27,7 @@ def solution_score(data_dir: Path, sub: pd.DataFrame, category_attrs) -> float |
     path = Path(data_dir) / "test_solution.csv"
     if not path.is_file():
         return None
-    solution = pd.read_csv(path, dtype={c: str for c in ATTR_COLS + [CATEGORY]},
-                           keep_default_na=False, na_values=[""])
-    final, _ = score(solution, sub, category_attrs)
+    final, _ = score(read_submission(path), sub, category_attrs)
     return final
 
 

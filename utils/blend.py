@@ -5,11 +5,13 @@ Shared by ``ensemble.py`` (which fits the weights and biases on OOF logits) and 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
 import pandas as pd
 
+from utils import provenance
 from utils.errors import DataError
 from utils.io import load_logits
 from utils.run import RunDir
@@ -59,6 +61,7 @@ def load_ensemble(run_dir: RunDir, models: list[str] | None = None) -> dict:
     schema, path = run_dir.schema, run_dir.ensemble_path
     if path.is_file() and not models:
         spec = json.loads(path.read_text())
+        provenance.check(spec.get("provenance"), run_dir.path, path)
         if spec["schema"] != schema.fingerprint:
             raise DataError(f"{path} was made with schema {spec['schema']}, this run's is {schema.fingerprint}")
         models, weights, biases = spec["models"], np.asarray(spec["weights"]), np.asarray(spec["biases"], dtype=np.float32)
@@ -70,6 +73,15 @@ def load_ensemble(run_dir: RunDir, models: list[str] | None = None) -> dict:
     run_dir.require_complete(models)
     folds = {run: [run_dir.fold_file(run, k, "best.pt") for k in range(run_dir.n_folds)] for run in models}
     return {"models": list(models), "folds": folds, "weights": weights, "biases": biases}
+
+
+def ensemble_digest(ens: dict) -> str:
+    """A short hash of what a blend computes (members, weights, biases): the merged ONNX graph
+    bakes these in, so it serves only the ensemble with this digest."""
+    h = hashlib.sha256(json.dumps(list(ens["models"])).encode())
+    for part in (ens["weights"], ens["biases"]):
+        h.update(np.ascontiguousarray(np.asarray(part, dtype=np.float64)).tobytes())
+    return h.hexdigest()[:16]
 
 
 def combine_members(member_logits: dict, ens: dict, schema: Schema) -> np.ndarray:
@@ -96,6 +108,7 @@ def load_oof(run_dir: RunDir, runs: list[str], train_ids: np.ndarray) -> np.ndar
                 i, z = load_logits(path, schema.fingerprint)
             except ValueError as err:
                 raise DataError(f"run {run}: {err}") from None
+            provenance.check_file(path, run_dir.path)
             ids.append(i)
             logits.append(z)
         ids = np.concatenate(ids)

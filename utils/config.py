@@ -98,8 +98,10 @@ def _check(key: str, value: Any, tp: Any, source: str) -> Any:
             return str(value)  # e.g. "--fold 0" for a str key that also takes "all"
     elif origin in (list, tuple) or tp in (list, tuple):
         (item_tp,) = typing.get_args(tp)[:1] or (Any,)
-        if isinstance(value, str) and item_tp is str:  # "a,b,c"
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # "a,b,c"
+            value = [v.strip() if item_tp is str else yaml.safe_load(v) for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):  # one item
+            value = [value]
         if isinstance(value, (list, tuple)):
             return [_check(f"{key}[{i}]", v, item_tp, source) for i, v in enumerate(value)]
     elif origin is dict or tp is dict:
@@ -183,7 +185,7 @@ def _metavar(tp: Any) -> str:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
         return _metavar(args[0])
-    if typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
+    if typing.get_origin(tp) is list:
         return "A,B"
     names = {str: "STR", int: "INT", float: "FLOAT", bool: "BOOL"}
     return names.get(tp, "YAML")

@@ -28,26 +28,27 @@ def read_or_placeholder(path, prep: Preprocess) -> tuple[np.ndarray, str]:
 class ImageDataset(torch.utils.data.Dataset):
     """Rows of (image path, category, targets). An image that cannot be read is replaced by a
     grey square and flagged (``ok`` False, ``error`` set); its targets become IGNORE_INDEX so it
-    never trains, and the caller decides what else a bad image means."""
+    never trains, and the caller decides what else a bad image means.
+
+    With ``augment_seed``, a row's augmentation is seeded by (augment_seed, epoch, row): the key
+    is ``(row, epoch)``, as ``EpochSampler`` yields it, so the epoch reaches loader workers that
+    persist across epochs, and the same row gets the same pixels whatever the worker layout."""
 
     def __init__(self, paths: list, categories: list[str], targets: np.ndarray | None,
                  transform: Transform, prep: Preprocess, augment_seed: int | None = None):
         self.paths, self.categories, self.targets = list(paths), list(categories), targets
         self.transform, self.prep = transform, prep
         self.augment_seed = augment_seed  # None: evaluation, no per-sample randomness
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
         image, error = read_or_placeholder(self.paths[i], self.prep)
         seed = None
         if self.augment_seed is not None:
-            seed = (self.augment_seed * 1_000_003 + self.epoch * 100_003 + i) % 2**32
+            seed = (self.augment_seed * 1_000_003 + epoch * 100_003 + i) % 2**32
         x = torch.from_numpy(self.transform(image, self.categories[i], seed))
         item = {"image": x, "index": i, "ok": not error, "error": error}
         if self.targets is not None:
@@ -57,11 +58,12 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 class EpochSampler(Sampler):
-    """Shuffled (or class-balanced) indices for one rank, reproducible from (seed, epoch).
+    """Shuffled (or class-balanced) ``(row, epoch)`` keys for one rank, reproducible from
+    (seed, epoch).
 
     Without ``weights`` it is a plain shuffle split across ranks (DistributedSampler-like, with
     padding so every rank gets the same number of batches). With ``weights`` it draws
-    ``len(weights)`` indices with replacement in proportion to them (a class-balanced sampler)."""
+    ``len(weights)`` rows with replacement in proportion to them (a class-balanced sampler)."""
 
     def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, weights: np.ndarray | None = None):
         self.n, self.seed, self.rank, self.world = n, seed, rank, world
@@ -79,7 +81,7 @@ class EpochSampler(Sampler):
         else:
             order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
         order = torch.cat([order, order[: self.per_rank * self.world - self.n]])
-        return iter(order[self.rank::self.world].tolist())
+        return iter([(i, self.epoch) for i in order[self.rank::self.world].tolist()])
 
     def __len__(self) -> int:
         return self.per_rank
@@ -96,19 +98,29 @@ def balanced_weights(targets: np.ndarray, schema: Schema, power: float = 0.5, ca
     return w
 
 
-def _seed_worker(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
+    """A loader worker decodes and augments: one compute thread, no OpenCV thread pool, so that
+    workers and the training step do not oversubscribe the cores."""
     import random
+
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(0)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, workers: int, sampler: Sampler | None = None,
-                drop_last: bool = False) -> DataLoader:
+                drop_last: bool = False, persistent: bool = False) -> DataLoader:
+    """A DataLoader with its own random generator (it never draws from the global one, which
+    drives dropout: resume gives the same result), pinned memory on CUDA and, with
+    ``persistent``, workers that live across epochs (no restart cost per epoch)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-                      num_workers=workers, drop_last=drop_last, worker_init_fn=_seed_worker,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=4 if workers else None)
+                      num_workers=workers, drop_last=drop_last, worker_init_fn=_init_worker,
+                      generator=torch.Generator().manual_seed(0), persistent_workers=persistent and workers > 0,
+                      pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
 
 
 def warn_bad(batch: dict, ids, bad: dict) -> None:

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from utils.data import warn_bad
 from utils.errors import NonFiniteLoss
+from utils.schema import IGNORE_INDEX
 
 AMP = ("auto", "bf16", "fp16", "off")
 
@@ -37,38 +38,65 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """A batch on the device (non-blocking from pinned memory on CUDA), NHWC when asked."""
+    if channels_last and x.ndim == 4:
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True)
+
+
+def train_step(model, images: torch.Tensor, targets: torch.Tensor, optimizer, *, amp_dtype=None, scaler=None,
+               clip_grad: float = 0.0, grad_accum: int = 1) -> float:
+    """One optimiser step on one loaded batch, run as ``grad_accum`` chunks whose gradients add
+    up. Each chunk's loss is normalised by the label count of the whole batch, so k chunks of
+    B/k rows give exactly the update of one batch of B (for models without batch norm).
+    Returns the batch's loss."""
+    n_labels = int((targets != IGNORE_INDEX).sum())
+    optimizer.zero_grad(set_to_none=True)
+    chunks = list(zip(images.chunk(grad_accum), targets.chunk(grad_accum)))
+    total = 0.0
+    for k, (x, t) in enumerate(chunks):
+        sync = k == len(chunks) - 1 or not hasattr(model, "no_sync")  # DDP: all-reduce once, on the last
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast(x.device, amp_dtype):
+                loss = model(x, t, normaliser=n_labels)["loss"]
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"loss is {loss.item()}; lower the learning rate, or check the inputs "
+                                    f"(amp, augmentations)")
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.item()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return total
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, device: torch.device, *, amp_dtype=None,
-                    scaler=None, clip_grad: float = 0.0, ids=None, bad: dict | None = None,
+                    scaler=None, clip_grad: float = 0.0, grad_accum: int = 1, ema=None,
+                    channels_last: bool = False, ids=None, bad: dict | None = None,
                     desc: str = "train", progress: bool = True) -> dict:
-    """One pass over ``loader``; returns {"loss", "images_per_s", "seconds"}."""
+    """One pass over ``loader``; returns {"loss", "images_per_s", "seconds"} (the time counts
+    from the request of the first batch: worker start-up and loading included)."""
     model.train()
     total, seen, start = 0.0, 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for batch in bar:
         if bad is not None:
             warn_bad(batch, ids, bad)
-        images = batch["image"].to(device, non_blocking=True)
+        images = to_device(batch["image"], device, channels_last)
         targets = batch["target"].to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            loss = model(images, targets)["loss"]
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss.item()} at step {scheduler.last_epoch}; lower the "
-                                f"learning rate, or check the inputs (amp, augmentations)")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        loss = train_step(model, images, targets, optimizer, amp_dtype=amp_dtype, scaler=scaler,
+                          clip_grad=clip_grad, grad_accum=grad_accum)
         scheduler.step()
-        total += loss.item() * len(images)
+        if ema is not None:
+            ema.update(model.module if hasattr(model, "module") else model)
+        total += loss * len(images)
         seen += len(images)
         bar.set_postfix(loss=f"{total / seen:.4f}")
     seconds = time.perf_counter() - start
@@ -76,7 +104,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device: torch.device, *
 
 
 @torch.no_grad()
-def predict(model, loader, device: torch.device, *, amp_dtype=None, hflip: bool = False,
+def predict(model, loader, device: torch.device, *, amp_dtype=None, hflip: bool = False, channels_last: bool = False,
             desc: str = "predict", progress: bool = True, ids=None, bad: dict | None = None):
     """Logits of every row of the loader, in dataset order: (indices int64 [N], logits float32 [N, L]);
     with ``hflip``, the mean of the logits of the image and its mirror."""
@@ -85,7 +113,7 @@ def predict(model, loader, device: torch.device, *, amp_dtype=None, hflip: bool 
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         if bad is not None:
             warn_bad(batch, ids, bad)
-        images = batch["image"].to(device, non_blocking=True)
+        images = to_device(batch["image"], device, channels_last)
         with autocast(device, amp_dtype):
             logits = model(images)["logits"].float()
             if hflip:

@@ -9,6 +9,7 @@ Prediction files (``oof_logits.npz``, ``test_logits.npz``) hold:
   logits   float32 [N, L]   raw logits, laid out by the schema's heads (offset, width)
   schema   str              the schema fingerprint the logits were made with
   fold     int              the fold (-1 for a file that merges folds)
+  provenance str            JSON: the inputs it was made from (utils/provenance.py)
 Whoever reads them checks ids and fingerprint and fails loudly on a mismatch.
 """
 from __future__ import annotations
@@ -109,13 +110,15 @@ def load_torch(path: str | Path) -> dict:
 
 
 def save_logits(path: str | Path, ids: np.ndarray, logits: np.ndarray, fingerprint: str,
-                fold: int) -> None:
+                fold: int, provenance: dict | None = None) -> None:
+    """Write a logits file; ``provenance`` (utils.provenance.record) is stored as JSON text."""
     ids = np.asarray(ids, dtype=np.int64)
     logits = np.asarray(logits, dtype=np.float32)
     if len(ids) != len(logits):
         raise ValueError(f"{path}: {len(ids)} ids but {len(logits)} logit rows")
+    extra = {"provenance": json.dumps(provenance)} if provenance is not None else {}
     atomic_write(path, lambda f: np.savez(f, ids=ids, logits=logits, schema=fingerprint,
-                                          fold=np.int64(fold)))
+                                          fold=np.int64(fold), **extra))
 
 
 def load_logits(path: str | Path, fingerprint: str | None = None) -> tuple[np.ndarray, np.ndarray]:

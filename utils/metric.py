@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from utils.config import option, run_command
-from utils.schema import ATTR_COLS, CATEGORY, DUMMY, ID, LEN, read_category_attributes
+from utils.schema import ATTR_COLS, CATEGORY, DUMMY, ID, LEN, read_category_attributes, read_submission
 
 
 @dataclass
@@ -178,14 +178,7 @@ def _print_tables(final: float, table: pd.DataFrame) -> None:
 
 
 def main(cfg: MetricConfig) -> float:
-    read = lambda p: pd.read_csv(p, dtype=str, keep_default_na=False, na_values=[""])
-    solution, submission = read(cfg.solution), read(cfg.submission)
-    for df in (solution, submission):
-        df[ID] = df[ID].astype(np.int64)
-        for col in [c for c in ATTR_COLS + [CATEGORY] if c in df]:
-            df[col] = df[col].str.strip()
-    if LEN in solution:
-        solution[LEN] = solution[LEN].astype(int)
+    solution, submission = read_submission(cfg.solution), read_submission(cfg.submission)
     parquet = Path(cfg.solution).parent / "category_attributes.parquet"
     names = read_category_attributes(parquet) if parquet.is_file() else None
     final, table = score(solution, submission, names)

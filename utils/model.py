@@ -7,6 +7,7 @@ row's category, so a row's loss covers only its own category's given labels.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.errors import DataError
 from utils.io import load_torch
 from utils.schema import IGNORE_INDEX, Schema
 from utils.transforms import Preprocess
@@ -21,28 +23,120 @@ from utils.transforms import Preprocess
 LOSSES = ("ce", "weighted_ce", "focal", "logit_adjusted")
 
 
-def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | None = None,
-                    drop_path_rate: float = 0.0) -> nn.Module:
-    """A timm model without its classifier (``num_classes=0``). Pretrained weights come from the
-    Hugging Face hub (``pretrained``) or a local file (``pretrained_file``)."""
+HEADS = ("linear", "mlp", "knn")
+
+
+@contextlib.contextmanager
+def _recorded_loads():
+    """Record what every ``load_state_dict`` inside the block used: timm's pretrained loader
+    drops the checkpoint's classifier and loads non-strictly when the class count differs, so a
+    file that does not fit would otherwise load in part, silently."""
+    results, original = [], nn.Module.load_state_dict
+
+    def recording(module, state_dict, strict=True, assign=False):
+        result = original(module, state_dict, strict=False, assign=assign)
+        results.append((sorted(state_dict), result))
+        return result
+
+    nn.Module.load_state_dict = recording
+    try:
+        yield results
+    finally:
+        nn.Module.load_state_dict = original
+
+
+def _create(name: str, **kwargs) -> nn.Module:
+    """timm.create_model, with ``img_size`` passed only to architectures that take it (a ViT's
+    position embedding is sized for it; a CNN has no such argument)."""
     import timm
 
-    kwargs = {"num_classes": 0}
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as err:
+        if "img_size" not in kwargs or "img_size" not in str(err):
+            raise
+        return timm.create_model(name, **{k: v for k, v in kwargs.items() if k != "img_size"})
+
+
+def load_from_file(name: str, path: str, **kwargs) -> nn.Module:
+    """A timm model with weights from a local file, through timm's own pretrained loading, which
+    converts other layouts to timm's (an OpenCLIP ``open_clip_pytorch_model.bin`` with keys
+    ``visual.*``, for one). A file that does not fit the model, in either direction, is an error
+    naming the keys."""
+    if not Path(path).is_file():
+        raise DataError(f"pretrained_file {path}: file not found")
+    overlay = {"file": str(path)}
+    if kwargs.get("num_classes"):  # a head of another size than the pretrained config's is kept: it is in the file
+        overlay["num_classes"] = kwargs["num_classes"]
+    with _recorded_loads() as loads:
+        try:
+            model = _create(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        except RuntimeError as err:  # a shape mismatch, or a file timm cannot read
+            raise DataError(f"pretrained_file {path} does not fit {name}: {' '.join(str(err).split())[:600]}") from None
+    if not loads:
+        raise DataError(f"pretrained_file {path}: timm loaded nothing from it for {name}")
+    _, result = loads[-1]
+    if result.missing_keys or result.unexpected_keys:
+        raise DataError(f"pretrained_file {path} does not fit {name}: {len(result.missing_keys)} missing key(s) "
+                        f"{result.missing_keys[:8]}, {len(result.unexpected_keys)} unexpected key(s) "
+                        f"{result.unexpected_keys[:8]}")
+    return model
+
+
+def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | None = None,
+                    drop_path_rate: float = 0.0, img_size: int | None = None, keep_head: bool = False,
+                    model_kwargs: dict | None = None) -> nn.Module:
+    """A timm model whose output feeds the attribute heads: its pooled features (``num_classes=0``)
+    or, with ``keep_head``, its own pretrained head's output (a CLIP image tower's projection, the
+    embedding the winning entries put their heads on). Weights from the Hugging Face hub
+    (``pretrained``) or a local file (``pretrained_file``); ``model_kwargs`` go to timm as they are."""
+    kwargs = {**({} if keep_head else {"num_classes": 0}), **(model_kwargs or {})}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
+    if img_size:
+        kwargs["img_size"] = img_size
     if pretrained_file:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": pretrained_file},
-                                 **kwargs)
+        return load_from_file(name, pretrained_file, **kwargs)
     if not pretrained:
-        return timm.create_model(name, pretrained=False, **kwargs)
+        return _create(name, pretrained=False, **kwargs)
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        return _create(name, pretrained=True, **kwargs)
     except Exception as err:  # network errors surface as many types (OSError, hub errors, ...)
         raise RuntimeError(
             f"could not load pretrained weights for '{name}' from the Hugging Face hub ({type(err).__name__}: "
             f"{err}). The hub may be unreachable from this machine. Either download the weights "
             f"elsewhere and set `pretrained_file: PATH` (a .pth or .safetensors state dict for "
-            f"this timm model), or train from scratch with `pretrained: false`.") from err
+            f"this timm model, or an OpenCLIP open_clip_pytorch_model.bin), or train from scratch with "
+            f"`pretrained: false`.") from err
+
+
+class MLPHeads(nn.Module):
+    """One MLP per (category, attribute) head, Linear(F, hidden) -> LayerNorm -> ReLU -> Dropout ->
+    Linear(hidden, width), as the winning entries used; computed for all heads at once (one matmul
+    per layer, the second one block-diagonal), and exactly equal to 42 separate MLPs."""
+
+    def __init__(self, in_features: int, widths: list[int], hidden: int = 512, dropout: float = 0.1):
+        super().__init__()
+        n, wmax = len(widths), max(widths)
+        self.n, self.hidden = n, hidden
+        self.fc1 = nn.Linear(in_features, n * hidden)
+        self.norm_weight = nn.Parameter(torch.ones(n, hidden))
+        self.norm_bias = nn.Parameter(torch.zeros(n, hidden))
+        self.drop = nn.Dropout(dropout)
+        bound = 1 / math.sqrt(hidden)  # nn.Linear's initialisation, per head
+        self.fc2_weight = nn.Parameter(torch.empty(n, hidden, wmax).uniform_(-bound, bound))
+        self.fc2_bias = nn.Parameter(torch.empty(n, wmax).uniform_(-bound, bound))
+        mask = torch.zeros(n, wmax, dtype=torch.bool)
+        for j, w in enumerate(widths):
+            mask[j, :w] = True
+        self.register_buffer("columns", mask.flatten().nonzero().squeeze(1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x).view(-1, self.n, self.hidden)
+        h = F.layer_norm(h, (self.hidden,)) * self.norm_weight + self.norm_bias
+        h = self.drop(torch.relu(h))
+        out = torch.einsum("bhk,hkw->bhw", h, self.fc2_weight) + self.fc2_bias
+        return out.flatten(1).index_select(1, self.columns)
 
 
 def data_config(backbone: nn.Module) -> tuple[list[float], list[float]]:
@@ -53,14 +147,54 @@ def data_config(backbone: nn.Module) -> tuple[list[float], list[float]]:
     return [float(x) for x in cfg["mean"]], [float(x) for x in cfg["std"]]
 
 
+class KNNHeads(nn.Module):
+    """A k-nearest-neighbour vote over a bank of embeddings (the frozen route's ``head: knn``, the
+    no-training baseline that scored 0.778 with frozen CLIP ViT-L/14 features). A head's logits are
+    the log of its classes' votes among the k bank rows nearest by cosine similarity, each
+    neighbour voting for its own label of that head (none when missing), plus a tenth of a vote
+    spread by the train prior, which breaks ties and fills heads no neighbour labels (and 1e-4, so
+    that a class the bank lacks has a finite logit). The bank
+    is a buffer: the checkpoint and the ONNX export carry it."""
+
+    def __init__(self, in_features: int, bank_size: int, n_logits: int, k: int = 10):
+        super().__init__()
+        self.k = min(k, bank_size)
+        self.register_buffer("bank", torch.zeros(bank_size, in_features))  # L2-normalised embeddings
+        self.register_buffer("votes", torch.zeros(bank_size, n_logits))  # each row's labels, one-hot per head
+        self.register_buffer("prior", torch.zeros(n_logits))  # per head, class shares in the bank
+
+    def fill(self, embeddings: torch.Tensor, onehot: torch.Tensor, prior: torch.Tensor) -> None:
+        self.bank.copy_(F.normalize(embeddings.float(), dim=1))
+        self.votes.copy_(onehot)
+        self.prior.copy_(prior)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nearest = (F.normalize(x.float(), dim=1) @ self.bank.T).topk(self.k, dim=1).indices
+        return torch.log(self.votes[nearest].sum(1) + 0.1 * self.prior + 1e-4)  # finite: a class the bank lacks
+
+
 class AttributeModel(nn.Module):
+    """A timm backbone, dropout, and the attribute heads (``head``: one linear layer per head, or
+    one MLP per head) laid out in one flat logits vector."""
+
     def __init__(self, backbone: str, head_widths: list[int], dropout: float = 0.2,
                  pretrained: bool = False, pretrained_file: str | None = None,
-                 drop_path_rate: float = 0.0, loss: nn.Module | None = None):
+                 drop_path_rate: float = 0.0, loss: nn.Module | None = None, img_size: int | None = None,
+                 keep_head: bool = False, head: str = "linear", head_hidden: int = 512, knn_bank: int = 0,
+                 knn_k: int = 10, model_kwargs: dict | None = None):
         super().__init__()
-        self.backbone = create_backbone(backbone, pretrained, pretrained_file, drop_path_rate)
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        self.backbone = create_backbone(backbone, pretrained, pretrained_file, drop_path_rate, img_size, keep_head,
+                                        model_kwargs)
+        features = self.backbone.num_classes if keep_head else self.backbone.num_features
         self.dropout = nn.Dropout(dropout)
-        self.heads = nn.ModuleList(nn.Linear(self.backbone.num_features, w) for w in head_widths)
+        if head == "mlp":
+            self.heads = MLPHeads(features, head_widths, head_hidden)
+        elif head == "knn":
+            self.heads = KNNHeads(features, knn_bank, sum(head_widths), knn_k)
+        else:
+            self.heads = nn.ModuleList(nn.Linear(features, w) for w in head_widths)
         self.loss = loss
         self.backbone_frozen = False
 
@@ -81,14 +215,22 @@ class AttributeModel(nn.Module):
                 features = self.backbone(images)
         else:
             features = self.backbone(images)
+        return self.head_logits(features)
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The heads on backbone features (the frozen route trains them on cached features)."""
         features = self.dropout(features)
+        if isinstance(self.heads, (MLPHeads, KNNHeads)):
+            return self.heads(features)
         return torch.cat([head(features) for head in self.heads], dim=1)
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None, normaliser: int | None = None) -> dict:
+        """{"logits"} and, with targets, {"loss"}: the loss summed over the given labels, divided by
+        ``normaliser`` (default: their number in this batch)."""
         logits = self.logits(images)
         out = {"logits": logits}
         if targets is not None and self.loss is not None:
-            out["loss"] = self.loss(logits.float(), targets)
+            out["loss"] = self.loss(logits.float(), targets, normaliser)
         return out
 
 
@@ -116,7 +258,7 @@ class HeadLoss(nn.Module):
             self.register_buffer(f"weight{j}", weight / (weight * counts).sum() * counts.sum(), persistent=False)
             self.register_buffer(f"shift{j}", tau * torch.log(counts / counts.sum()), persistent=False)
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, normaliser: int | None = None) -> torch.Tensor:
         total = logits.new_zeros(())
         count = 0
         for j, head in enumerate(self.slices):
@@ -136,18 +278,47 @@ class HeadLoss(nn.Module):
                 ce = (1 - p_t) ** self.gamma * ce
             total = total + ce.sum()
             count += n
-        return total / max(count, 1)
+        return total / max(count if normaliser is None else normaliser, 1)
 
 
-def build_optimizer(model: AttributeModel, lr_backbone: float, lr_head: float, weight_decay: float):
-    """AdamW with separate learning rates for backbone and heads; no decay on norms and biases."""
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    """Norms, biases, scalars and the MLP heads' per-head LayerNorm parameters take no weight decay."""
+    return p.ndim <= 1 or name.endswith("bias") or "norm" in name
+
+
+def build_optimizer(model: AttributeModel, lr_backbone: float, lr_head: float, weight_decay: float,
+                    layer_decay: float | None = None):
+    """AdamW with separate learning rates for backbone and heads, no decay on norms and biases.
+    With ``layer_decay``, timm's layer-wise groups: the backbone's last block learns at
+    ``lr_backbone``, each block below at ``layer_decay`` times the one above (the usual recipe for
+    fine-tuning large pretrained ViTs). Every group names its ``role`` (backbone or head)."""
     groups = []
-    for part, lr in ((model.backbone, lr_backbone), (nn.ModuleList([model.heads]), lr_head)):
-        decay = [p for p in part.parameters() if p.ndim > 1]
-        no_decay = [p for p in part.parameters() if p.ndim <= 1]
-        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "base_lr": lr})
-        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "base_lr": lr})
-    return torch.optim.AdamW(groups)
+    if layer_decay:
+        from timm.optim import param_groups_layer_decay
+
+        skip = model.backbone.no_weight_decay() if hasattr(model.backbone, "no_weight_decay") else ()
+        for g in param_groups_layer_decay(model.backbone, weight_decay, no_weight_decay_list=skip,
+                                          layer_decay=layer_decay):
+            groups.append({"params": g["params"], "lr": lr_backbone * g.get("lr_scale", 1.0),
+                           "weight_decay": g["weight_decay"], "role": "backbone"})
+        parts = [(model.heads, lr_head, "head")]
+    else:
+        parts = [(model.backbone, lr_backbone, "backbone"), (model.heads, lr_head, "head")]
+    for part, lr, role in parts:
+        named = list(part.named_parameters())
+        groups.append({"params": [p for n, p in named if not _no_decay(n, p)], "lr": lr,
+                       "weight_decay": weight_decay, "role": role})
+        groups.append({"params": [p for n, p in named if _no_decay(n, p)], "lr": lr, "weight_decay": 0.0,
+                       "role": role})
+    return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+def group_lrs(optimizer) -> dict:
+    """The current learning rate of the backbone (its highest, under layer decay) and of the heads."""
+    lrs = {}
+    for g in optimizer.param_groups:
+        lrs[g["role"]] = max(lrs.get(g["role"], 0.0), g["lr"])
+    return lrs
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_factor: float = 0.01):

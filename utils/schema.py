@@ -18,8 +18,10 @@ writes for its copies).
 """
 from __future__ import annotations
 
+import csv
 import difflib
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,47 +59,96 @@ def image_path(images_dir: str | Path, row_id: int) -> Path:
 # ----------------------------------------------------------------------------- reading tables
 
 def read_category_attributes(path: str | Path) -> dict[str, list[str]]:
-    """{category: [attribute names in slot order]} from category_attributes.parquet."""
+    """{category: [attribute names in slot order]} from category_attributes.parquet; every value
+    checked for its type (a Category is text, an Attribute_list a list of texts, No_of_attribute
+    an integer matching the list)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    df = pd.read_parquet(path)
+    try:
+        df = pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises many types on a damaged file
+        raise DataError(f"{path}: cannot be read as parquet ({type(err).__name__}: {err})") from None
     for col in ("Category", "Attribute_list", "No_of_attribute"):
         if col not in df.columns:
             raise DataError(f"{path}: missing column {col}")
+    if df.empty:
+        raise DataError(f"{path}: no rows; it must list every category with its attributes")
     out = {}
-    for pos, row in df.iterrows():
-        attrs = [str(a).strip() for a in row["Attribute_list"]]
-        if len(attrs) != int(row["No_of_attribute"]) or not 0 < len(attrs) <= MAX_ATTRS:
-            raise DataError(f"{path}: row {pos}: Attribute_list has {len(attrs)} names but "
-                            f"No_of_attribute is {row['No_of_attribute']}")
-        out[str(row["Category"]).strip()] = attrs
+    for pos, row in enumerate(df.itertuples(index=False)):
+        cat, attrs, n = row.Category, row.Attribute_list, row.No_of_attribute
+        at = f"{path}: row {pos + 1}"
+        if not isinstance(cat, str) or not cat.strip():
+            raise DataError(f"{at}: Category {cat!r} is not a name")
+        if isinstance(attrs, str) or not hasattr(attrs, "__len__") or not all(isinstance(a, str) and a.strip() for a in attrs):
+            raise DataError(f"{at} ({cat}): Attribute_list {attrs!r} is not a list of names")
+        attrs = [a.strip() for a in attrs]
+        if not (isinstance(n, (int, np.integer)) or (isinstance(n, float) and n.is_integer())) \
+                or len(attrs) != int(n) or not 0 < len(attrs) <= MAX_ATTRS:
+            raise DataError(f"{at} ({cat}): Attribute_list has {len(attrs)} names but No_of_attribute is {n!r} "
+                            f"(at most {MAX_ATTRS})")
+        if cat.strip() in out or len(set(attrs)) != len(attrs):
+            raise DataError(f"{at}: category {cat!r} or one of its attributes is listed twice")
+        out[cat.strip()] = attrs
     return out
 
 
 OPTIONAL_TRAIN = ["source_id", "image"]  # written by augment.py: a copy's source row and its image file
 
 
+def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a UTF-8 CSV file (a BOM and CRLF line ends are fine, quoted fields may
+    hold commas and line breaks). Anything else is a DataError naming the file and line: another
+    encoding, a row with more or fewer fields than the header, an unterminated quote, a field over
+    the csv module's size limit, a NUL byte, or a file that does not end with a line break (a
+    truncated file would otherwise lose part of its last row silently)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty; it needs a header line")
+    if "\0" in text:
+        raise DataError(f"{path} line {text.count(chr(10), 0, text.index(chr(0))) + 1}: a NUL byte; the file is "
+                        f"damaged or not text")
+    if not text.endswith(("\n", "\r")):
+        raise DataError(f"{path}: the file does not end with a line break, so it may be truncated; if it is "
+                        f"complete, add a final newline")
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader)
+        rows = []
+        for row in reader:
+            if len(row) != len(header) and row:
+                raise DataError(f"{path} line {reader.line_num}: {len(row)} fields, but the header has {len(header)}")
+            if row:
+                rows.append(row)
+    except csv.Error as err:
+        raise DataError(f"{path} line {reader.line_num}: not valid CSV ({err})") from None
+    return [h.strip() for h in header], rows
+
+
 def _read_csv(path: Path, required: list[str], optional: tuple = ()) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
-        raise DataError(f"{path}: cannot be read as CSV: {err}") from err
-    df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in required if c not in df.columns]
+    header, rows = _read_rows(path)
+    missing = [c for c in required if c not in header]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {list(df.columns)}")
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {header}")
+    if len(set(header)) != len(header):
+        raise DataError(f"{path}: a column name appears twice in the header {header}")
+    df = pd.DataFrame(rows, columns=header, dtype=object)
     df = df[required + [c for c in optional if c in df.columns]].copy()
     for col in df.columns:
-        df[col] = df[col].str.strip().replace("", np.nan)
+        df[col] = df[col].astype(str).str.strip().replace("", np.nan)
     return df
 
 
 def _check_ids(df: pd.DataFrame, path: Path) -> None:
-    ids = pd.to_numeric(df[ID], errors="coerce")
-    bad = ids.isna() | (ids < 0) | (ids != ids.round())
+    digits = df[ID].astype(str).str.fullmatch(r"\d{1,18}")  # never "1e3", "-1", "0x10" or a path
+    ids = pd.to_numeric(df[ID].where(digits), errors="coerce")
+    bad = ids.isna()
     if bad.any():
         pos = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(f"{where(path, pos, ID)}: id {df[ID].iloc[pos]!r} is not a "
@@ -124,9 +175,12 @@ def read_train(path: str | Path, category_attrs: dict[str, list[str]]) -> pd.Dat
     """train.csv, validated against the parquet: ids, categories, len, no label past len."""
     path = Path(path)
     df = _read_csv(path, [ID, CATEGORY, LEN] + ATTR_COLS, OPTIONAL_TRAIN)
+    if df.empty:
+        raise DataError(f"{path}: no rows; training needs labelled rows")
     _check_ids(df, path)
     if "source_id" in df:
-        source = pd.to_numeric(df["source_id"], errors="coerce")
+        source = pd.to_numeric(df["source_id"].where(df["source_id"].astype(str).str.fullmatch(r"\d{1,18}")),
+                               errors="coerce")
         bad = source.isna() | ~source.isin(df[ID])
         if bad.any():
             pos = int(np.flatnonzero(bad.to_numpy())[0])
@@ -167,6 +221,23 @@ def read_test(path: str | Path, train_categories: list[str]) -> pd.DataFrame:
         raise DataError(f"{path}: no rows; a submission needs at least one test id")
     _check_ids(df, path)
     _check_categories(df, path, train_categories, "train.csv")
+    return df.reset_index(drop=True)
+
+
+def read_submission(path: str | Path) -> pd.DataFrame:
+    """A table in the submission layout (a submission, or the demo's test_solution.csv): integer
+    ids (no duplicates), Category, an integer len, attr_1..attr_10 (stripped; empty = NaN). What
+    the values must be is ``utils.metric.validate_submission``'s to say."""
+    path = Path(path)
+    df = _read_csv(path, [ID, CATEGORY, LEN] + ATTR_COLS)
+    if df.empty:
+        raise DataError(f"{path}: no rows")
+    _check_ids(df, path)
+    lens = pd.to_numeric(df[LEN].where(df[LEN].astype(str).str.fullmatch(r"\d{1,2}")), errors="coerce")
+    if lens.isna().any():
+        pos = int(np.flatnonzero(lens.isna().to_numpy())[0])
+        raise DataError(f"{where(path, pos, LEN, df[ID].iloc[pos])}: len {df[LEN].iloc[pos]!r} is not an integer")
+    df[LEN] = lens.astype(np.int64)
     return df.reset_index(drop=True)
 
 

@@ -11,6 +11,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from utils import provenance
+from utils.blend import ensemble_digest
 from utils.errors import DataError
 from utils.model import checkpoint_preprocess, load_checkpoint
 from utils.onnx_utils import make_session
@@ -52,6 +54,7 @@ def read_manifest(run_dir: RunDir, models: list[str]) -> dict:
         raise DataError(f"{path} not found: run `python export.py --out-dir {run_dir.path}` first, "
                         f"or use --backend torch")
     manifest = json.loads(path.read_text())
+    provenance.check(manifest.get("provenance"), run_dir.path, path)
     if manifest["models"] != models:
         raise DataError(f"{path} was exported for runs {manifest['models']}, but the ensemble is "
                         f"{models}; re-run export.py")
@@ -62,7 +65,12 @@ def onnx_members(run_dir: RunDir, ens: dict, schema: Schema, int8: bool, threads
     """Per-fold sessions, or one session of the merged ensemble graph when export.py found it
     faster (manifest ``use: merged``). Returns (members, merged)."""
     manifest = read_manifest(run_dir, ens["models"])
-    if manifest.get("use") == "merged" and not int8:
+    merged_fits = manifest.get("merged", {}).get("ensemble") == ensemble_digest(ens)
+    if manifest.get("use") == "merged" and not int8 and not merged_fits:
+        print(f"{run_dir.onnx_dir / manifest['merged']['path']} holds the weights and biases of "
+              f"{run_dir.ensemble_path.name} as exported; the ensemble asked for here differs (--models?), so "
+              f"the per-fold ONNX files serve it")
+    if manifest.get("use") == "merged" and not int8 and merged_fits:
         m = manifest["merged"]
         run = onnx_runner(run_dir.onnx_dir / m["path"], threads, schema)
         return [Member("ensemble", [run], Preprocess.from_dict(m["preprocess"]))], True
@@ -100,6 +108,8 @@ def preprocess_batch(paths, prep: Preprocess) -> np.ndarray:
 def parity(a: np.ndarray, b: np.ndarray, schema: Schema) -> tuple[float, bool]:
     """(max |a - b|, whether every head decodes the same) of two logits arrays."""
     same = all((a[:, h.logits].argmax(1) == b[:, h.logits].argmax(1)).all() for h in schema.heads)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("inf"), same  # a NaN or inf logit is never parity
     return float(np.abs(a - b).max()), same
 
 

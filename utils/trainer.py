@@ -1,9 +1,10 @@
 """The fold trainer: k-fold training of a timm backbone with one head per (category, attribute).
 
-``train.py`` is its command line and ``tune.py`` calls ``train_fold`` once per trial. One fold
-goes through named steps (``FoldTrainer``): setup (model, loaders, optimiser), resume from
-``last.pt``, the epoch loop (train, validate, checkpoint), and finalise (the best checkpoint
+One fold goes through named steps (``FoldTrainer``): setup (model, loaders, optimiser), resume
+from ``last.pt``, the epoch loop (train, validate, checkpoint), and finalise (the best checkpoint
 writes the fold's OOF and test logits, then ``metrics.json``, which marks the fold complete).
+``utils/kfold.py`` runs the folds (``train.py``'s command, ``tune.py``'s trials);
+``utils/frozen.py`` is the same steps on cached embeddings.
 
 Writes, in <out_dir>/<name>/fold<k>/ (name defaults to the model; see utils/run.py):
   best.pt            the best checkpoint; describes itself (model, args, preprocessing, schema)
@@ -18,27 +19,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import pandas as pd
 import torch
+from timm.utils import ModelEmaV3
 
+from utils import provenance
 from utils.config import CommonConfig, option, save_config
 from utils.data import EpochSampler, ImageDataset, balanced_weights, make_loader
-from utils.distributed import Dist, gather_rows, setup_distributed, teardown
+from utils.distributed import Dist, gather_rows
 from utils.engine import AMP, amp_dtype, predict, train_one_epoch
-from utils.errors import DataError
+from utils.errors import ConfigError, DataError
 from utils.io import atomic_torch_save, atomic_write_csv, atomic_write_json, load_torch, save_logits
-from utils.metric import score_logits, summarize
-from utils.model import LOSSES, AttributeModel, HeadLoss, build_optimizer, data_config, load_checkpoint, warmup_cosine
+from utils.metric import score_logits
+from utils.model import (LOSSES, AttributeModel, HeadLoss, build_optimizer, data_config, group_lrs, load_checkpoint,
+                         warmup_cosine)
+from utils.tracking import Tracker
 from utils.plots import history_plot
 from utils.run import RunDir
-from utils.schema import CATEGORY, ID, Dataset, Schema, image_path, read_dataset
+from utils.throughput import loader_workers, use_channels_last
+from utils.schema import CATEGORY, ID, Dataset, Schema, image_path
 from utils.transforms import DEFAULT_AUG, DEFAULT_CATEGORY_AUG, INTERPOLATIONS, RESIZES, Preprocess
 
 
@@ -54,6 +59,18 @@ class TrainConfig(CommonConfig):
     pretrained_file: Optional[str] = option(None, "or a local weights file (.pth / .safetensors state dict)")
     dropout: float = option(0.2, "dropout before the heads")
     drop_path_rate: float = option(0.0, "stochastic depth rate of the backbone (where timm supports it)")
+    model_kwargs: dict = option(help="more arguments for timm.create_model (e.g. {embed_dim: 64, depth: 2}); "
+                                     "stored in the checkpoint", factory=dict)
+    keep_head: bool = option(False, "feed the heads the backbone's own pretrained head output (a CLIP tower's "
+                                    "image embedding) instead of its pooled features")
+    head: str = option("linear", "one linear layer per (category, attribute), one MLP per head "
+                                 "(Linear, LayerNorm, ReLU, Dropout 0.1, Linear), or a kNN vote (frozen_backbone only)",
+                       choices=("linear", "mlp", "knn"))
+    head_hidden: int = option(512, "mlp: hidden width of each head")
+    frozen_backbone: bool = option(False, "embed every image once with the backbone, cache the embeddings, and "
+                                          "train only the heads on them (see utils/frozen.py)")
+    frozen_views: int = option(0, "frozen_backbone: augmented views embedded per train image, besides the plain one")
+    knn_k: int = option(10, "head knn: neighbours that vote")
     # preprocessing: stored in every checkpoint, and served from there
     img_size: int = option(224, "square input size in pixels")
     resize: str = option("squash", "squash to a square (as the seed), or pad keeping the aspect ratio",
@@ -71,6 +88,12 @@ class TrainConfig(CommonConfig):
     lr_head: float = option(1e-3, "AdamW learning rate of the heads")
     weight_decay: float = option(0.01, "AdamW weight decay (not on norms and biases)")
     warmup_epochs: float = option(1.0, "linear warm-up, then cosine decay")
+    layer_decay: Optional[float] = option(None, "layer-wise learning-rate decay of the backbone (e.g. 0.75): each "
+                                                "block learns at this times the rate of the block above; off when unset")
+    ema_decay: float = option(0.0, "keep an exponential moving average of the weights (e.g. 0.999) and validate, "
+                                   "predict and save with it; 0 = off")
+    grad_accum: int = option(1, "split each batch into this many chunks whose gradients add up (the same update, "
+                                "less memory)")
     freeze_epochs: int = option(0, "gradual unfreezing: train the heads alone for this many epochs")
     clip_grad: float = option(1.0, "gradient norm clipping; 0 = off")
     amp: str = option("auto", "mixed precision; auto = bf16 on CUDA and on CPUs with native bf16, else off",
@@ -87,21 +110,35 @@ class TrainConfig(CommonConfig):
     tta_hflip: bool = option(False, "OOF and test logits average the image and its mirror")
     predict_test: bool = option(True, "write test_logits.npz (tune.py turns it off)")
     max_bad_images: float = option(0.01, "stop when a larger share of the train images is unreadable")
-    workers: int = option(2, "data loader worker processes")
+    workers: Union[int, str] = option("auto", "data loader worker processes, or auto (see utils/throughput.py)")
+    channels_last: str = option("auto", "NHWC memory format for model and batches; auto decides per backbone "
+                                        "(see utils/throughput.py)", choices=("auto", "on", "off"))
+    compile: bool = option(False, "torch.compile the training model (see BENCHMARKS.md for where it pays)")
     device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     resume: bool = option(False, "skip complete folds; continue a fold from its last.pt")
     stop_after: int = option(0, "stop cleanly after this many epochs in this run (then --resume); 0 = never")
     progress: bool = option(True, "progress bars")
+    log: str = option("none", "also log the per-epoch history and the config to local files: tensorboard "
+                              "(<fold>/tensorboard/) or mlflow (<out_dir>/mlflow.db)", choices=("none", "tensorboard", "mlflow"))
+
+    def __post_init__(self):
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ConfigError(f"key 'grad_accum' must divide batch_size ({self.batch_size}), got {self.grad_accum}")
+        if self.head == "knn" and not self.frozen_backbone:
+            raise ConfigError("key 'head': knn votes over cached embeddings; it needs frozen_backbone: true")
 
     @property
     def run_name(self) -> str:
         return self.name or self.model
 
 
-def model_args(cfg: TrainConfig, schema: Schema) -> dict:
-    """The arguments that rebuild the model from a checkpoint alone."""
-    return {"backbone": cfg.model, "head_widths": [h.width for h in schema.heads],
-            "dropout": cfg.dropout, "drop_path_rate": cfg.drop_path_rate}
+def model_args(cfg: TrainConfig, schema: Schema, knn_bank: int = 0) -> dict:
+    """The arguments that rebuild the model from a checkpoint alone (``knn_bank``: the number of
+    train rows a kNN head votes over)."""
+    args = {"backbone": cfg.model, "head_widths": [h.width for h in schema.heads], "dropout": cfg.dropout,
+            "drop_path_rate": cfg.drop_path_rate, "img_size": cfg.img_size, "keep_head": cfg.keep_head,
+            "head": cfg.head, "head_hidden": cfg.head_hidden, "model_kwargs": dict(cfg.model_kwargs)}
+    return {**args, "knn_bank": knn_bank, "knn_k": cfg.knn_k} if cfg.head == "knn" else args
 
 
 def row_paths(table: pd.DataFrame, images_dir: Path, csv_dir: Path | None = None) -> list[Path]:
@@ -130,7 +167,7 @@ class FoldTrainer:
     def __init__(self, cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data: Dataset, fold: int,
                  d: Dist, run_dir: RunDir):
         self.cfg, self.schema, self.data, self.fold, self.d = cfg, schema, data, fold, d
-        self.dir = run_dir.fold_dir(cfg.run_name, fold)
+        self.run_dir, self.dir = run_dir, run_dir.fold_dir(cfg.run_name, fold)
         torch.manual_seed(cfg.seed)  # the model's initialisation: the same with or without resume
         self.trn, self.val = split_fold(train, fold)
         if len(self.val) == 0 or len(self.trn) == 0:
@@ -138,14 +175,16 @@ class FoldTrainer:
         self.val_targets = schema.encode(self.val)
         loss = HeadLoss(schema, cfg.loss, weight_cap=cfg.weight_cap, gamma=cfg.focal_gamma,
                         tau=cfg.loss_tau, label_smoothing=cfg.label_smoothing)
+        self.model_args = model_args(cfg, schema, knn_bank=len(self.trn))
         self.model = AttributeModel(pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file, loss=loss,
-                                    **model_args(cfg, schema))
+                                    **self.model_args)
         mean, std = data_config(self.model.backbone)
         self.prep = Preprocess(cfg.img_size, mean, std, cfg.resize, cfg.draft, cfg.interpolation)
-        self.model.to(d.device)
+        self.channels_last = use_channels_last(cfg.channels_last, self.model.backbone, d.device)
+        self.model.to(d.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         self._loaders()
         steps_per_epoch = len(self.trn_loader)
-        self.optimizer = build_optimizer(self.model, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay)
+        self.optimizer = build_optimizer(self.model, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay, cfg.layer_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)))
         self.dtype = amp_dtype(cfg.amp, d.device)
@@ -155,6 +194,10 @@ class FoldTrainer:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
                 find_unused_parameters=cfg.freeze_epochs > 0)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema_decay else None
+        self.tracker = Tracker(cfg, self.dir, fold) if d.main else None
         self.state = {"epoch": -1, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
         self.bad: dict = {}
 
@@ -169,15 +212,16 @@ class FoldTrainer:
         weights = balanced_weights(trn_targets, self.schema, cap=cfg.weight_cap) if cfg.balanced_sampler else None
         self.sampler = EpochSampler(len(self.trn_ds), cfg.seed + self.fold, d.rank, d.world, weights)
         self.per_rank_batch = max(1, cfg.batch_size // d.world)
-        self.trn_loader = make_loader(self.trn_ds, self.per_rank_batch, cfg.workers, self.sampler,
-                                      drop_last=len(self.trn_ds) > self.per_rank_batch)
-        self.val_loader = self._shard(self.val, self.data.train_images, self.csv_dir)
+        self.workers = loader_workers(cfg.workers, d)
+        self.trn_loader = make_loader(self.trn_ds, self.per_rank_batch, self.workers, self.sampler,
+                                      drop_last=len(self.trn_ds) > self.per_rank_batch, persistent=True)
+        self.val_loader = self._shard(self.val, self.data.train_images, self.csv_dir, persistent=True)
 
-    def _shard(self, table: pd.DataFrame, images_dir: Path, base: Path | None = None):
+    def _shard(self, table: pd.DataFrame, images_dir: Path, base: Path | None = None, persistent: bool = False):
         """An evaluation loader over this rank's share of ``table``'s rows."""
         ds = ImageDataset(row_paths(table, images_dir, base), table[CATEGORY], None, self.prep.transform(), self.prep)
         part = torch.utils.data.Subset(ds, list(range(self.d.rank, len(ds), self.d.world)))
-        return make_loader(part, self.per_rank_batch, self.cfg.workers)
+        return make_loader(part, self.per_rank_batch, self.workers, persistent=persistent)
 
     @property
     def progress(self) -> bool:
@@ -199,10 +243,13 @@ class FoldTrainer:
             self.scheduler.load_state_dict(last["scheduler"])
             if self.scaler is not None and last.get("scaler"):
                 self.scaler.load_state_dict(last["scaler"])
+            if self.ema is not None:
+                self.ema.load_state_dict(last["ema"])
             self.state = {k: last[k] for k in self.state}
             self.log(f"resuming after epoch {self.state['epoch']} (best {self.state['best_score']:.4f})")
         if self.d.main:
             self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "metrics.json").unlink(missing_ok=True)  # incomplete until this training finishes
             save_config(self.cfg, self.dir / "config.yaml")
 
     # -- the epoch loop
@@ -231,26 +278,32 @@ class FoldTrainer:
         """One epoch of training, then the validation score."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: the same with or without resume
-        self.sampler.set_epoch(epoch)
-        self.trn_ds.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)  # the epoch reaches the workers with each row's key
         self.model.freeze_backbone(epoch < cfg.freeze_epochs)
         stats = train_one_epoch(self.net, self.trn_loader, self.optimizer, self.scheduler, self.d.device,
                                 amp_dtype=self.dtype, scaler=self.scaler, clip_grad=cfg.clip_grad,
+                                grad_accum=cfg.grad_accum, ema=self.ema, channels_last=self.channels_last,
                                 ids=self.trn[ID].to_numpy(), bad=self.bad,
                                 desc=f"fold {self.fold} epoch {epoch + 1}/{cfg.epochs}", progress=self.progress)
         if len(self.bad) > cfg.max_bad_images * len(self.trn):
             raise DataError(f"{len(self.bad)} of {len(self.trn)} train images are unreadable (more than "
                             f"max_bad_images={cfg.max_bad_images}), e.g. ids {sorted(self.bad)[:5]}")
-        idx, logits = gather_rows(*predict(self.model, self.val_loader, self.d.device, amp_dtype=self.dtype,
-                                           desc="validate", progress=self.progress), self.d)
+        idx, logits = gather_rows(*predict(self.scored, self.val_loader, self.d.device, amp_dtype=self.dtype,
+                                           channels_last=self.channels_last, desc="validate",
+                                           progress=self.progress), self.d)
         val_score, _ = score_logits(self.schema, self.val_targets[idx], logits)
         return stats, val_score
 
+    @property
+    def scored(self) -> torch.nn.Module:
+        """The weights that are validated, saved as best.pt and predict: the EMA's when on."""
+        return self.ema.module if self.ema is not None else self.model
+
     def record(self, epoch: int, stats: dict, val_score: float) -> bool:
         """Append the epoch to the history and update best/patience; True when it improved."""
-        lrs = self.scheduler.get_last_lr()
+        lrs = group_lrs(self.optimizer)
         self.state["history"].append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_score": val_score,
-                                      "lr_backbone": lrs[0], "lr_head": lrs[2],
+                                      "lr_backbone": lrs.get("backbone", 0.0), "lr_head": lrs["head"],
                                       "images_per_s": stats["images_per_s"] * self.d.world,
                                       "seconds": stats["seconds"], "frozen": epoch < self.cfg.freeze_epochs})
         improved = val_score > self.state["best_score"]
@@ -265,7 +318,7 @@ class FoldTrainer:
     def meta(self) -> dict:
         """What a checkpoint says about itself: enough to rebuild the model and its inputs."""
         cfg, schema = self.cfg, self.schema
-        return {"model": cfg.model, "model_args": model_args(cfg, schema), "preprocess": self.prep.to_dict(),
+        return {"model": cfg.model, "model_args": self.model_args, "preprocess": self.prep.to_dict(),
                 "schema": schema.to_dict(), "fingerprint": schema.fingerprint, "fold": self.fold,
                 "config": dataclasses.asdict(cfg)}
 
@@ -274,26 +327,38 @@ class FoldTrainer:
         if not self.d.main:
             return
         if improved:
-            atomic_torch_save(self.dir / "best.pt", {**self.meta(), "state_dict": self.model.state_dict(),
+            atomic_torch_save(self.dir / "best.pt", {**self.meta(), "state_dict": self.scored.state_dict(),
                                                      "epoch": epoch + 1, "val_score": val_score})
         atomic_torch_save(self.dir / "last.pt", {
             **self.state, "state_dict": self.model.state_dict(), "schema": self.schema.to_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else {}})
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+            "ema": self.ema.state_dict() if self.ema is not None else {}})
         history = pd.DataFrame(self.state["history"])
         atomic_write_csv(self.dir / "history.csv", history)
         history_plot(history, self.dir / "history.png")
+        if self.tracker is not None:
+            self.tracker.log(self.state["history"][-1])
 
     # -- finalise
+    def made_from(self) -> dict:
+        """The fold's logits are made from its best checkpoint, the schema and the folds."""
+        root = self.run_dir.path  # (a tune.py trial's folder holds no schema.json or folds.csv of its own)
+        made_from = [p for p in (self.dir / "best.pt", root / "schema.json", root / "folds.csv") if p.is_file()]
+        return provenance.record(made_from, root,
+                                 rebuild=f"python train.py --config {{root}}/{self.cfg.run_name}/fold{self.fold}/config.yaml "
+                                         f"--out-dir {{root}} --fold {self.fold}")
+
     def finalise(self) -> dict:
         """The best checkpoint predicts the fold's validation rows (OOF) and the test set; writes
         both logits files, then metrics.json (its presence marks the fold complete)."""
         cfg, d = self.cfg, self.d
         d.barrier()
         best, _ = load_checkpoint(self.dir / "best.pt", self.schema)
-        best.to(d.device)
+        best.to(d.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         run = lambda loader, desc: gather_rows(*predict(best, loader, d.device, amp_dtype=self.dtype,
-                                                        hflip=cfg.tta_hflip, desc=desc, progress=self.progress), d)
+                                                        hflip=cfg.tta_hflip, channels_last=self.channels_last,
+                                                        desc=desc, progress=self.progress), d)
         idx, oof = run(self.val_loader, "OOF")
         if cfg.predict_test:
             test_idx, test_logits = run(self._shard(self.data.test, self.data.test_images), "test")
@@ -303,87 +368,12 @@ class FoldTrainer:
                    "bad_images": {str(k): v for k, v in sorted(self.bad.items())},
                    "per_head": table.to_dict(orient="records")}
         if d.main:
-            fp = self.schema.fingerprint
-            save_logits(self.dir / "oof_logits.npz", self.val[ID].to_numpy()[idx], oof, fp, self.fold)
+            fp, made_from = self.schema.fingerprint, self.made_from()
+            save_logits(self.dir / "oof_logits.npz", self.val[ID].to_numpy()[idx], oof, fp, self.fold, made_from)
             if cfg.predict_test:
                 save_logits(self.dir / "test_logits.npz", self.data.test[ID].to_numpy()[test_idx], test_logits,
-                            fp, self.fold)
+                            fp, self.fold, made_from)
             atomic_write_json(self.dir / "metrics.json", metrics)  # written last: marks the fold complete
             if self.bad:
                 print(f"fold {self.fold}: {len(self.bad)} unreadable image(s) skipped: ids {sorted(self.bad)[:10]}")
         return metrics
-
-
-def train_fold(cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data: Dataset, fold: int, d: Dist,
-               report: Callable[[int, float], None] | None = None) -> dict:
-    """Train one fold; write its outputs; return its metrics (``{"stopped": True, ...}`` after
-    ``stop_after``). A complete fold is skipped under ``resume``."""
-    run_dir = RunDir(cfg.out_dir)
-    if cfg.resume and run_dir.fold_complete(cfg.run_name, fold):
-        done = json.loads(run_dir.fold_file(cfg.run_name, fold, "metrics.json").read_text())
-        if d.main:
-            print(f"fold {fold}: already complete (val score {done['val_score']:.4f}); skipped")
-        return done
-    trainer = FoldTrainer(cfg, schema, train, data, fold, d, run_dir)
-    trainer.resume()
-    if not trainer.fit(report):
-        return {"stopped": True, **trainer.state}
-    return trainer.finalise()
-
-
-# ----------------------------------------------------------------------------- every fold
-
-def print_table(title: str, table: pd.DataFrame) -> None:
-    with pd.option_context("display.width", 140, "display.max_rows", 200,
-                           "display.float_format", "{:.4f}".format):
-        print(f"\n{title}\n{table.to_string(index=False)}")
-
-
-def report_oof(run_dir: RunDir, run: str, train: pd.DataFrame) -> float | None:
-    """When every fold of a run is complete: its OOF score over the whole train set, printed and
-    written to ``<run>/oof_score.json``."""
-    from utils.blend import load_oof
-
-    if run not in run_dir.complete_runs():
-        return None
-    rows = run_dir.train_rows(train)
-    logits = load_oof(run_dir, [run], rows[ID].to_numpy())[0]  # checks coverage
-    final, table = score_logits(run_dir.schema, run_dir.schema.encode(rows), logits)
-    _, per_cat = summarize(table)
-    print_table(f"{run}: OOF over {len(rows)} train rows ({run_dir.n_folds} folds)", per_cat)
-    print(f"{run} OOF score: {final:.4f}")
-    atomic_write_json(run_dir.path / run / "oof_score.json",
-                      {"oof_score": final, "per_category": per_cat.to_dict(orient="records")})
-    return final
-
-
-def folds_to_train(cfg: TrainConfig) -> list[int]:
-    folds = list(range(cfg.n_folds)) if cfg.fold == "all" else [int(cfg.fold)] if cfg.fold.isdigit() else [-1]
-    if any(not 0 <= k < cfg.n_folds for k in folds):
-        raise ValueError(f"fold must be 'all' or in 0..{cfg.n_folds - 1}, got {cfg.fold!r}")
-    return folds
-
-
-def train(cfg: TrainConfig) -> dict:
-    """What ``python train.py`` does: prepare the run folder, train the folds asked for, print the
-    per-fold table and, once every fold is done, the run's OOF score."""
-    d = setup_distributed(cfg.device)
-    if d.world > 1 or cfg.device == "cpu" or not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world))
-    folds = folds_to_train(cfg)
-    data = read_dataset(cfg.data_dir, cfg.train_csv)
-    run_dir = RunDir(cfg.out_dir)
-    if d.main:  # rank 0 fits and writes schema.json and folds.csv; the others read them
-        schema, table = run_dir.prepare(data, cfg.n_folds, cfg.seed)
-    d.barrier()
-    if not d.main:
-        schema, table = run_dir.prepare(data, cfg.n_folds, cfg.seed)
-    start = time.perf_counter()
-    results = {k: train_fold(cfg, schema, table, data, k, d) for k in folds}
-    if d.main:
-        rows = [{"fold": k, "val_score": r.get("val_score", r.get("best_score")), "best_epoch": r.get("best_epoch")}
-                for k, r in results.items()]
-        print_table(f"{cfg.run_name}: folds ({time.perf_counter() - start:.0f} s)", pd.DataFrame(rows))
-        report_oof(run_dir, cfg.run_name, table)
-    teardown(d)
-    return results

@@ -1,13 +1,24 @@
-"""Training throughput: the data loader alone, and the full training step.
+"""Training throughput: the loader alone, the model-only ceiling, the full step, a real epoch.
 
-    python -m utils.bench.train --model efficientnet_b0 --img-size 224
+    python -m utils.bench.train                                       # resnet18, efficientnet_b0 at 128 and 224
+    python -m utils.bench.train --models resnet18 --sizes 96 --workers-sweep 0,1,2
 
-Prints images/s for: the loader with full-size JPEG decoding and with draft-mode (reduced-scale)
-decoding; the full step (loader + forward + backward + optimiser) in fp32 and with bf16 autocast.
+For each model and size, images per second of:
+  loader            the data loader alone (decode, augment, collate), ``workers`` processes
+  ceiling           the model-only step: the kit's own step (forward, head losses, backward,
+                    clipping, AdamW) on batches already in memory; nothing can train faster
+  full step         the same step fed by the real loader (persistent workers)
+  full / ceiling    what the loader and the pipeline cost
+  train.py epoch    one real epoch of the fold trainer on these images, first batch included
+and, to justify the defaults (utils/throughput.py): the ceiling in contiguous and channels_last
+memory format, the full step with each number of loader workers in ``--workers-sweep``, and bf16
+autocast, but only on a CPU with native bf16 (elsewhere it is emulated, and says so).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -17,57 +28,132 @@ import torch
 from utils.bench import machine
 from utils.config import DataConfig, option, run_command
 from utils.data import EpochSampler, ImageDataset, make_loader
-from utils.engine import amp_dtype, train_one_epoch
+from utils.distributed import Dist
+from utils.engine import native_bf16, train_one_epoch
 from utils.model import AttributeModel, HeadLoss, build_optimizer, data_config, warmup_cosine
+from utils.run import RunDir
 from utils.schema import CATEGORY, Schema, read_dataset
-from utils.trainer import TrainConfig, model_args, row_paths
+from utils.throughput import loader_workers, use_channels_last
+from utils.trainer import FoldTrainer, TrainConfig, row_paths
 from utils.transforms import Preprocess
 
 
 @dataclass
 class BenchTrainConfig(DataConfig):
-    model: str = option("efficientnet_b0", "timm backbone")
-    img_size: int = option(224, "input size in pixels")
+    models: list[str] = option(help="timm backbones (a,b,c)", factory=lambda: ["resnet18", "efficientnet_b0"])
+    sizes: list[int] = option(help="input sizes in pixels (a,b,c)", factory=lambda: [128, 224])
     batch_size: int = option(32, "images per step")
-    workers: int = option(2, "loader worker processes")
-    images: int = option(512, "images per measurement")
+    images: int = option(256, "images per measurement")
+    workers: int = option(2, "loader workers of the loader and full-step rows")
+    workers_sweep: list[int] = option(help="loader workers to compare for the full step (a,b,c)", factory=lambda: [0, 1, 2])
+    repeats: int = option(3, "interleaved repetitions of every step measurement; the best is kept")
+    epoch: bool = option(True, "also time one real train.py epoch (the fold trainer) per model and size")
+
+
+class Case:
+    """One model at one size: its model, preprocessing, images and targets."""
+
+    def __init__(self, cfg: BenchTrainConfig, data, schema, model_name: str, size: int):
+        self.cfg, self.data, self.schema, self.size, self.name = cfg, data, schema, size, model_name
+        self.rows = data.train.iloc[: cfg.images]
+        self.targets = schema.encode(self.rows)
+        self.recipe = TrainConfig(model=model_name, img_size=size)
+        torch.manual_seed(0)
+        self.model = AttributeModel(model_name, [h.width for h in schema.heads], loss=HeadLoss(schema))
+        self.prep = Preprocess(size, *data_config(self.model.backbone))
+
+    def loader(self, workers: int):
+        tf = self.prep.transform(train=True, aug=self.recipe.aug, category_aug=self.recipe.category_aug,
+                                 categories=self.schema.categories)
+        ds = ImageDataset(row_paths(self.rows, self.data.train_images), self.rows[CATEGORY], self.targets, tf,
+                          self.prep, augment_seed=0)
+        return make_loader(ds, self.cfg.batch_size, workers, EpochSampler(len(ds), 0), drop_last=True, persistent=True)
+
+    def steps(self, batches, channels_last: bool, dtype=None) -> float:
+        """images/s of the kit's training step over ``batches`` (after two untimed warm-up steps)."""
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=fmt)
+        opt = build_optimizer(self.model, 1e-4, 1e-3, 0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(10_000, 0))
+        run = lambda b: train_one_epoch(self.model, b, opt, sched, torch.device("cpu"), amp_dtype=dtype,
+                                        clip_grad=1.0, channels_last=channels_last, progress=False)
+        run(itertools.islice(iter(batches), 2))
+        return run(batches)["images_per_s"]
+
+    def in_memory(self) -> list[dict]:
+        """Batches of random images with real targets, already in memory."""
+        g = torch.Generator().manual_seed(0)
+        n = self.cfg.images // self.cfg.batch_size
+        t = torch.as_tensor(self.targets[: n * self.cfg.batch_size])
+        return [{"image": torch.randn(self.cfg.batch_size, 3, self.size, self.size, generator=g),
+                 "target": t[k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]} for k in range(n)]
+
+
+def loader_only(case: Case, workers: int) -> float:
+    loader = case.loader(workers)
+    next(iter(loader))  # worker start-up, not decode speed
+    start, n = time.perf_counter(), 0
+    for batch in loader:
+        n += len(batch["image"])
+    return n / (time.perf_counter() - start)
+
+
+def real_epoch(case: Case, workers: int) -> float:
+    """images/s of the fold trainer's first epoch (first batch and worker start-up included)."""
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(model=case.name, img_size=case.size, batch_size=case.cfg.batch_size, epochs=1,
+                          n_folds=2, workers=workers, out_dir=out, progress=False, patience=0)
+        data = dataclasses.replace(case.data, train=case.rows.reset_index(drop=True), test=case.data.test.iloc[:8])
+        schema, table = RunDir(out).prepare(data, 2, 0)
+        trainer = FoldTrainer(cfg, schema, table, data, 0, Dist(), RunDir(out))
+        stats, _ = trainer.train_epoch(0)
+    return stats["images_per_s"]
+
+
+def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
+    """The rows of one case. Step rates are the best of ``repeats`` interleaved measurements (the
+    machine's noise only ever slows a run down)."""
+    cl = use_channels_last("auto", case.model.backbone, torch.device("cpu"))
+    label, memory = f"{case.name} {case.size}", case.in_memory()
+    loaders = {w: case.loader(w) for w in cfg.workers_sweep}
+    best: dict[str, float] = {}
+    for _ in range(cfg.repeats):
+        runs = {"ceiling": (memory, cl), "other": (memory, not cl),
+                **{f"full{w}": (loader, cl) for w, loader in loaders.items()}}
+        for key, (batches, fmt) in runs.items():
+            best[key] = max(best.get(key, 0.0), case.steps(batches, fmt))
+    ceiling = best["ceiling"]
+    rows = [{"case": label, "measure": "loader alone", "workers": cfg.workers, "img_per_s": loader_only(case, cfg.workers)},
+            {"case": label, "measure": f"ceiling, {'channels_last' if cl else 'contiguous'} (auto)", "img_per_s": ceiling},
+            {"case": label, "measure": f"ceiling, {'contiguous' if cl else 'channels_last'}", "img_per_s": best["other"],
+             "of_ceiling": best["other"] / ceiling}]
+    rows += [{"case": label, "measure": "full step", "workers": w, "img_per_s": best[f"full{w}"],
+              "of_ceiling": best[f"full{w}"] / ceiling} for w in cfg.workers_sweep]
+    if cfg.epoch:
+        w = loader_workers("auto", Dist())
+        epoch = real_epoch(case, w)
+        rows.append({"case": label, "measure": "train.py epoch (auto workers)", "workers": w, "img_per_s": epoch,
+                     "of_ceiling": epoch / ceiling})
+    if native_bf16():
+        bf16 = max(case.steps(memory, cl, torch.bfloat16) for _ in range(cfg.repeats))
+        rows.append({"case": label, "measure": "ceiling, bf16 autocast", "img_per_s": bf16, "of_ceiling": bf16 / ceiling})
+    else:
+        rows.append({"case": label, "measure": "ceiling, bf16 autocast: not measured (emulated on this CPU)"})
+    return rows
 
 
 def main(cfg: BenchTrainConfig) -> pd.DataFrame:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = read_dataset(cfg.data_dir)
     schema = Schema.fit(data.train, data.category_attrs)
-    train = data.train.iloc[: cfg.images]
-    recipe = TrainConfig(model=cfg.model, img_size=cfg.img_size)
-    model = AttributeModel(loss=HeadLoss(schema), **model_args(recipe, schema)).to(device)
-    mean, std = data_config(model.backbone)
-    targets = schema.encode(train)
     rows = []
-
-    def loader(draft: bool):
-        prep = Preprocess(cfg.img_size, mean, std, draft=draft)
-        tf = prep.transform(train=True, aug=recipe.aug, category_aug=recipe.category_aug, categories=schema.categories)
-        ds = ImageDataset(row_paths(train, data.train_images), train[CATEGORY], targets, tf, prep, augment_seed=0)
-        return make_loader(ds, cfg.batch_size, cfg.workers, EpochSampler(len(ds), 0), drop_last=True)
-
-    for draft in (False, True):
-        start, n = time.perf_counter(), 0
-        for batch in loader(draft):
-            n += len(batch["image"])
-        rows.append({"measure": f"loader only, {'draft' if draft else 'full'} decode",
-                     "images_per_s": n / (time.perf_counter() - start)})
-    for amp in ("off", "bf16"):
-        dtype = amp_dtype(amp, device)
-        opt = build_optimizer(model, 1e-4, 1e-3, 0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(1000, 0))
-        warm = list(itertools.islice(loader(True), 2))  # warm-up steps, not timed
-        train_one_epoch(model, warm, opt, sched, device, amp_dtype=dtype, progress=False)
-        stats = train_one_epoch(model, loader(True), opt, sched, device, amp_dtype=dtype, progress=False)
-        rows.append({"measure": f"full step, draft decode, amp {amp}", "images_per_s": stats["images_per_s"]})
+    for name in cfg.models:
+        for size in cfg.sizes:
+            rows += measure(cfg, Case(cfg, data, schema, name, size))
+            print(pd.DataFrame(rows[-1:]).to_string(index=False, header=False), flush=True)
     table = pd.DataFrame(rows)
-    print(f"\n{cfg.model} at {cfg.img_size}, batch {cfg.batch_size}, {cfg.workers} loader workers, "
-          f"{len(train)} images per measure\nmachine: {machine()}")
-    print(table.to_string(index=False, float_format="{:.1f}".format))
+    print(f"\ntraining throughput, batch {cfg.batch_size}, {cfg.images} images per measure, fp32 unless said; "
+          f"{torch.get_num_threads()} compute threads\nmachine: {machine()}")
+    print(table.to_string(index=False, float_format="{:.2f}".format, na_rep=""))
     return table
 
 

@@ -1,0 +1,200 @@
+"""The frozen-feature route (``frozen_backbone: true``): the cheap way to a CLIP-scale backbone on
+a CPU. Every train and test image is embedded once by the frozen backbone (the plain image, plus
+``frozen_views`` augmented views of each train image), the embeddings are cached, and only the
+heads train on them: many epochs in seconds. ``head: knn`` trains nothing at all: a k-nearest
+neighbour vote over the fold's train embeddings.
+
+The cache is ``<out_dir>/embeddings/<key>.npz``. The key hashes everything an embedding depends
+on: the model, its weights (the content of ``pretrained_file``, the hub's, or the seed of a random
+initialisation), keep_head, the preprocessing, the views with their augmentation, and every image
+file embedded (name, size, modification time). A change to any of them is another key, so the
+embeddings are computed again, and the run says so; folds and heads on the same backbone share one
+file.
+
+A fold writes what a fine-tuned fold writes: best.pt (the backbone's weights with the trained
+heads, or the kNN bank), OOF and test logits, metrics.json; ensemble.py, export.py and infer.py
+take it unchanged. Under torchrun, rank 0 embeds while the others wait; heads train in every rank
+(identically) and rank 0 writes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from utils import provenance
+from utils.data import ImageDataset, make_loader
+from utils.engine import autocast, to_device, train_step
+from utils.io import atomic_write, atomic_write_json, save_logits
+from utils.metric import score_logits
+from utils.model import load_checkpoint, warmup_cosine
+from utils.schema import CATEGORY, ID, image_path
+from utils.trainer import FoldTrainer, row_paths
+
+
+def files_digest(paths: list[Path]) -> str:
+    """A hash of the files' names, sizes and modification times (a stat each, no read)."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        except OSError:
+            h.update(f"{p.name}:missing;".encode())
+    return h.hexdigest()
+
+
+def cache_key(cfg, prep, paths: list[Path]) -> str:
+    """A hash of everything the embeddings depend on."""
+    weights = (provenance.sha256(Path(cfg.pretrained_file)) if cfg.pretrained_file
+               else "hub" if cfg.pretrained else f"random-init seed {cfg.seed}")
+    what = {"model": cfg.model, "weights": weights, "keep_head": cfg.keep_head, "preprocess": prep.to_dict(),
+            "views": cfg.frozen_views, "aug": [cfg.aug, cfg.category_aug] if cfg.frozen_views else None,
+            "images": files_digest(paths)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class FrozenFold(FoldTrainer):
+    """One fold of the frozen route: FoldTrainer's steps, on cached embeddings."""
+
+    def __init__(self, cfg, schema, train, data, fold, d, run_dir):
+        super().__init__(cfg, schema, train, data, fold, d, run_dir)
+        self.model.freeze_backbone(True)
+        self.cache = self.embeddings(train)
+        self.trn_x, self.trn_t = self.rows_of(self.trn, self.schema.encode(self.trn), views=True)
+        self.val_x, _ = self.rows_of(self.val, None, views=False)
+        if cfg.head == "knn":
+            self.fill_bank()
+        steps = -(-len(self.trn_x) // cfg.batch_size)
+        heads = [p for p in self.model.heads.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW([{"params": heads, "lr": cfg.lr_head, "role": "head"}],
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(cfg.epochs * steps, int(cfg.warmup_epochs * steps)))
+
+    # -- the cache
+    def image_paths(self, originals: pd.DataFrame) -> tuple[list[Path], list[Path]]:
+        return (row_paths(originals, self.data.train_images, self.csv_dir),
+                [image_path(self.data.test_images, i) for i in self.data.test[ID]])
+
+    def embeddings(self, train: pd.DataFrame) -> dict:
+        """{"train" [N, F], "views" [V, N, F], "test" [T, F]} in the order of the original train rows
+        and of test.csv: from the cache when its key matches, else computed (by rank 0) and cached."""
+        originals = train[train["source_id"] == train[ID]] if "source_id" in train else train
+        train_paths, test_paths = self.image_paths(originals)
+        path = self.run_dir.path / "embeddings" / f"{cache_key(self.cfg, self.prep, train_paths + test_paths)}.npz"
+        if self.d.main:
+            if path.is_file():
+                print(f"fold {self.fold}: embeddings reused from {path}")
+            else:
+                self.embed_all(originals, train_paths, test_paths, path)
+        self.d.barrier()
+        with np.load(path, allow_pickle=False) as z:
+            cache = {k: z[k] for k in z.files}
+        cache["position"] = {int(i): k for k, i in enumerate(cache["train_ids"])}
+        return cache
+
+    @torch.no_grad()
+    def embed(self, paths, categories, transform, seed=None) -> np.ndarray:
+        ds = ImageDataset(paths, categories, None, transform, self.prep, augment_seed=seed)
+        backbone, out = self.model.backbone.eval(), []
+        for batch in make_loader(ds, max(self.per_rank_batch, 64), self.workers):
+            with autocast(self.d.device, self.dtype):
+                out.append(backbone(to_device(batch["image"], self.d.device, self.channels_last)).float().cpu())
+        return torch.cat(out).numpy()
+
+    def embed_all(self, originals: pd.DataFrame, train_paths, test_paths, path: Path) -> None:
+        start, cats = time.perf_counter(), originals[CATEGORY].tolist()
+        plain = self.embed(train_paths, cats, self.prep.transform())
+        train_tf = self.prep.transform(train=True, aug=self.cfg.aug, category_aug=self.cfg.category_aug,
+                                       categories=self.schema.categories)
+        views = [self.embed(train_paths, cats, train_tf, seed=self.cfg.seed + 1000 * (v + 1))
+                 for v in range(self.cfg.frozen_views)]
+        test = self.embed(test_paths, self.data.test[CATEGORY].tolist(), self.prep.transform())
+        arrays = {"train_ids": originals[ID].to_numpy(), "train": plain, "test_ids": self.data.test[ID].to_numpy(),
+                  "test": test, "views": np.stack(views) if views else np.zeros((0,) + plain.shape, np.float32)}
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+        print(f"fold {self.fold}: embedded {len(plain)} train images ({self.cfg.frozen_views} augmented view(s) each) "
+              f"and {len(test)} test images in {time.perf_counter() - start:.1f} s; cached in {path}")
+
+    def rows_of(self, table: pd.DataFrame, targets, views: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings of a table's rows (an augmented copy takes its source's), with every view."""
+        source = table["source_id"] if "source_id" in table else table[ID]
+        rows = np.array([self.cache["position"][int(i)] for i in source])
+        stacks = [self.cache["train"]] + (list(self.cache["views"]) if views else [])
+        x = torch.from_numpy(np.concatenate([s[rows] for s in stacks]))
+        t = None if targets is None else torch.from_numpy(np.concatenate([targets] * len(stacks)))
+        return x, t
+
+    def fill_bank(self) -> None:
+        """The kNN bank: the fold's train rows (plain embeddings) and their labels."""
+        onehot = torch.from_numpy(self.schema.one_hot(self.schema.encode(self.trn)))
+        counts, prior = onehot.sum(0), torch.zeros(self.schema.n_logits)
+        for h in self.schema.heads:
+            prior[h.logits] = counts[h.logits] / counts[h.logits].sum().clamp(min=1)
+        self.model.heads.fill(self.trn_x[: len(self.trn)], onehot, prior)
+
+    # -- the epoch loop, on cached embeddings
+    def fit(self, report=None) -> bool:
+        if self.cfg.head != "knn":
+            return super().fit(report)
+        stats, val_score = self.train_epoch(0)  # nothing to train: one pass scores and saves the bank
+        self.checkpoint(self.record(0, stats, val_score), 0, val_score)
+        self.log(f"fold {self.fold}: kNN vote (k={self.model.heads.k}) over {len(self.trn)} train rows: val {val_score:.4f}")
+        return True
+
+    def train_epoch(self, epoch: int) -> tuple[dict, float]:
+        cfg, start, total = self.cfg, time.perf_counter(), 0.0
+        if cfg.head != "knn":
+            torch.manual_seed(cfg.seed * 1000 + epoch)
+            self.model.train()
+            heads = HeadsOnly(self.model)
+            order = torch.randperm(len(self.trn_x), generator=torch.Generator().manual_seed(cfg.seed * 10_007 + epoch))
+            for rows in order.split(cfg.batch_size):
+                total += train_step(heads, self.trn_x[rows], self.trn_t[rows], self.optimizer,
+                                    clip_grad=cfg.clip_grad) * len(rows)
+                self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update(self.model)
+        seconds = time.perf_counter() - start
+        stats = {"loss": total / len(self.trn_x), "images_per_s": len(self.trn_x) / max(seconds, 1e-9), "seconds": seconds}
+        return stats, score_logits(self.schema, self.val_targets, self.head_logits(self.val_x))[0]
+
+    @torch.no_grad()
+    def head_logits(self, x: torch.Tensor, model=None) -> np.ndarray:
+        model = (model or self.scored).eval()
+        return torch.cat([model.head_logits(b) for b in x.split(1024)]).numpy()
+
+    def finalise(self) -> dict:
+        """OOF and test logits from the best checkpoint's heads on the cached embeddings."""
+        best, _ = load_checkpoint(self.dir / "best.pt", self.schema)
+        oof = self.head_logits(self.val_x, best)
+        test_logits = self.head_logits(torch.from_numpy(self.cache["test"]), best)
+        final, table = score_logits(self.schema, self.val_targets, oof)
+        metrics = {"fold": self.fold, "val_score": final, "best_epoch": self.state["best_epoch"],
+                   "epochs_run": self.state["epoch"] + 1, "bad_images": {}, "per_head": table.to_dict(orient="records")}
+        if self.d.main:
+            fp, made_from = self.schema.fingerprint, self.made_from()
+            save_logits(self.dir / "oof_logits.npz", self.val[ID].to_numpy(), oof, fp, self.fold, made_from)
+            if self.cfg.predict_test:
+                save_logits(self.dir / "test_logits.npz", self.cache["test_ids"], test_logits, fp, self.fold, made_from)
+            atomic_write_json(self.dir / "metrics.json", metrics)  # written last: marks the fold complete
+        return metrics
+
+
+class HeadsOnly(torch.nn.Module):
+    """The model's heads and loss on embeddings, in the shape ``train_step`` expects."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, targets=None, normaliser=None):
+        logits = self.model.head_logits(x)
+        return {"logits": logits, "loss": self.model.loss(logits.float(), targets, normaliser)}

@@ -1,0 +1,97 @@
+"""Training every fold of a run: what ``python train.py`` does, and what ``tune.py`` calls for each
+trial (``train_fold``). A fold is fine-tuned by ``utils.trainer.FoldTrainer``, or, with
+``frozen_backbone: true``, trained on cached embeddings by ``utils.frozen.FrozenFold``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+import pandas as pd
+
+from utils.blend import load_oof
+from utils.distributed import Dist, setup_distributed, teardown
+from utils.frozen import FrozenFold
+from utils.io import atomic_write_json
+from utils.metric import score_logits, summarize
+from utils.run import RunDir
+from utils.schema import ID, Dataset, Schema, read_dataset
+from utils.throughput import configure_device
+from utils.trainer import FoldTrainer, TrainConfig
+
+
+def train_fold(cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data: Dataset, fold: int, d: Dist,
+               report: Callable[[int, float], None] | None = None) -> dict:
+    """Train one fold; write its outputs; return its metrics (``{"stopped": True, ...}`` after
+    ``stop_after``). A complete fold is skipped under ``resume``."""
+    run_dir = RunDir(cfg.out_dir)
+    if cfg.resume and run_dir.fold_complete(cfg.run_name, fold):
+        done = json.loads(run_dir.fold_file(cfg.run_name, fold, "metrics.json").read_text())
+        if d.main:
+            print(f"fold {fold}: already complete (val score {done['val_score']:.4f}); skipped")
+        return done
+    trainer = (FrozenFold if cfg.frozen_backbone else FoldTrainer)(cfg, schema, train, data, fold, d, run_dir)
+    trainer.resume()
+    try:
+        if not trainer.fit(report):
+            return {"stopped": True, **trainer.state}
+        return trainer.finalise()
+    finally:
+        if trainer.tracker is not None:
+            trainer.tracker.close()
+
+
+# ----------------------------------------------------------------------------- every fold
+
+def print_table(title: str, table: pd.DataFrame) -> None:
+    with pd.option_context("display.width", 140, "display.max_rows", 200,
+                           "display.float_format", "{:.4f}".format):
+        print(f"\n{title}\n{table.to_string(index=False)}")
+
+
+def report_oof(run_dir: RunDir, run: str, train: pd.DataFrame) -> float | None:
+    """When every fold of a run is complete: its OOF score over the whole train set, printed and
+    written to ``<run>/oof_score.json``."""
+    if run not in run_dir.complete_runs():
+        return None
+    rows = run_dir.train_rows(train)
+    logits = load_oof(run_dir, [run], rows[ID].to_numpy())[0]  # checks coverage
+    final, table = score_logits(run_dir.schema, run_dir.schema.encode(rows), logits)
+    _, per_cat = summarize(table)
+    print_table(f"{run}: OOF over {len(rows)} train rows ({run_dir.n_folds} folds)", per_cat)
+    print(f"{run} OOF score: {final:.4f}")
+    atomic_write_json(run_dir.path / run / "oof_score.json",
+                      {"oof_score": final, "per_category": per_cat.to_dict(orient="records")})
+    return final
+
+
+def folds_to_train(cfg: TrainConfig) -> list[int]:
+    folds = list(range(cfg.n_folds)) if cfg.fold == "all" else [int(cfg.fold)] if cfg.fold.isdigit() else [-1]
+    if any(not 0 <= k < cfg.n_folds for k in folds):
+        raise ValueError(f"fold must be 'all' or in 0..{cfg.n_folds - 1}, got {cfg.fold!r}")
+    return folds
+
+
+def train(cfg: TrainConfig) -> dict:
+    """What ``python train.py`` does: prepare the run folder, train the folds asked for, print the
+    per-fold table and, once every fold is done, the run's OOF score."""
+    d = setup_distributed(cfg.device)
+    configure_device(d)
+    folds = folds_to_train(cfg)
+    data = read_dataset(cfg.data_dir, cfg.train_csv)
+    run_dir = RunDir(cfg.out_dir)
+    if d.main:  # rank 0 fits and writes schema.json and folds.csv; the others read them
+        schema, table = run_dir.prepare(data, cfg.n_folds, cfg.seed)
+    d.barrier()
+    if not d.main:
+        schema, table = run_dir.prepare(data, cfg.n_folds, cfg.seed)
+    start = time.perf_counter()
+    results = {k: train_fold(cfg, schema, table, data, k, d) for k in folds}
+    if d.main:
+        rows = [{"fold": k, "val_score": r.get("val_score", r.get("best_score")), "best_epoch": r.get("best_epoch")}
+                for k, r in results.items()]
+        print_table(f"{cfg.run_name}: folds ({time.perf_counter() - start:.0f} s)", pd.DataFrame(rows))
+        report_oof(run_dir, cfg.run_name, table)
+    teardown(d)
+    return results

@@ -1,0 +1,64 @@
+"""How training uses the machine: threads, loader workers, memory format. Each rule here was
+measured (``python -m utils.bench.train``; figures in BENCHMARKS.md) rather than assumed.
+
+- Threads. On CPU each process computes with its share of the cores (``torch.set_num_threads``);
+  loader workers compute with one thread each and no OpenCV pool (``utils.data``).
+- Loader workers (``workers: auto``). On CUDA: enough to feed the GPU, one per core left after the
+  training process, at most 8 (a draft-mode JPEG decode at 224 px runs at a few hundred images
+  per second per core). On CPU the step, not the decode, is the bottleneck: one worker decodes
+  ahead of the step at a small share of a core, so ``auto`` is 1 worker per process.
+- channels_last (``channels_last: auto``). On CUDA: on for every backbone with convolutions
+  (tensor cores take NHWC). On CPU: on where it measured faster, backbones with depthwise
+  convolutions (EfficientNet, MobileNet, ConvNeXt...), whose NHWC kernels are much faster in
+  oneDNN; off for the others (ResNet, DenseNet: no gain or a loss) and for transformers.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from utils.distributed import Dist
+
+
+def cores_per_process(d: Dist) -> int:
+    return max(1, (os.cpu_count() or 1) // d.world)
+
+
+def configure_device(d: Dist) -> None:
+    """Threads on CPU; cuDNN autotuning and TF32 matmuls on CUDA."""
+    if d.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels once
+        torch.set_float32_matmul_precision("high")
+    else:
+        torch.set_num_threads(cores_per_process(d))
+
+
+def loader_workers(workers: int | str, d: Dist) -> int:
+    """The number of loader worker processes for ``workers`` (a number, or auto; see above)."""
+    if workers != "auto":
+        if not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be a number >= 0 or 'auto', got {workers!r}")
+        return workers
+    if d.device.type == "cuda":
+        return max(2, min(8, cores_per_process(d) - 1))
+    return 1
+
+
+def has_depthwise_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
+
+
+def conv_layers(model: nn.Module) -> int:
+    """The number of 2-d convolutions (a ViT has one: its patch embedding)."""
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def use_channels_last(setting: str, backbone: nn.Module, device: torch.device) -> bool:
+    """Whether to run ``backbone`` in NHWC (``setting``: on, off or auto; see above)."""
+    if setting in ("on", "off"):
+        return setting == "on"
+    if conv_layers(backbone) <= 2:  # transformers: NHWC would only concern the patch embedding
+        return False
+    return device.type == "cuda" or has_depthwise_conv(backbone)
