@@ -2,13 +2,18 @@
 
     python export.py                         # runs of ensemble.json (or every run) -> <out-dir>/onnx/
     python export.py --int8                  # also int8 static quantisation (QDQ), with its OOF score change
+    python export.py --budget-ms 500         # serve the best configuration whose p99, measured here, fits
 
 Every fold's ``best.pt`` becomes ``onnx/<run>_fold<k>.onnx`` (dynamic batch; schema and
 preprocessing embedded as metadata). Each export is checked against PyTorch on real images of its
 fold's validation rows: maximum absolute logit difference (must be <= 1e-3) and identical decoding.
 When all members share one preprocessing, the whole ensemble (folds, weights, biases) is also
 exported as one graph, ``onnx/ensemble.onnx``; both ways are timed single-stream and the faster
-one is recorded in ``onnx/manifest.json`` (``use``), which infer.py follows.
+one is recorded in ``onnx/manifest.json`` (``use``), which infer.py follows. With ``--budget-ms``,
+every complete run is exported (a distilled student too), and every candidate configuration (the
+ensemble, smaller ensembles, each run alone; merged, fp32, int8 members; all folds or one) is
+scored by nested CV and timed end to end here: the best that fits is written to the manifest
+(``serve``), with every candidate in ``onnx/budget.csv`` (utils/budget.py).
 
 Latency of the seed's backbones at 224 px: ``python -m utils.bench.latency``.
 """
@@ -25,17 +30,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from utils import provenance
-from utils.blend import combine_members, ensemble_digest, expand_weights, load_ensemble
+from tqdm import tqdm
+
+from utils import budget, provenance
+from utils.blend import combine_members, ensemble_digest, expand_weights, head_log_softmax, load_ensemble, load_oof
 from utils.config import CommonConfig, option, run_command
 from utils.errors import DataError
-from utils.io import atomic_write_json
+from utils.io import atomic_write_csv, atomic_write_json
 from utils.metric import score_logits
 from utils.model import checkpoint_preprocess, load_checkpoint
 from utils.onnx_utils import EnsembleGraph, LogitsOnly, export_onnx, quantize_int8
 from utils.run import RunDir
-from utils.schema import ID, Schema, image_path, read_dataset
-from utils.serving import onnx_runner, parity, preprocess_batch, single_stream_ms
+from utils.schema import CATEGORY, ID, Schema, image_path, read_dataset
+from utils.serving import Member, onnx_runner, parity, preprocess_batch, run_members, single_stream_ms
 from utils.transforms import Preprocess
 
 
@@ -43,12 +50,18 @@ from utils.transforms import Preprocess
 class ExportConfig(CommonConfig):
     models: Optional[list[str]] = option(None, "runs to export (a,b,c); default: ensemble.json's, else every run")
     int8: bool = option(False, "also export int8-quantised models and report their OOF score change")
+    budget_ms: Optional[float] = option(None, "choose what to serve: the best-scoring configuration whose p99 "
+                                              "latency per image, measured here, fits this budget (utils/budget.py); "
+                                              "with --int8, int8 members are candidates too")
+    int8_max_drop: float = option(0.002, "budget: a member may be served in int8 only if its OOF score drops less")
+    latency_images: int = option(100, "budget: test images timed end to end per configuration")
     calib_images: int = option(200, "train images for int8 calibration")
     parity_images: int = option(32, "validation images of each fold for the ONNX-vs-PyTorch check")
     merge: bool = option(True, "also try the whole ensemble as one graph; keep the faster")
     threads: int = option(2, "ONNX Runtime intra-op threads for timing and parity")
     timing_images: int = option(50, "test images for the single-stream merged-vs-separate timing")
     progress: bool = option(True, "progress bars")
+
 
 
 def metadata(schema: Schema, run: str, prep, **extra) -> dict:
@@ -87,13 +100,14 @@ def export_fold(cfg: ExportConfig, run: str, k: int, path: Path, schema: Schema,
     int8 = onnx_runner(int8_path, cfg.threads, schema)
     batches = [preprocess_batch(val_paths[i:i + 64], prep) for i in range(0, len(val_paths), 64)]
     oof = {"fp32": np.concatenate([fp32(b) for b in batches]), "int8": np.concatenate([int8(b) for b in batches]),
-           "targets": schema.encode(val)}
+           "targets": schema.encode(val), "ids": val[ID].to_numpy()}
     return entry, oof
 
 
 def export_run(cfg: ExportConfig, run: str, paths: list[Path], schema: Schema, data, train: pd.DataFrame,
-               onnx_dir: Path) -> dict:
-    """Every fold of one run; with ``int8``, the run's OOF score in fp32 and int8."""
+               onnx_dir: Path) -> tuple[dict, dict]:
+    """Every fold of one run; with ``int8``, the run's OOF score in fp32 and int8. Returns the
+    manifest entry and, with ``int8``, the run's OOF logits in fp32 and int8 ONNX ({"ids", "fp32", "int8"})."""
     entry = {"run": run, "folds": []}
     oofs = []
     for k, path in enumerate(paths):
@@ -111,7 +125,8 @@ def export_run(cfg: ExportConfig, run: str, paths: list[Path], schema: Schema, d
         int8_score, _ = score_logits(schema, targets, np.concatenate([o["int8"] for o in oofs]))
         entry.update(oof_fp32=fp32_score, oof_int8=int8_score)
         print(f"{run}: OOF score fp32 {fp32_score:.4f}, int8 {int8_score:.4f} ({int8_score - fp32_score:+.4f})")
-    return entry
+        return entry, {k: np.concatenate([o[k] for o in oofs]) for k in ("ids", "fp32", "int8")}
+    return entry, {}
 
 
 def export_merged(cfg: ExportConfig, ens: dict, entries: list[dict], schema: Schema, data, onnx_dir: Path) -> dict:
@@ -140,6 +155,75 @@ def export_merged(cfg: ExportConfig, ens: dict, entries: list[dict], schema: Sch
             "use": use}
 
 
+def choose_serving(cfg: ExportConfig, run_dir: RunDir, exported: dict, data) -> dict:
+    """Under ``--budget-ms``: every candidate configuration scored and timed here; the best that
+    fits (utils/budget.py). Raises, naming the fastest, when none does."""
+    if not run_dir.ensemble_path.is_file():
+        raise DataError(f"--budget-ms weighs the candidates with {run_dir.ensemble_path}'s method: run ensemble.py first")
+    schema, spec = run_dir.schema, json.loads(run_dir.ensemble_path.read_text())
+    rows, runs = run_dir.train_rows(data.train), list(exported)
+    position = pd.Series(np.arange(len(rows)), index=rows[ID].to_numpy())
+    members = dict(zip(runs, load_oof(run_dir, runs, rows[ID].to_numpy())))
+    int8_members = {}  # with --int8: each member's int8 OOF logits, for the candidates that quantise it
+    for run, (entry, oof) in exported.items():
+        if oof:
+            z = np.empty_like(oof["int8"])
+            z[position[oof["ids"]].to_numpy()] = oof["int8"]
+            int8_members[run] = head_log_softmax(z, schema)
+    int8_ok = {run for run, (entry, _) in exported.items()
+               if run in int8_members and entry["oof_fp32"] - entry["oof_int8"] < cfg.int8_max_drop}
+    scorer = budget.Scorer(members, int8_members, schema.encode(rows), rows["fold"].to_numpy(), schema, spec)
+    preps = {run: Preprocess.from_dict(exported[run][0]["preprocess"]) for run in runs}
+    variants = []
+    for models in budget.candidates(scorer, spec["models"], runs):
+        mergeable = cfg.merge and len({preps[r] for r in models}) == 1
+        variants += budget.variants_of(scorer, models, int8_ok, mergeable)
+    items = list(zip([image_path(data.test_images, i) for i in data.test[ID]], data.test[CATEGORY]))[: cfg.latency_images]
+    for k, v in enumerate(tqdm(variants, desc="budget", disable=not cfg.progress)):
+        v.p50, v.p99 = budget.time_variant(serving_fn(cfg, run_dir, v, preps, exported, k), items)
+    table = budget.table(variants, cfg.budget_ms)
+    atomic_write_csv(run_dir.onnx_dir / "budget.csv", table)
+    with pd.option_context("display.width", 160, "display.max_colwidth", 40):
+        print(f"\nserving candidates, end to end per image, single stream, {cfg.threads} threads, {len(items)} "
+              f"images; budget p99 {cfg.budget_ms:.0f} ms\n" + table.to_string(index=False, float_format="{:.4f}".format))
+    chosen = budget.choose(variants, cfg.budget_ms)
+    if chosen is None:
+        fastest = min(variants, key=lambda v: v.p99)
+        raise DataError(f"nothing fits a p99 of {cfg.budget_ms:.0f} ms on this machine: the fastest is {fastest.name} "
+                        f"at p99 {fastest.p99:.1f} ms (every candidate: {run_dir.onnx_dir / 'budget.csv'})")
+    print(f"serving {chosen.name}: score {chosen.score:.4f} (nested CV), p99 {chosen.p99:.1f} ms <= {cfg.budget_ms:.0f} ms")
+    return {"name": chosen.name, "models": chosen.models, "weights": np.asarray(chosen.weights).tolist(),
+            "biases": np.asarray(chosen.biases, dtype=float).round(6).tolist(), "folds": chosen.folds,
+            "format": chosen.format, "int8": chosen.int8, "path": chosen.path, "score": chosen.score,
+            "p50_ms": chosen.p50, "p99_ms": chosen.p99, "budget_ms": cfg.budget_ms, "threads": cfg.threads,
+            "images": len(items)}
+
+
+def serving_fn(cfg: ExportConfig, run_dir: RunDir, v, preps: dict, exported: dict, k: int):
+    """One image end to end (decode, preprocess, members, blend, decode) as variant ``v`` serves it."""
+    schema = run_dir.schema
+    ens = {"models": v.models, "weights": v.weights, "biases": v.biases}
+    if v.format == "merged":
+        prep = preps[v.models[0]]
+        folds = [[load_checkpoint(run_dir.fold_file(r, f, "best.pt"), schema)[0] for f in range(run_dir.n_folds)]
+                 for r in v.models]
+        v.path = f"budget_{k}.onnx"
+        export_onnx(EnsembleGraph(folds, expand_weights(v.weights, schema), v.biases, schema), run_dir.onnx_dir / v.path,
+                    prep.img_size, metadata(schema, "ensemble", prep))
+        session = onnx_runner(run_dir.onnx_dir / v.path, cfg.threads, schema)
+        return lambda item: schema.predict(session(prep(item[0])[None]))
+    members = []
+    for run in v.models:
+        key = "int8_path" if run in v.int8 else "path"
+        folds = exported[run][0]["folds"][: 1 if v.folds == "one" else None]
+        members.append(Member(run, [onnx_runner(run_dir.onnx_dir / f[key], cfg.threads, schema) for f in folds], preps[run]))
+
+    def predict_one(item):
+        images = {p: p(item[0])[None] for p in {m.prep for m in members}}
+        return schema.predict(combine_members(run_members(members, images), ens, schema))
+    return predict_one
+
+
 def made_from(cfg: ExportConfig, run_dir: RunDir, ens: dict, manifest: dict) -> dict:
     """The manifest is made from the checkpoints, ensemble.json (whose weights the merged graph
     bakes in) and the ONNX files it lists: a change to any of them after export is noticed."""
@@ -160,11 +244,17 @@ def main(cfg: ExportConfig) -> dict:
     schema, data = run_dir.schema, read_dataset(cfg.data_dir)
     train = run_dir.train_rows(data.train)
     ens = load_ensemble(run_dir, cfg.models)
-    entries = [export_run(cfg, run, ens["folds"][run], schema, data, train, run_dir.onnx_dir) for run in ens["models"]]
+    runs = run_dir.complete_runs() if cfg.budget_ms else ens["models"]  # under a budget, any run may serve
+    exported = {run: export_run(cfg, run, [run_dir.fold_file(run, k, "best.pt") for k in range(run_dir.n_folds)],
+                                schema, data, train, run_dir.onnx_dir) for run in runs}
+    entries = [exported[run][0] for run in runs]
     manifest = {"models": ens["models"], "schema": schema.fingerprint, "members": entries, "use": "separate",
                 "config": dataclasses.asdict(cfg)}
-    if cfg.merge and len({json.dumps(e["preprocess"], sort_keys=True) for e in entries}) == 1:
-        manifest.update(export_merged(cfg, ens, entries, schema, data, run_dir.onnx_dir))
+    ens_entries = [exported[run][0] for run in ens["models"]]
+    if cfg.merge and len({json.dumps(e["preprocess"], sort_keys=True) for e in ens_entries}) == 1:
+        manifest.update(export_merged(cfg, ens, ens_entries, schema, data, run_dir.onnx_dir))
+    if cfg.budget_ms:
+        manifest["serve"] = choose_serving(cfg, run_dir, exported, data)
     manifest["provenance"] = made_from(cfg, run_dir, ens, manifest)
     atomic_write_json(run_dir.manifest_path, manifest)
     rows = [{"run": e["run"], "fold": f["fold"], "max_abs_diff": f["parity_max_abs_diff"],

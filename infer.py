@@ -7,7 +7,8 @@
     python infer.py --from-logits                     # from train.py's saved test logits, no images
 
 Members, weights and biases come from ``<out-dir>/ensemble.json`` (equal weights without it).
-The ONNX backend reads ``<out-dir>/onnx/manifest.json`` from ``export.py``. Images are decoded and
+The ONNX backend serves what ``<out-dir>/onnx/manifest.json`` says: under ``export.py
+--budget-ms``, the configuration chosen to fit the latency budget. Images are decoded and
 preprocessed by the same transform factory as in training. Each row's own category heads are
 decoded, ``dummy_value`` fills the slots past ``len``; the result is validated, then written
 atomically. An image that is missing, empty, truncated or not an image still gets its row,
@@ -87,7 +88,7 @@ def predict_images(cfg: InferConfig, run_dir: RunDir, test: pd.DataFrame, ens: d
     if cfg.backend == "torch":
         members, merged = torch_members(ens, schema), False
     else:
-        members, merged = onnx_members(run_dir, ens, schema, cfg.int8, cfg.threads)
+        members, merged, ens = onnx_members(run_dir, ens, schema, cfg.int8, cfg.threads)
     preps = sorted({m.prep for m in members}, key=lambda p: json.dumps(p.to_dict(), sort_keys=True))
     ids, categories = test[ID].to_numpy(), test[CATEGORY].to_numpy()
     loader = torch.utils.data.DataLoader(TestImages(ids, images_dir, preps), batch_size=cfg.batch_size,

@@ -124,13 +124,13 @@ def storage_file(url: str | None) -> Path | None:
 @contextlib.contextmanager
 def storage_lock(url: str | None):
     """Workers that start together on one local storage file open it one at a time (an exclusive
-    lock on ``<file>.lock``), so only the first creates its tables and the study."""
+    lock on ``<file>.open.lock``), so only the first creates its tables and the study."""
     path = storage_file(url)
     if path is None:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    with open(path.with_name(path.name + ".open.lock"), "a") as lock:  # not <file>.lock: optuna's journal lock
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

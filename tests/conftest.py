@@ -27,8 +27,11 @@ TRAIN = ["--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs",
          "--progress", "false", "--fold", "all"]
 
 
+MODELS = ("test_byobnet", "test_efficientnet")  # timm's tiny test models (one preprocessing: a merged graph)
+
+
 def pipeline(data: Path, out: Path) -> Path:
-    for model in ("resnet18", "efficientnet_b0"):
+    for model in MODELS:
         run_script("train.py", "--model", model, "--data-dir", str(data), "--out-dir", str(out), *TRAIN)
     run_script("ensemble.py", "--data-dir", str(data), "--out-dir", str(out), "--sto-population", "6",
                "--sto-iterations", "3", "--compare", "equal,sto", "--progress", "false")
@@ -38,7 +41,50 @@ def pipeline(data: Path, out: Path) -> Path:
 
 
 def run_script(*args, cwd=ROOT, check=True, env=None, timeout=600):
-    """Run a top-level script or module as a user would, and return the CompletedProcess."""
+    """Run a top-level script (``train.py ...``) or module (``-m utils.metric ...``) as a user would,
+    and return a CompletedProcess. It runs in this process (``runpy``, ``__main__``, its own argv,
+    its output captured): what the command does is the same, without a new interpreter's seconds
+    of imports. Code (``-c``) and a custom ``env`` get a real process; so do the tests that must
+    kill, count or isolate one, which call subprocess themselves."""
+    if args[0] == "-c" or env is not None or cwd != ROOT:
+        return run_process(*args, cwd=cwd, check=check, env=env, timeout=timeout)
+    import contextlib
+    import io
+    import runpy
+    import subprocess
+    import traceback
+    import warnings
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    module = args[1] if args[0] == "-m" else None
+    argv, sys.argv = sys.argv, [module or args[0], *args[2 if module else 1:]]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("always")  # as in a fresh process: no warning is "already shown"
+            warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package")
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+                warnings.formatwarning(message, category, filename, lineno, line))  # not pytest's recorder
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(str(ROOT / args[0]), run_name="__main__")
+    except SystemExit as end:
+        code = end.code if isinstance(end.code, int) else (0 if end.code is None else 1)
+        if not isinstance(end.code, int) and end.code is not None:
+            err.write(str(end.code) + "\n")
+    except BaseException:  # what an uncaught exception does to a process: a traceback, status 1
+        err.write(traceback.format_exc())
+        code = 1
+    finally:
+        sys.argv = argv
+    proc = subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{args} failed ({code}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def run_process(*args, cwd=ROOT, check=True, env=None, timeout=600):
+    """Run ``python *args`` in a new process and return the CompletedProcess."""
     import subprocess
 
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
@@ -47,7 +93,3 @@ def run_script(*args, cwd=ROOT, check=True, env=None, timeout=600):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end or timing-bound; left out of `make test-fast`")

@@ -61,6 +61,7 @@ def augmented(tiny_data, tmp_path_factory):
     return data_dir, out, proc, unreadable
 
 
+@pytest.mark.slow
 def test_new_ids_are_unique_and_labels_copied(augmented):
     data_dir, out, proc, _ = augmented
     data = read_dataset(data_dir, str(out / "augmented_train.csv"))
@@ -78,6 +79,7 @@ def test_new_ids_are_unique_and_labels_copied(augmented):
     assert "class counts per (category, slot) before and after" in proc.stdout
 
 
+@pytest.mark.slow
 def test_unreadable_source_is_reported_and_skipped_and_rerun_skips(augmented):
     data_dir, out, proc, unreadable = augmented
     assert f"source image of id {unreadable} could not be read" in proc.stdout
@@ -91,6 +93,7 @@ def test_unreadable_source_is_reported_and_skipped_and_rerun_skips(augmented):
     assert pd.read_csv(out / "augmented_train.csv").equals(table_)
 
 
+@pytest.mark.slow
 def test_copies_inherit_their_source_fold_and_never_leak(augmented, tmp_path):
     data_dir, out, _, _ = augmented
     data = read_dataset(data_dir, str(out / "augmented_train.csv"))

@@ -12,7 +12,7 @@ from utils.metric import validate_submission
 from utils.run import RunDir
 from utils.schema import Schema, read_dataset
 
-TRAIN = ["--model", "resnet18", "--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs", "1",
+TRAIN = ["--model", "test_resnet", "--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs", "1",
          "--workers", "1", "--progress", "false", "--fold", "0"]
 
 
@@ -46,11 +46,12 @@ def broken(tiny_data, tmp_path_factory):
     return data, break_images(data / "train_images", [int(i) for i in ids])
 
 
+@pytest.mark.slow
 def test_training_skips_unusable_images_and_repairs_odd_ones(broken, tmp_path):
     broken, kinds = broken
     out = tmp_path / "run"
     proc = run_script("train.py", "--data-dir", str(broken), "--out-dir", str(out), *TRAIN, "--max-bad-images", "0.05")
-    metrics = json.loads((out / "resnet18" / "fold0" / "metrics.json").read_text())
+    metrics = json.loads((out / "test_resnet" / "fold0" / "metrics.json").read_text())
     bad = {int(k) for k in metrics["bad_images"]}
     unusable = {i for i, k in kinds.items() if k in UNUSABLE}
     repaired = set(kinds) - unusable
@@ -61,6 +62,7 @@ def test_training_skips_unusable_images_and_repairs_odd_ones(broken, tmp_path):
     assert f"{len(unusable)} unreadable image(s) skipped" in proc.stdout
 
 
+@pytest.mark.slow
 def test_too_many_bad_images_stop_training(broken, tmp_path):
     broken, _ = broken
     proc = run_script("train.py", "--data-dir", str(broken), "--out-dir", str(tmp_path / "run2"), *TRAIN,
@@ -69,6 +71,7 @@ def test_too_many_bad_images_stop_training(broken, tmp_path):
     assert "train images are unreadable (more than max_bad_images=0.001)" in proc.stderr
 
 
+@pytest.mark.slow
 def test_inference_writes_every_row_whatever_the_image(tiny_data, tiny_run, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)

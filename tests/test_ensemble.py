@@ -127,16 +127,17 @@ def test_misaligned_ids_and_layouts_raise(synthetic, tmp_path):
     assert load_oof(RunDir(tmp_path), ["good"], train.id.to_numpy()).shape == (1, len(train), schema.n_logits)
 
 
+@pytest.mark.slow
 def test_search_at_full_scale_fits_in_a_few_gb():
     """20 members x 70,000 rows x 42 heads: the logits alone are 0.95 GB of float32; the objective
     keeps one per-head copy. A float64 or per-evaluation copy would pass 3 GB."""
     from tests.conftest import run_script
 
     code = ("import resource, runpy, sys\n"
-            "sys.argv = ['utils/bench/ensemble.py', '--models', '20', '--rows', '70000']\n"
+            "sys.argv = ['utils/bench/ensemble.py', '--models', '20', '--rows', '70000', '--sto-iterations', '1']\n"
             "runpy.run_module('utils.bench.ensemble', run_name='__main__')\n"
             "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
     proc = run_script("-c", code)
-    assert "STO N=16 T=12" in proc.stdout
+    assert "STO N=16 T=1" in proc.stdout  # the peak is the data's, whatever the search's length
     peak_gb = int(proc.stdout.rsplit("peak_kb", 1)[1].split()[0]) / 2**20
     assert 0.95 < peak_gb < 3.0, peak_gb

@@ -56,6 +56,7 @@ def test_an_openclip_file_loads_into_the_matching_timm_model_with_every_weight_u
         load_from_file("vit_base_patch32_clip_quickgelu_224", str(tmp_path / "nothing.bin"))
 
 
+@pytest.mark.slow
 def test_train_py_fine_tunes_from_an_openclip_file_on_the_clip_embedding(tiny_data, tmp_path):
     clip, path = tiny_clip(tmp_path)
     arch = {k: v for k, v in TIMM_TINY_CLIP.items() if k != "img_size"}
@@ -147,7 +148,8 @@ def test_ema_weights_are_the_ones_scored_and_saved(tiny_data, tmp_path):
     ema, raw = trainer.ema.module.state_dict(), trainer.model.state_dict()
     assert all(torch.equal(best["state_dict"][k], ema[k]) for k in ema)
     assert any(not torch.equal(best["state_dict"][k], raw[k]) for k in raw)
-    idx, logits = predict(trainer.ema.module, trainer.val_loader, torch.device("cpu"), progress=False)
+    idx, logits = predict(trainer.ema.module, trainer.val_loader, torch.device("cpu"), amp_dtype=trainer.dtype,
+                          progress=False)
     assert best["val_score"] == pytest.approx(score_logits(schema, trainer.val_targets[idx], logits)[0], abs=1e-12)
     d = schema.to_dict()
     d["vocabs"][schema.heads[0].name] = ["only-one"]
@@ -195,6 +197,7 @@ def test_the_frozen_route_caches_embeddings_reuses_them_and_runs_through_the_pip
     assert len(pipeline_takes(tiny_data, tmp_path, "frozen_mlp")) == len(read_dataset(tiny_data).test)
 
 
+@pytest.mark.slow
 def test_tracking_logs_the_history_to_local_tensorboard_and_mlflow_files(tiny_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

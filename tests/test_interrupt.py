@@ -98,6 +98,9 @@ def no_temporary_files(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*.tmp"))
 
 
+pytestmark = pytest.mark.slow  # every test here runs a script twice or more, killing one run
+
+
 @pytest.fixture
 def seed():
     """A fresh random kill point on every run; each failure message names it."""
@@ -126,7 +129,7 @@ def test_a_write_killed_midway_leaves_the_old_file(tmp_path):
 
 # ----------------------------------------------------------------------------- the scripts
 
-TRAIN = ["--model", "resnet18", "--n-folds", "2", "--img-size", "32", "--batch-size", "16", "--epochs", "2",
+TRAIN = ["--model", "test_resnet", "--n-folds", "2", "--img-size", "32", "--batch-size", "16", "--epochs", "2",
          "--workers", "1", "--progress", "false", "--fold", "all"]
 
 
@@ -144,12 +147,12 @@ def test_train_killed_then_resumed_matches_an_uninterrupted_run(tiny_data, tmp_p
     run_script(*args(cut, "--resume", "true"))
     for k in range(2):
         for name in ("oof_logits.npz", "test_logits.npz"):
-            a, b = (np.load(d / "resnet18" / f"fold{k}" / name) for d in (tmp_path / "ref", cut))
+            a, b = (np.load(d / "test_resnet" / f"fold{k}" / name) for d in (tmp_path / "ref", cut))
             assert (a["ids"] == b["ids"]).all(), why
             np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-6, rtol=0, err_msg=why)
-        a, b = (pd.read_csv(d / "resnet18" / f"fold{k}" / "history.csv") for d in (tmp_path / "ref", cut))
+        a, b = (pd.read_csv(d / "test_resnet" / f"fold{k}" / "history.csv") for d in (tmp_path / "ref", cut))
         np.testing.assert_allclose(a.val_score, b.val_score, atol=1e-6, err_msg=why)
-    a, b = (json.loads((d / "resnet18" / "oof_score.json").read_text()) for d in (tmp_path / "ref", cut))
+    a, b = (json.loads((d / "test_resnet" / "oof_score.json").read_text()) for d in (tmp_path / "ref", cut))
     assert a == pytest.approx(b), why
     assert no_temporary_files(cut) == [], why
 

@@ -48,6 +48,7 @@ def test_a_copied_run_folder_stays_valid_and_a_changed_input_is_named(tmp_path):
         provenance.check(rec, tmp_path / "b", "oof_logits.npz")
 
 
+@pytest.mark.slow
 def test_ensemble_rerun_after_export_makes_infer_refuse_naming_ensemble_json(run, tiny_data, tmp_path):
     before = json.loads((run / "ensemble.json").read_text())
     other_bias = "off" if before["bias"] else "on"
@@ -66,19 +67,20 @@ def test_ensemble_rerun_after_export_makes_infer_refuse_naming_ensemble_json(run
     assert infer(tiny_data, run, tmp_path / "sub.csv").returncode == 0  # re-exported: served again
 
 
+@pytest.mark.slow
 def test_a_checkpoint_replaced_after_export_is_refused(run, tiny_data, tmp_path):
-    path = run / "resnet18" / "fold1" / "best.pt"
+    path = run / "test_byobnet" / "fold1" / "best.pt"
     ckpt = torch.load(path, weights_only=True)
     ckpt["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
     torch.save(ckpt, path)
     for backend in ("onnx", "torch"):  # the fold's OOF logits (so ensemble.json's fit) and its ONNX file
         proc = infer(tiny_data, run, tmp_path / f"{backend}.csv", "--backend", backend)
         assert proc.returncode == 2 and not (tmp_path / f"{backend}.csv").exists()
-        assert "resnet18/fold1/oof_logits.npz is stale: it was made from resnet18/fold1/best.pt, which changed since" \
+        assert "test_byobnet/fold1/oof_logits.npz is stale: it was made from test_byobnet/fold1/best.pt, which changed since" \
             in proc.stderr
-        assert f"python train.py --config {run}/resnet18/fold1/config.yaml --out-dir {run} --fold 1" in proc.stderr
-    with pytest.raises(StaleError, match=r"manifest.json is stale: it was made from resnet18/fold1/best.pt"):
-        onnx_members(RunDir(run), {"models": ["efficientnet_b0", "resnet18"]}, RunDir(run).schema, False, 1)
+        assert f"python train.py --config {run}/test_byobnet/fold1/config.yaml --out-dir {run} --fold 1" in proc.stderr
+    with pytest.raises(StaleError, match=r"manifest.json is stale: it was made from test_byobnet/fold1/best.pt"):
+        onnx_members(RunDir(run), {"models": ["test_byobnet", "test_efficientnet"]}, RunDir(run).schema, False, 1)
 
 
 def test_models_override_is_served_by_the_per_fold_files_not_the_merged_graph(run, tiny_data, tmp_path):
@@ -86,22 +88,23 @@ def test_models_override_is_served_by_the_per_fold_files_not_the_merged_graph(ru
     manifest["use"] = "merged"  # whatever the timing said: the merged graph holds ensemble.json's weights
     (run / "onnx" / "manifest.json").write_text(json.dumps(manifest))
     rd = RunDir(run)
-    asked = load_ensemble(rd, ["efficientnet_b0", "resnet18"])  # equal weights, no biases
-    members, merged = onnx_members(rd, asked, rd.schema, False, 1)
-    assert not merged and [m.run for m in members] == ["efficientnet_b0", "resnet18"]
-    members, merged = onnx_members(rd, load_ensemble(rd), rd.schema, False, 1)
+    asked = load_ensemble(rd, ["test_byobnet", "test_efficientnet"])  # equal weights, no biases
+    members, merged, _ = onnx_members(rd, asked, rd.schema, False, 1)
+    assert not merged and [m.run for m in members] == ["test_byobnet", "test_efficientnet"]
+    members, merged, _ = onnx_members(rd, load_ensemble(rd), rd.schema, False, 1)
     assert merged  # ensemble.json's own weights: the merged graph serves
 
 
+@pytest.mark.slow
 def test_a_draft_false_run_is_served_exactly_the_pixels_it_validated_on(tiny_data, tmp_path):
     out = tmp_path / "run"
-    run_script("train.py", "--model", "resnet18", "--data-dir", str(tiny_data), "--out-dir", str(out), "--n-folds", "2",
+    run_script("train.py", "--model", "test_resnet", "--data-dir", str(tiny_data), "--out-dir", str(out), "--n-folds", "2",
                "--img-size", "40", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--fold", "all",
                "--draft", "false", "--progress", "false")
     run_script("export.py", "--data-dir", str(tiny_data), "--out-dir", str(out), "--timing-images", "2",
                "--progress", "false")
     rd = RunDir(out)
-    trained = checkpoint_preprocess(load_checkpoint(rd.fold_file("resnet18", 0, "best.pt"))[1])
+    trained = checkpoint_preprocess(load_checkpoint(rd.fold_file("test_resnet", 0, "best.pt"))[1])
     assert trained.draft is False and trained.img_size == 40
     ens = load_ensemble(rd)
     served = [m.prep for m in torch_members(ens, rd.schema)] + [m.prep for m in onnx_members(rd, ens, rd.schema, False, 1)[0]]

@@ -95,6 +95,7 @@ def test_losses(tiny_data, kind):
     assert HeadLoss(schema, kind)(logits, all_ignored).item() == 0.0
 
 
+@pytest.mark.slow
 def test_frozen_backbone_does_not_change(tiny_data, tmp_path):
     cfg = cfg_for(tiny_data, tmp_path, "--epochs", "1", "--freeze-epochs", "1", "--fold", "0")
     data = read_dataset(tiny_data)
@@ -113,35 +114,38 @@ def test_frozen_backbone_does_not_change(tiny_data, tmp_path):
 FINETUNE = ["--ema-decay", "0.9", "--grad-accum", "2", "--head", "mlp", "--head-hidden", "32", "--layer-decay", "0.8"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--workers", "2", "--channels-last", "on", *FINETUNE]],
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--model", "test_resnet", "--workers", "2", "--channels-last", "on", *FINETUNE]],
                          ids=["plain", "persistent-workers-channels-last-ema-accum-mlp-layer-decay"])
 def test_resume_matches_an_uninterrupted_run(tiny_data, tmp_path, extra):
     full = cfg_for(tiny_data, tmp_path / "full", "--epochs", "2", "--fold", "0", *extra)
     kfold.train(full)
     part = cfg_for(tiny_data, tmp_path / "part", "--epochs", "2", "--fold", "0", "--stop-after", "1", *extra)
     kfold.train(part)
-    assert not (tmp_path / "part" / "resnet18" / "fold0" / "oof_logits.npz").exists()
+    run = "test_resnet" if "test_resnet" in extra else "resnet18"
+    assert not (tmp_path / "part" / run / "fold0" / "oof_logits.npz").exists()
     resumed = cfg_for(tiny_data, tmp_path / "part", "--epochs", "2", "--fold", "0", "--resume", "true", *extra)
     kfold.train(resumed)
-    a = np.load(tmp_path / "full" / "resnet18" / "fold0" / "oof_logits.npz")
-    b = np.load(tmp_path / "part" / "resnet18" / "fold0" / "oof_logits.npz")
+    a = np.load(tmp_path / "full" / run / "fold0" / "oof_logits.npz")
+    b = np.load(tmp_path / "part" / run / "fold0" / "oof_logits.npz")
     assert (a["ids"] == b["ids"]).all()
     np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-5)
-    ha = pd.read_csv(tmp_path / "full" / "resnet18" / "fold0" / "history.csv")
-    hb = pd.read_csv(tmp_path / "part" / "resnet18" / "fold0" / "history.csv")
+    ha = pd.read_csv(tmp_path / "full" / run / "fold0" / "history.csv")
+    hb = pd.read_csv(tmp_path / "part" / run / "fold0" / "history.csv")
     np.testing.assert_allclose(ha.val_score, hb.val_score, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "train.py", "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), *TINY, "--epochs", "1", "--fold", "1",
-           "--channels-last", "on", *FINETUNE]
+           "--channels-last", "on", *FINETUNE, "--model", "test_resnet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("fold 1 epoch 1/1") == 1  # only rank 0 prints and writes
     folds = pd.read_csv(tmp_path / "folds.csv")
-    ids, oof = load_logits(tmp_path / "resnet18" / "fold1" / "oof_logits.npz")
+    ids, oof = load_logits(tmp_path / "test_resnet" / "fold1" / "oof_logits.npz")
     # the two ranks' validation shards are gathered: every validation row once, in order
     assert sorted(ids) == sorted(folds.id[folds.fold == 1])
     assert len(ids) == len(set(ids))
@@ -178,3 +182,30 @@ def test_a_poisoned_checkpoint_is_refused_and_nothing_in_it_runs(tmp_path):
     with pytest.raises(DataError, match=r"refusing to load .*best.pt.*could run code \(.*GLOBAL posix.system"):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["ce", "weighted_ce", "focal", "logit_adjusted"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_all_heads_at_once_equal_cross_entropy_head_by_head(tiny_data, kind, smoothing):
+    """The vectorised loss against F.cross_entropy per head, on that head's given rows."""
+    import torch.nn.functional as F
+
+    data = read_dataset(tiny_data)
+    schema = Schema.fit(data.train, data.category_attrs)
+    targets = torch.as_tensor(schema.encode(data.train.head(64)))
+    logits = 3 * torch.randn(64, schema.n_logits, generator=torch.Generator().manual_seed(0))
+    loss = HeadLoss(schema, kind, label_smoothing=smoothing)
+    total, count = 0.0, 0
+    for j, head in enumerate(schema.heads):
+        given = targets[:, j] != IGNORE_INDEX
+        if not given.any():
+            continue
+        z, t = logits[given][:, head.logits], targets[given, j]
+        if kind == "logit_adjusted":
+            z = z + loss.shift[head.logits]
+        weight = loss.weight[head.logits] if kind == "weighted_ce" else None
+        ce = F.cross_entropy(z, t, weight=weight, reduction="none", label_smoothing=smoothing)
+        if kind == "focal":
+            ce = (1 - torch.exp(-F.cross_entropy(z, t, reduction="none"))) ** loss.gamma * ce
+        total, count = total + ce.sum(), count + int(given.sum())
+    assert loss(logits, targets).item() == pytest.approx((total / count).item(), rel=1e-6)

@@ -14,36 +14,8 @@ from utils.errors import NonFiniteLoss
 
 
 def tiny_args(data, out, *extra):
-    return ["--model", "resnet18", "--data-dir", str(data), "--out-dir", str(out), "--config",
+    return ["--model", "test_resnet", "--data-dir", str(data), "--out-dir", str(out), "--config",
             "configs/tune_tiny.yaml", "--img-size", "32", "--epochs", "1", *extra]
-
-
-def test_two_workers_share_one_study_and_the_yaml_trains(tiny_data, tmp_path):
-    journal = tmp_path / "study.journal"
-    tuned = tmp_path / "tuned_resnet18.yaml"
-    args = tiny_args(tiny_data, tmp_path / "run", "--n-trials", "2", "--storage", f"journal:{journal}",
-                     "--study-name", "shared", "--pruner", "none", "--tuned-config", str(tuned),
-                     "--batch-size", "16")
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    workers = [subprocess.Popen([sys.executable, "tune.py", *args], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    for w in workers:
-        out, err = w.communicate(timeout=600)
-        assert w.returncode == 0, err[-3000:]
-    from optuna.storages.journal import JournalFileBackend
-    study = optuna.load_study(study_name="shared", storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
-    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]  # 2 + 2, none lost
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    best = yaml.safe_load(tuned.read_text())
-    assert best["model"] == "resnet18" and set(best) - {"model"} == set(tune.load_space("configs/tune_space.yaml"))
-    study_dir = tmp_path / "run" / "tune" / "shared"
-    assert (study_dir / "trials.csv").is_file() and (study_dir / "history.png").stat().st_size > 0
-    assert not list(study_dir.glob(".*.tmp"))
-    # the written YAML is a train.py config as it is
-    run_script("train.py", "--config", str(tuned), "--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "final"),
-               "--n-folds", "3", "--img-size", "32", "--epochs", "1", "--fold", "0", "--workers", "0",
-               "--progress", "false")
-    assert (tmp_path / "final" / "resnet18" / "fold0" / "oof_logits.npz").is_file()
 
 
 def fake_train_fold(cfg, schema, table, data, fold, d, report=None):
@@ -72,6 +44,7 @@ def _study(tmp_path, lr_values):
     return storage
 
 
+@pytest.mark.slow
 def test_pruning_stops_a_clearly_worse_trial(tiny_data, tmp_path, lr_space, monkeypatch):
     monkeypatch.setattr(kfold, "train_fold", fake_train_fold)
     storage = _study(tmp_path, [0.01, 0.02, 0.03, 1e-5])
@@ -85,6 +58,7 @@ def test_pruning_stops_a_clearly_worse_trial(tiny_data, tmp_path, lr_space, monk
     assert all(len(t.intermediate_values) == 5 for t in study.trials[:3])
 
 
+@pytest.mark.slow
 def test_a_failing_trial_leaves_the_study_usable(tiny_data, tmp_path, lr_space, monkeypatch):
     monkeypatch.setattr(kfold, "train_fold", fake_train_fold)
     storage = _study(tmp_path, [0.9, 0.01, 0.02])
@@ -108,6 +82,7 @@ def test_space_keys_must_be_train_keys(tmp_path):
         tune.load_space(str(bad))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_three_workers_started_in_the_same_instant_on_a_fresh_storage_all_run(tiny_data, tmp_path, kind):
     """The README's pattern with every worker released at once (after its imports, so that they
@@ -132,5 +107,16 @@ def test_three_workers_started_in_the_same_instant_on_a_fresh_storage_all_run(ti
         out, err = w.communicate(timeout=600)
         assert w.returncode == 0, err[-3000:]
     study = optuna.load_study(study_name="s", storage=tune.make_storage(storage))
-    assert len(study.trials) == 3
+    assert sorted(t.number for t in study.trials) == [0, 1, 2]  # 1 + 1 + 1, none lost
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    tuned = tmp_path / "t.yaml"
+    best = yaml.safe_load(tuned.read_text())
+    assert best["model"] == "test_resnet" and set(best) - {"model"} == set(tune.load_space("configs/tune_space.yaml"))
+    study_dir = tmp_path / "run" / "tune" / "s"
+    assert (study_dir / "trials.csv").is_file() and (study_dir / "history.png").stat().st_size > 0
+    assert not list(study_dir.glob(".*.tmp"))
+    if kind == "journal":  # the written YAML is a train.py config as it is
+        run_script("train.py", "--config", str(tuned), "--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "final"),
+                   "--n-folds", "3", "--img-size", "32", "--epochs", "1", "--fold", "0", "--workers", "0",
+                   "--progress", "false")
+        assert (tmp_path / "final" / "test_resnet" / "fold0" / "oof_logits.npz").is_file()

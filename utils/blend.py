@@ -58,7 +58,7 @@ def load_ensemble(run_dir: RunDir, models: list[str] | None = None) -> dict:
     """The ensemble to apply: ``ensemble.json`` (models, weights, biases), or, without it or when
     ``models`` are named, equal weights over ``models`` (default: every complete run) and no bias.
     Returns {"models", "folds" {run: [best.pt paths]}, "weights" [M] or [M, H], "biases" [L]}."""
-    schema, path = run_dir.schema, run_dir.ensemble_path
+    schema, path, asked = run_dir.schema, run_dir.ensemble_path, bool(models)
     if path.is_file() and not models:
         spec = json.loads(path.read_text())
         provenance.check(spec.get("provenance"), run_dir.path, path)
@@ -72,7 +72,8 @@ def load_ensemble(run_dir: RunDir, models: list[str] | None = None) -> dict:
         raise DataError(f"no complete run under {run_dir.path}; run train.py --fold all first")
     run_dir.require_complete(models)
     folds = {run: [run_dir.fold_file(run, k, "best.pt") for k in range(run_dir.n_folds)] for run in models}
-    return {"models": list(models), "folds": folds, "weights": weights, "biases": biases}
+    return {"models": list(models), "folds": folds, "weights": weights, "biases": biases,
+            "from_ensemble_json": path.is_file() and not asked}
 
 
 def ensemble_digest(ens: dict) -> str:

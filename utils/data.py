@@ -35,10 +35,12 @@ class ImageDataset(torch.utils.data.Dataset):
     persist across epochs, and the same row gets the same pixels whatever the worker layout."""
 
     def __init__(self, paths: list, categories: list[str], targets: np.ndarray | None,
-                 transform: Transform, prep: Preprocess, augment_seed: int | None = None):
+                 transform: Transform, prep: Preprocess, augment_seed: int | None = None,
+                 soft: np.ndarray | None = None, soft_heads: np.ndarray | None = None):
         self.paths, self.categories, self.targets = list(paths), list(categories), targets
         self.transform, self.prep = transform, prep
         self.augment_seed = augment_seed  # None: evaluation, no per-sample randomness
+        self.soft, self.soft_heads = soft, soft_heads  # a teacher's probabilities (utils/distill.py)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -54,6 +56,9 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.targets is not None:
             t = self.targets[i] if not error else np.full(self.targets.shape[1], IGNORE_INDEX)
             item["target"] = torch.as_tensor(t, dtype=torch.long)
+            if self.soft is not None:  # a bad image learns nothing from the teacher either
+                item["target"] = {"hard": item["target"], "soft": torch.as_tensor(self.soft[i], dtype=torch.float32),
+                                  "soft_heads": torch.as_tensor(self.soft_heads[i] & (not error))}
         return item
 
 

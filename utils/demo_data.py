@@ -1,6 +1,6 @@
 """A generated demo dataset in the competition layout, with learnable visual cues.
 
-    python -m utils.demo_data --out data/demo [--n-train 3000 --n-test 600 --seed 0]
+    python -m utils.demo_data --out data/demo [--n-train 2400 --n-test 480 --seed 0]
 
 Writes train.csv, test.csv, category_attributes.parquet, sample_submission.csv,
 train_images/, test_images/ and test_solution.csv (the true test labels). The five real
@@ -466,7 +466,8 @@ def _camera(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.5))))
     arr = np.asarray(img, dtype=np.int16)
-    arr = arr + rng.normal(0, rng.uniform(2, 8), size=arr.shape).astype(np.int16)
+    sigma = rng.uniform(2, 8)
+    arr = arr + (rng.standard_normal(arr.shape, dtype=np.float32) * sigma).astype(np.int16)  # float32: 2x faster
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
@@ -477,7 +478,7 @@ def _render_row(job) -> None:
         img.save(tmp, format="JPEG", quality=90)
 
 
-def generate(out: str | Path, n_train: int = 3000, n_test: int = 600, seed: int = 0,
+def generate(out: str | Path, n_train: int = 2400, n_test: int = 480, seed: int = 0,
              workers: int = 2, progress: bool = True) -> Path:
     out = Path(out)
     rng = np.random.default_rng(seed)
@@ -525,8 +526,8 @@ def generate(out: str | Path, n_train: int = 3000, n_test: int = 600, seed: int 
 @dataclass
 class DemoDataConfig:
     out: str = option("data/demo", "the dataset folder to write")
-    n_train: int = option(3000, "train images")
-    n_test: int = option(600, "test images")
+    n_train: int = option(2400, "train images")
+    n_test: int = option(480, "test images")
     seed: int = option(0, "the same seed gives byte-identical files")
     workers: int = option(2, "processes drawing images")
 

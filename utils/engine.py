@@ -11,7 +11,6 @@ from tqdm import tqdm
 
 from utils.data import warn_bad
 from utils.errors import NonFiniteLoss
-from utils.schema import IGNORE_INDEX
 
 AMP = ("auto", "bf16", "fp16", "off")
 
@@ -45,21 +44,36 @@ def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False
     return x.to(device, non_blocking=True)
 
 
-def train_step(model, images: torch.Tensor, targets: torch.Tensor, optimizer, *, amp_dtype=None, scaler=None,
+def split(targets, k: int) -> list:
+    """``k`` chunks of a target tensor, or of every tensor of a dict of them (distillation)."""
+    if isinstance(targets, dict):
+        parts = {name: t.chunk(k) for name, t in targets.items()}
+        return [{name: p[i] for name, p in parts.items()} for i in range(len(next(iter(parts.values()))))]
+    return list(targets.chunk(k))
+
+
+def targets_to(targets, device: torch.device):
+    if isinstance(targets, dict):
+        return {name: t.to(device, non_blocking=True) for name, t in targets.items()}
+    return targets.to(device, non_blocking=True)
+
+
+def train_step(model, images: torch.Tensor, targets, optimizer, *, amp_dtype=None, scaler=None,
                clip_grad: float = 0.0, grad_accum: int = 1) -> float:
     """One optimiser step on one loaded batch, run as ``grad_accum`` chunks whose gradients add
-    up. Each chunk's loss is normalised by the label count of the whole batch, so k chunks of
-    B/k rows give exactly the update of one batch of B (for models without batch norm).
+    up. Each chunk's loss is divided by the whole batch's normaliser (its label count), so k chunks
+    of B/k rows give exactly the update of one batch of B (for models without batch norm).
     Returns the batch's loss."""
-    n_labels = int((targets != IGNORE_INDEX).sum())
+    loss_fn = getattr(model, "module", model).loss
+    normaliser = loss_fn.normaliser(targets)
     optimizer.zero_grad(set_to_none=True)
-    chunks = list(zip(images.chunk(grad_accum), targets.chunk(grad_accum)))
+    chunks = list(zip(images.chunk(grad_accum), split(targets, grad_accum)))
     total = 0.0
     for k, (x, t) in enumerate(chunks):
         sync = k == len(chunks) - 1 or not hasattr(model, "no_sync")  # DDP: all-reduce once, on the last
         with contextlib.nullcontext() if sync else model.no_sync():
             with autocast(x.device, amp_dtype):
-                loss = model(x, t, normaliser=n_labels)["loss"]
+                loss = model(x, t, normaliser=normaliser)["loss"]
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"loss is {loss.item()}; lower the learning rate, or check the inputs "
                                     f"(amp, augmentations)")
@@ -90,7 +104,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device: torch.device, *
         if bad is not None:
             warn_bad(batch, ids, bad)
         images = to_device(batch["image"], device, channels_last)
-        targets = batch["target"].to(device, non_blocking=True)
+        targets = targets_to(batch["target"], device)
         loss = train_step(model, images, targets, optimizer, amp_dtype=amp_dtype, scaler=scaler,
                           clip_grad=clip_grad, grad_accum=grad_accum)
         scheduler.step()

@@ -67,7 +67,7 @@ class FrozenFold(FoldTrainer):
         super().__init__(cfg, schema, train, data, fold, d, run_dir)
         self.model.freeze_backbone(True)
         self.cache = self.embeddings(train)
-        self.trn_x, self.trn_t = self.rows_of(self.trn, self.schema.encode(self.trn), views=True)
+        self.trn_x, self.trn_t = self.training_embeddings()
         self.val_x, _ = self.rows_of(self.val, None, views=False)
         if cfg.head == "knn":
             self.fill_bank()
@@ -132,9 +132,26 @@ class FrozenFold(FoldTrainer):
         t = None if targets is None else torch.from_numpy(np.concatenate([targets] * len(stacks)))
         return x, t
 
+    def training_embeddings(self) -> tuple[torch.Tensor, torch.Tensor | dict]:
+        """The fold's train rows (every view) and their targets; for a student (``teacher``), the
+        teacher's probabilities too, and the test images' embeddings as unlabelled rows."""
+        n = len(self.trn)
+        x, hard = self.rows_of(self.trn, self.rows["targets"][:n], views=True)
+        if not self.cfg.teacher:
+            return x, hard
+        views = len(x) // n
+        repeat = lambda a: torch.from_numpy(np.concatenate([np.asarray(a)] * views))
+        targets = {"hard": hard, "soft": repeat(self.rows["soft"][:n]), "soft_heads": repeat(self.rows["soft_heads"][:n])}
+        if len(self.rows["ids"]) > n:  # distill_test: the test rows, in test.csv order, as student_rows appends them
+            x = torch.cat([x, torch.from_numpy(self.cache["test"])])
+            for key, extra in (("hard", self.rows["targets"][n:]), ("soft", self.rows["soft"][n:]),
+                               ("soft_heads", self.rows["soft_heads"][n:])):
+                targets[key] = torch.cat([targets[key], torch.as_tensor(extra).to(targets[key].dtype)])
+        return x, targets
+
     def fill_bank(self) -> None:
         """The kNN bank: the fold's train rows (plain embeddings) and their labels."""
-        onehot = torch.from_numpy(self.schema.one_hot(self.schema.encode(self.trn)))
+        onehot = torch.from_numpy(self.schema.one_hot(self.rows["targets"][: len(self.trn)]))
         counts, prior = onehot.sum(0), torch.zeros(self.schema.n_logits)
         for h in self.schema.heads:
             prior[h.logits] = counts[h.logits] / counts[h.logits].sum().clamp(min=1)
@@ -142,12 +159,28 @@ class FrozenFold(FoldTrainer):
 
     # -- the epoch loop, on cached embeddings
     def fit(self, report=None) -> bool:
-        if self.cfg.head != "knn":
-            return super().fit(report)
-        stats, val_score = self.train_epoch(0)  # nothing to train: one pass scores and saves the bank
-        self.checkpoint(self.record(0, stats, val_score), 0, val_score)
-        self.log(f"fold {self.fold}: kNN vote (k={self.model.heads.k}) over {len(self.trn)} train rows: val {val_score:.4f}")
-        return True
+        """Epochs take a fraction of a second here, so the best weights are kept in memory and the
+        checkpoints written once, when the fold's training stops (an interrupted fold trains its
+        heads again: seconds)."""
+        if self.cfg.head == "knn":
+            stats, val_score = self.train_epoch(0)  # nothing to train: one pass scores and saves the bank
+            self.checkpoint(self.record(0, stats, val_score), 0, val_score)
+            self.log(f"fold {self.fold}: kNN vote (k={self.model.heads.k}) over {len(self.trn)} train rows: "
+                     f"val {val_score:.4f}")
+            finished = True
+        else:
+            finished = super().fit(report)
+        if self.d.main:
+            self.save_best(*self.best)
+            self.save_last()
+            self.save_history()
+        return finished
+
+    def checkpoint(self, improved: bool, epoch: int, val_score: float) -> None:
+        if improved:
+            self.best = ({k: v.clone() for k, v in self.scored.state_dict().items()}, epoch, val_score)
+        if self.tracker is not None:
+            self.tracker.log(self.state["history"][-1])
 
     def train_epoch(self, epoch: int) -> tuple[dict, float]:
         cfg, start, total = self.cfg, time.perf_counter(), 0.0
@@ -157,8 +190,8 @@ class FrozenFold(FoldTrainer):
             heads = HeadsOnly(self.model)
             order = torch.randperm(len(self.trn_x), generator=torch.Generator().manual_seed(cfg.seed * 10_007 + epoch))
             for rows in order.split(cfg.batch_size):
-                total += train_step(heads, self.trn_x[rows], self.trn_t[rows], self.optimizer,
-                                    clip_grad=cfg.clip_grad) * len(rows)
+                t = {k: v[rows] for k, v in self.trn_t.items()} if isinstance(self.trn_t, dict) else self.trn_t[rows]
+                total += train_step(heads, self.trn_x[rows], t, self.optimizer, clip_grad=cfg.clip_grad) * len(rows)
                 self.scheduler.step()
                 if self.ema is not None:
                     self.ema.update(self.model)
@@ -193,7 +226,7 @@ class HeadsOnly(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.model, self.loss = model, model.loss
 
     def forward(self, x, targets=None, normaliser=None):
         logits = self.model.head_logits(x)

@@ -110,6 +110,13 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | 
             f"`pretrained: false`.") from err
 
 
+def feature_width(backbone: nn.Module) -> int:
+    """The width of what a timm model returns with ``num_classes=0``: its pre-logits features,
+    ``head_hidden_size`` where a head layer sits after the pooling (MobileNetV3: 1280, not its
+    960 ``num_features``)."""
+    return getattr(backbone, "head_hidden_size", None) or backbone.num_features
+
+
 class MLPHeads(nn.Module):
     """One MLP per (category, attribute) head, Linear(F, hidden) -> LayerNorm -> ReLU -> Dropout ->
     Linear(hidden, width), as the winning entries used; computed for all heads at once (one matmul
@@ -187,7 +194,7 @@ class AttributeModel(nn.Module):
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.backbone = create_backbone(backbone, pretrained, pretrained_file, drop_path_rate, img_size, keep_head,
                                         model_kwargs)
-        features = self.backbone.num_classes if keep_head else self.backbone.num_features
+        features = self.backbone.num_classes if keep_head else feature_width(self.backbone)
         self.dropout = nn.Dropout(dropout)
         if head == "mlp":
             self.heads = MLPHeads(features, head_widths, head_hidden)
@@ -252,33 +259,41 @@ class HeadLoss(nn.Module):
             raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
         self.kind, self.gamma, self.label_smoothing = kind, gamma, label_smoothing
         self.slices = [h.logits for h in schema.heads]
+        weights, shifts, member = [], [], torch.zeros(schema.n_logits, len(schema.heads))
         for j, h in enumerate(schema.heads):
             counts = torch.tensor(schema.counts[h.name], dtype=torch.float32).clamp(min=1.0)
             weight = torch.as_tensor(schema.class_weights(h.name, power, weight_cap), dtype=torch.float32)
-            self.register_buffer(f"weight{j}", weight / (weight * counts).sum() * counts.sum(), persistent=False)
-            self.register_buffer(f"shift{j}", tau * torch.log(counts / counts.sum()), persistent=False)
+            weights.append(weight / (weight * counts).sum() * counts.sum())  # mean 1 over the train labels
+            shifts.append(tau * torch.log(counts / counts.sum()))
+            member[h.logits, j] = 1.0 / h.width
+        self.register_buffer("weight", torch.cat(weights), persistent=False)  # per logit
+        self.register_buffer("shift", torch.cat(shifts), persistent=False)
+        self.register_buffer("offsets", torch.tensor([h.offset for h in schema.heads]), persistent=False)
+        self.register_buffer("head_mean", member, persistent=False)  # [L, H]: the mean over each head's classes
+
+    def normaliser(self, targets: torch.Tensor) -> int:
+        """The number of given labels: what a batch's summed loss is divided by."""
+        return int((targets != IGNORE_INDEX).sum())
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, normaliser: int | None = None) -> torch.Tensor:
-        total = logits.new_zeros(())
-        count = 0
-        for j, head in enumerate(self.slices):
-            t = targets[:, j]
-            given = t != IGNORE_INDEX
-            n = int(given.sum())
-            if n == 0:
-                continue
-            z, t = logits[given, head], t[given]
-            if self.kind == "logit_adjusted":
-                z = z + getattr(self, f"shift{j}")
-            # class weights are normalised so that their mean over the train labels is 1
-            weight = getattr(self, f"weight{j}") if self.kind == "weighted_ce" else None
-            ce = F.cross_entropy(z, t, weight=weight, reduction="none", label_smoothing=self.label_smoothing)
-            if self.kind == "focal":
-                p_t = torch.exp(-F.cross_entropy(z, t, reduction="none"))
-                ce = (1 - p_t) ** self.gamma * ce
-            total = total + ce.sum()
-            count += n
-        return total / max(count if normaliser is None else normaliser, 1)
+        """Every head at once: one log-softmax per head's slice, one gather of the targets'
+        log-probabilities; the same values as F.cross_entropy per head (tests/test_train.py)."""
+        if self.kind == "logit_adjusted":
+            logits = logits + self.shift
+        log_p = torch.cat([F.log_softmax(logits[:, head], dim=1) for head in self.slices], dim=1)
+        given = targets != IGNORE_INDEX
+        index = self.offsets + targets.clamp(min=0)
+        log_p_t = log_p.gather(1, index)
+        weight = self.weight.gather(0, index.flatten()).view_as(index) if self.kind == "weighted_ce" else 1.0
+        loss = -log_p_t * weight
+        if self.label_smoothing:
+            w_all = self.weight if self.kind == "weighted_ce" else torch.ones_like(self.weight)
+            smooth = -(log_p * w_all) @ self.head_mean  # [B, H]: each head's mean over its classes
+            loss = (1 - self.label_smoothing) * loss + self.label_smoothing * smooth
+        if self.kind == "focal":
+            loss = (1 - log_p_t.exp()) ** self.gamma * loss
+        count = int(given.sum()) if normaliser is None else normaliser
+        return (loss * given).sum() / max(count, 1)
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:

@@ -61,10 +61,14 @@ def read_manifest(run_dir: RunDir, models: list[str]) -> dict:
     return manifest
 
 
-def onnx_members(run_dir: RunDir, ens: dict, schema: Schema, int8: bool, threads: int) -> tuple[list[Member], bool]:
-    """Per-fold sessions, or one session of the merged ensemble graph when export.py found it
-    faster (manifest ``use: merged``). Returns (members, merged)."""
+def onnx_members(run_dir: RunDir, ens: dict, schema: Schema, int8: bool, threads: int) -> tuple[list[Member], bool, dict]:
+    """What export.py chose to serve: the configuration that fits the latency budget (manifest
+    ``serve``), or one session of the merged ensemble graph when it was faster, or per-fold
+    sessions. Returns (members, merged, the ensemble to blend them with)."""
     manifest = read_manifest(run_dir, ens["models"])
+    serve = manifest.get("serve")
+    if serve and ens.get("from_ensemble_json") and not int8:
+        return served(run_dir, manifest, serve, schema, threads)
     merged_fits = manifest.get("merged", {}).get("ensemble") == ensemble_digest(ens)
     if manifest.get("use") == "merged" and not int8 and not merged_fits:
         print(f"{run_dir.onnx_dir / manifest['merged']['path']} holds the weights and biases of "
@@ -73,15 +77,34 @@ def onnx_members(run_dir: RunDir, ens: dict, schema: Schema, int8: bool, threads
     if manifest.get("use") == "merged" and not int8 and merged_fits:
         m = manifest["merged"]
         run = onnx_runner(run_dir.onnx_dir / m["path"], threads, schema)
-        return [Member("ensemble", [run], Preprocess.from_dict(m["preprocess"]))], True
+        return [Member("ensemble", [run], Preprocess.from_dict(m["preprocess"]))], True, ens
     key = "int8_path" if int8 else "path"
+    by_run = {e["run"]: e for e in manifest["members"]}
     members = []
-    for entry in manifest["members"]:
+    for run in ens["models"]:
+        entry = by_run[run]
         if any(key not in fold for fold in entry["folds"]):
-            raise DataError(f"{run_dir.manifest_path}: no int8 model for {entry['run']}; run export.py --int8 true")
+            raise DataError(f"{run_dir.manifest_path}: no int8 model for {run}; run export.py --int8")
         folds = [onnx_runner(run_dir.onnx_dir / fold[key], threads, schema) for fold in entry["folds"]]
-        members.append(Member(entry["run"], folds, Preprocess.from_dict(entry["preprocess"])))
-    return members, False
+        members.append(Member(run, folds, Preprocess.from_dict(entry["preprocess"])))
+    return members, False, ens
+
+
+def served(run_dir: RunDir, manifest: dict, serve: dict, schema: Schema, threads: int) -> tuple[list[Member], bool, dict]:
+    """The members of the configuration export.py --budget-ms chose."""
+    ens = {"models": serve["models"], "weights": np.asarray(serve["weights"]),
+           "biases": np.asarray(serve["biases"], dtype=np.float32)}
+    by_run = {e["run"]: e for e in manifest["members"]}
+    if serve["format"] == "merged":
+        prep = Preprocess.from_dict(by_run[serve["models"][0]]["preprocess"])
+        return [Member("ensemble", [onnx_runner(run_dir.onnx_dir / serve["path"], threads, schema)], prep)], True, ens
+    members = []
+    for run in serve["models"]:
+        key = "int8_path" if run in serve["int8"] else "path"
+        folds = by_run[run]["folds"][: 1 if serve["folds"] == "one" else None]
+        members.append(Member(run, [onnx_runner(run_dir.onnx_dir / f[key], threads, schema) for f in folds],
+                              Preprocess.from_dict(by_run[run]["preprocess"])))
+    return members, False, ens
 
 
 def run_members(members: list[Member], images: dict, tta_hflip: bool = False) -> dict:

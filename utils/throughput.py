@@ -5,12 +5,12 @@ measured (``python -m utils.bench.train``; figures in BENCHMARKS.md) rather than
   loader workers compute with one thread each and no OpenCV pool (``utils.data``).
 - Loader workers (``workers: auto``). On CUDA: enough to feed the GPU, one per core left after the
   training process, at most 8 (a draft-mode JPEG decode at 224 px runs at a few hundred images
-  per second per core). On CPU the step, not the decode, is the bottleneck: one worker decodes
-  ahead of the step at a small share of a core, so ``auto`` is 1 worker per process.
-- channels_last (``channels_last: auto``). On CUDA: on for every backbone with convolutions
-  (tensor cores take NHWC). On CPU: on where it measured faster, backbones with depthwise
-  convolutions (EfficientNet, MobileNet, ConvNeXt...), whose NHWC kernels are much faster in
-  oneDNN; off for the others (ResNet, DenseNet: no gain or a loss) and for transformers.
+  per second per core). On CPU the step, not the decode, is the bottleneck; 2 workers measured as
+  fast as 0 or 1 on 2 cores or faster, so ``auto`` is 2 (one per 4 cores beyond 8).
+- channels_last (``channels_last: auto``): on for every convolutional backbone, off for
+  transformers (a ViT's only convolution is its patch embedding). oneDNN's NHWC kernels measured
+  faster for the training step on CPU (resnet18 1.19x, efficientnet_b0 1.48x at 128 px), and on
+  CUDA tensor cores take NHWC.
 """
 from __future__ import annotations
 
@@ -43,11 +43,7 @@ def loader_workers(workers: int | str, d: Dist) -> int:
         return workers
     if d.device.type == "cuda":
         return max(2, min(8, cores_per_process(d) - 1))
-    return 1
-
-
-def has_depthwise_conv(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
+    return max(2, cores_per_process(d) // 4)
 
 
 def conv_layers(model: nn.Module) -> int:
@@ -59,6 +55,4 @@ def use_channels_last(setting: str, backbone: nn.Module, device: torch.device) -
     """Whether to run ``backbone`` in NHWC (``setting``: on, off or auto; see above)."""
     if setting in ("on", "off"):
         return setting == "on"
-    if conv_layers(backbone) <= 2:  # transformers: NHWC would only concern the patch embedding
-        return False
-    return device.type == "cuda" or has_depthwise_conv(backbone)
+    return conv_layers(backbone) > 2  # transformers: NHWC would only concern the patch embedding

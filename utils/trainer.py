@@ -33,6 +33,7 @@ from utils import provenance
 from utils.config import CommonConfig, option, save_config
 from utils.data import EpochSampler, ImageDataset, balanced_weights, make_loader
 from utils.distributed import Dist, gather_rows
+from utils.distill import DistillLoss, student_rows
 from utils.engine import AMP, amp_dtype, predict, train_one_epoch
 from utils.errors import ConfigError, DataError
 from utils.io import atomic_torch_save, atomic_write_csv, atomic_write_json, load_torch, save_logits
@@ -105,6 +106,11 @@ class TrainConfig(CommonConfig):
     focal_gamma: float = option(2.0, "focal: the focusing exponent")
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy")
     balanced_sampler: bool = option(False, "draw rows in proportion to their rarest label's weight")
+    # distillation (utils/distill.py)
+    teacher: Optional[str] = option(None, "an ensemble.json or a run folder in out_dir: the run becomes its student")
+    distill_alpha: float = option(0.5, "the student's loss: alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher || student)")
+    distill_t: float = option(2.0, "the distillation temperature T")
+    distill_test: bool = option(True, "the test images join training as unlabelled rows with the teacher's predictions")
     # control
     patience: int = option(3, "early stopping after this many epochs without a better val score; 0 = off")
     tta_hflip: bool = option(False, "OOF and test logits average the image and its mirror")
@@ -126,6 +132,8 @@ class TrainConfig(CommonConfig):
             raise ConfigError(f"key 'grad_accum' must divide batch_size ({self.batch_size}), got {self.grad_accum}")
         if self.head == "knn" and not self.frozen_backbone:
             raise ConfigError("key 'head': knn votes over cached embeddings; it needs frozen_backbone: true")
+        if self.teacher and self.head == "knn":
+            raise ConfigError("key 'teacher': a kNN head has nothing to train; use head linear or mlp for a student")
 
     @property
     def run_name(self) -> str:
@@ -175,6 +183,8 @@ class FoldTrainer:
         self.val_targets = schema.encode(self.val)
         loss = HeadLoss(schema, cfg.loss, weight_cap=cfg.weight_cap, gamma=cfg.focal_gamma,
                         tau=cfg.loss_tau, label_smoothing=cfg.label_smoothing)
+        if cfg.teacher:
+            loss = DistillLoss(loss, schema, cfg.distill_alpha, cfg.distill_t)
         self.model_args = model_args(cfg, schema, knn_bank=len(self.trn))
         self.model = AttributeModel(pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file, loss=loss,
                                     **self.model_args)
@@ -206,16 +216,31 @@ class FoldTrainer:
         self.csv_dir = Path(cfg.train_csv).parent if cfg.train_csv else self.data.root
         train_tf = self.prep.transform(train=True, aug=cfg.aug, category_aug=cfg.category_aug,
                                        categories=self.schema.categories)
-        trn_targets = self.schema.encode(self.trn)
-        self.trn_ds = ImageDataset(row_paths(self.trn, self.data.train_images, self.csv_dir), self.trn[CATEGORY],
-                                   trn_targets, train_tf, self.prep, augment_seed=cfg.seed + self.fold)
-        weights = balanced_weights(trn_targets, self.schema, cap=cfg.weight_cap) if cfg.balanced_sampler else None
+        self.rows = rows = self.training_rows()
+        self.trn_ids = rows["ids"]
+        self.trn_ds = ImageDataset(rows["paths"], rows["categories"], rows["targets"], train_tf, self.prep,
+                                   augment_seed=cfg.seed + self.fold, soft=rows.get("soft"),
+                                   soft_heads=rows.get("soft_heads"))
+        weights = balanced_weights(rows["targets"], self.schema, cap=cfg.weight_cap) if cfg.balanced_sampler else None
         self.sampler = EpochSampler(len(self.trn_ds), cfg.seed + self.fold, d.rank, d.world, weights)
         self.per_rank_batch = max(1, cfg.batch_size // d.world)
         self.workers = loader_workers(cfg.workers, d)
         self.trn_loader = make_loader(self.trn_ds, self.per_rank_batch, self.workers, self.sampler,
                                       drop_last=len(self.trn_ds) > self.per_rank_batch, persistent=True)
         self.val_loader = self._shard(self.val, self.data.train_images, self.csv_dir, persistent=True)
+
+    def training_rows(self) -> dict:
+        """What the fold trains on: paths, categories, targets and ids of its train rows; for a
+        student also the teacher's probabilities, and the test images as unlabelled rows."""
+        rows = {"paths": row_paths(self.trn, self.data.train_images, self.csv_dir),
+                "categories": self.trn[CATEGORY].tolist(), "targets": self.schema.encode(self.trn),
+                "ids": self.trn[ID].to_numpy()}
+        if self.cfg.teacher:
+            rows = student_rows(rows, self.trn, self.data, self.run_dir, self.cfg)
+            if self.d.main:
+                print(f"fold {self.fold}: a student of {self.cfg.teacher}: {len(self.trn)} train rows "
+                      f"(teacher out of fold) and {len(rows['ids']) - len(self.trn)} unlabelled test rows")
+        return rows
 
     def _shard(self, table: pd.DataFrame, images_dir: Path, base: Path | None = None, persistent: bool = False):
         """An evaluation loader over this rank's share of ``table``'s rows."""
@@ -283,15 +308,16 @@ class FoldTrainer:
         stats = train_one_epoch(self.net, self.trn_loader, self.optimizer, self.scheduler, self.d.device,
                                 amp_dtype=self.dtype, scaler=self.scaler, clip_grad=cfg.clip_grad,
                                 grad_accum=cfg.grad_accum, ema=self.ema, channels_last=self.channels_last,
-                                ids=self.trn[ID].to_numpy(), bad=self.bad,
+                                ids=self.trn_ids, bad=self.bad,
                                 desc=f"fold {self.fold} epoch {epoch + 1}/{cfg.epochs}", progress=self.progress)
-        if len(self.bad) > cfg.max_bad_images * len(self.trn):
-            raise DataError(f"{len(self.bad)} of {len(self.trn)} train images are unreadable (more than "
+        if len(self.bad) > cfg.max_bad_images * len(self.trn_ds):
+            raise DataError(f"{len(self.bad)} of {len(self.trn_ds)} train images are unreadable (more than "
                             f"max_bad_images={cfg.max_bad_images}), e.g. ids {sorted(self.bad)[:5]}")
         idx, logits = gather_rows(*predict(self.scored, self.val_loader, self.d.device, amp_dtype=self.dtype,
                                            channels_last=self.channels_last, desc="validate",
                                            progress=self.progress), self.d)
         val_score, _ = score_logits(self.schema, self.val_targets[idx], logits)
+        self.last_validation = (epoch, idx, logits)  # the OOF logits, when this epoch is the best
         return stats, val_score
 
     @property
@@ -327,18 +353,27 @@ class FoldTrainer:
         if not self.d.main:
             return
         if improved:
-            atomic_torch_save(self.dir / "best.pt", {**self.meta(), "state_dict": self.scored.state_dict(),
-                                                     "epoch": epoch + 1, "val_score": val_score})
+            self.save_best(self.scored.state_dict(), epoch, val_score)
+        self.save_last()
+        self.save_history()
+        if self.tracker is not None:
+            self.tracker.log(self.state["history"][-1])
+
+    def save_best(self, state_dict: dict, epoch: int, val_score: float) -> None:
+        atomic_torch_save(self.dir / "best.pt", {**self.meta(), "state_dict": state_dict, "epoch": epoch + 1,
+                                                 "val_score": val_score})
+
+    def save_last(self) -> None:
         atomic_torch_save(self.dir / "last.pt", {
             **self.state, "state_dict": self.model.state_dict(), "schema": self.schema.to_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "ema": self.ema.state_dict() if self.ema is not None else {}})
+
+    def save_history(self) -> None:
         history = pd.DataFrame(self.state["history"])
         atomic_write_csv(self.dir / "history.csv", history)
         history_plot(history, self.dir / "history.png")
-        if self.tracker is not None:
-            self.tracker.log(self.state["history"][-1])
 
     # -- finalise
     def made_from(self) -> dict:
@@ -359,7 +394,11 @@ class FoldTrainer:
         run = lambda loader, desc: gather_rows(*predict(best, loader, d.device, amp_dtype=self.dtype,
                                                         hflip=cfg.tta_hflip, channels_last=self.channels_last,
                                                         desc=desc, progress=self.progress), d)
-        idx, oof = run(self.val_loader, "OOF")
+        last = getattr(self, "last_validation", None)
+        if last is not None and last[0] + 1 == self.state["best_epoch"] and not cfg.tta_hflip:
+            idx, oof = last[1], last[2]  # best.pt holds the weights that just validated: no second pass
+        else:
+            idx, oof = run(self.val_loader, "OOF")
         if cfg.predict_test:
             test_idx, test_logits = run(self._shard(self.data.test, self.data.test_images), "test")
         final, table = score_logits(self.schema, self.val_targets[idx], oof)

@@ -48,6 +48,7 @@ class BenchTrainConfig(DataConfig):
     workers_sweep: list[int] = option(help="loader workers to compare for the full step (a,b,c)", factory=lambda: [0, 1, 2])
     repeats: int = option(3, "interleaved repetitions of every step measurement; the best is kept")
     epoch: bool = option(True, "also time one real train.py epoch (the fold trainer) per model and size")
+    epoch_images: int = option(2048, "rows of the real epoch's run (2 folds: half of them train)")
 
 
 class Case:
@@ -103,7 +104,8 @@ def real_epoch(case: Case, workers: int) -> float:
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(model=case.name, img_size=case.size, batch_size=case.cfg.batch_size, epochs=1,
                           n_folds=2, workers=workers, out_dir=out, progress=False, patience=0)
-        data = dataclasses.replace(case.data, train=case.rows.reset_index(drop=True), test=case.data.test.iloc[:8])
+        rows = case.data.train.iloc[: case.cfg.epoch_images].reset_index(drop=True)
+        data = dataclasses.replace(case.data, train=rows, test=case.data.test.iloc[:8])
         schema, table = RunDir(out).prepare(data, 2, 0)
         trainer = FoldTrainer(cfg, schema, table, data, 0, Dist(), RunDir(out))
         stats, _ = trainer.train_epoch(0)
@@ -148,8 +150,9 @@ def main(cfg: BenchTrainConfig) -> pd.DataFrame:
     rows = []
     for name in cfg.models:
         for size in cfg.sizes:
-            rows += measure(cfg, Case(cfg, data, schema, name, size))
-            print(pd.DataFrame(rows[-1:]).to_string(index=False, header=False), flush=True)
+            case_rows = measure(cfg, Case(cfg, data, schema, name, size))
+            rows += case_rows
+            print(pd.DataFrame(case_rows).to_string(index=False, float_format="{:.2f}".format, na_rep=""), flush=True)
     table = pd.DataFrame(rows)
     print(f"\ntraining throughput, batch {cfg.batch_size}, {cfg.images} images per measure, fp32 unless said; "
           f"{torch.get_num_threads()} compute threads\nmachine: {machine()}")

@@ -1,0 +1,126 @@
+"""Distillation into one student, and a serving choice that fits a latency budget."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import run_script
+from utils import budget
+from utils.blend import head_log_softmax
+from utils.distill import DistillLoss, soft_targets, student_rows, teacher_scores
+from utils.errors import DataError
+from utils.io import load_logits
+from utils.metric import validate_submission
+from utils.model import HeadLoss
+from utils.run import RunDir
+from utils.schema import ID, IGNORE_INDEX, read_dataset
+from utils.trainer import split_fold
+
+
+@pytest.fixture
+def run(tiny_run, tmp_path):
+    return shutil.copytree(tiny_run, tmp_path / "run")
+
+
+def test_the_students_train_targets_come_from_the_teachers_out_of_fold_logits(run, tiny_data):
+    rd, data = RunDir(run), read_dataset(tiny_data)
+    spec = json.loads((run / "ensemble.json").read_text())
+    rows = rd.train_rows(data.train)
+    train_scores, _ = teacher_scores(str(run / "ensemble.json"), rd, rows[ID].to_numpy(), data.test[ID].to_numpy())
+    # by hand, for each row: the OOF logits of the fold that held it out, per member, blended
+    weights = np.asarray(spec["weights"]) / np.sum(spec["weights"])
+    for r in (0, 17, 101):
+        row_id, fold = int(rows[ID][r]), int(rows["fold"][r])
+        expected = np.asarray(spec["biases"], dtype=np.float32).copy()
+        for w, member in zip(weights, spec["models"]):
+            ids, logits = load_logits(rd.fold_file(member, fold, "oof_logits.npz"))
+            expected += w * head_log_softmax(logits[ids == row_id], rd.schema)[0]
+        np.testing.assert_allclose(train_scores[r], expected, atol=1e-5)
+    # not the test-time prediction of the fold models that trained on the row
+    ids, logits = load_logits(rd.fold_file(spec["models"][0], (int(rows["fold"][0]) + 1) % 3, "test_logits.npz"))
+    assert not np.allclose(train_scores[0], head_log_softmax(logits[:1], rd.schema)[0], atol=1e-3)
+
+
+def test_test_rows_join_training_without_hard_labels(run, tiny_data):
+    rd, data = RunDir(run), read_dataset(tiny_data)
+    _, table = rd.prepare(data, 3, 42)
+    trn, _ = split_fold(table, 0)
+    cfg = type("Cfg", (), {"teacher": str(run / "ensemble.json"), "distill_t": 2.0, "distill_test": True})()
+    base = {"paths": list(range(len(trn))), "categories": trn["Category"].tolist(), "targets": rd.schema.encode(trn),
+            "ids": trn[ID].to_numpy()}
+    rows = student_rows(base, trn, data, rd, cfg)
+    n, t = len(trn), len(data.test)
+    assert len(rows["paths"]) == n + t and (rows["targets"][n:] == IGNORE_INDEX).all()
+    assert (rows["targets"][:n] == base["targets"]).all()
+    assert str(rows["paths"][n]).endswith(f"test_images/{int(data.test[ID][0]):06d}.jpg")
+    for j, head in enumerate(rd.schema.heads):  # the teacher's distribution on the row's own heads only
+        own = (np.asarray(rows["categories"]) == head.category)
+        assert (rows["soft_heads"][:, j] == own).all()
+        np.testing.assert_allclose(rows["soft"][own][:, head.logits].sum(1), 1.0, atol=1e-5)
+
+
+def test_the_kl_term_is_zero_when_the_student_equals_the_teacher(run, tiny_data):
+    rd, data = RunDir(run), read_dataset(tiny_data)
+    schema = rd.schema
+    rows = rd.train_rows(data.train)
+    scores, _ = teacher_scores(str(run / "ensemble.json"), rd, rows[ID].to_numpy(), data.test[ID].to_numpy())
+    rows, scores = rows.iloc[:24], scores[:24]
+    t = 3.0
+    soft = torch.as_tensor(soft_targets(scores, schema, t))
+    heads = torch.as_tensor(np.stack([rows["Category"].to_numpy() == h.category for h in schema.heads], 1))
+    targets = {"hard": torch.as_tensor(schema.encode(rows)), "soft": soft, "soft_heads": heads}
+    loss = DistillLoss(HeadLoss(schema), schema, alpha=0.3, t=t)
+    same = torch.as_tensor(scores, dtype=torch.float32)  # softmax(scores / T) is the teacher's distribution at T
+    assert loss.kl(same, targets).item() == pytest.approx(0.0, abs=1e-4)
+    other = same + torch.randn_like(same)
+    assert loss.kl(other, targets).item() > 0.1
+    # alpha weighs the two terms: all CE at 1, all KL at 0
+    ce = HeadLoss(schema)(other, targets["hard"])
+    assert DistillLoss(HeadLoss(schema), schema, 1.0, t)(other, targets).item() == pytest.approx(ce.item(), rel=1e-5)
+    kl = loss.kl(other, targets) / heads.sum()
+    assert DistillLoss(HeadLoss(schema), schema, 0.0, t)(other, targets).item() == pytest.approx(kl.item(), rel=1e-5)
+
+
+def test_a_teacher_from_another_run_folder_is_refused(run, tiny_data, tmp_path):
+    other = shutil.copytree(run, tmp_path / "other")
+    with pytest.raises(DataError, match="not in the student's run folder"):
+        teacher_scores(str(other / "ensemble.json"), RunDir(run), np.array([0]), np.array([0]))
+
+
+def test_the_choice_never_exceeds_the_budget():
+    def v(score, p99, folds="all"):
+        out = budget.Variant(["a"], np.ones(1), np.zeros(3), score, folds=folds)
+        out.p99 = p99
+        return out
+    variants = [v(0.60, 900.0), v(0.55, 400.0, "one"), v(0.55, 450.0), v(0.50, 100.0)]
+    chosen = budget.choose(variants, 500.0)
+    assert chosen.score == 0.55 and chosen.folds == "all"  # best that fits; at a tie, all folds
+    assert budget.choose(variants, 99.0) is None
+    assert all(c.p99 <= b for b in (120.0, 420.0, 1000.0) for c in [budget.choose(variants, b)])
+
+
+@pytest.mark.slow
+def test_a_student_trains_and_the_budgeted_export_serves_what_fits(run, tiny_data, tmp_path):
+    proc = run_script("train.py", "--model", "test_resnet", "--teacher", str(run / "ensemble.json"), "--name", "student",
+                      "--data-dir", str(tiny_data), "--out-dir", str(run), "--n-folds", "3", "--img-size", "32",
+                      "--batch-size", "16", "--epochs", "1", "--workers", "0", "--fold", "all", "--progress", "false")
+    assert proc.stdout.count("a student of") == 3 and "48 unlabelled test rows" in proc.stdout
+    assert RunDir(run).complete_runs() == ["student", "test_byobnet", "test_efficientnet"]
+    args = ["export.py", "--data-dir", str(tiny_data), "--out-dir", str(run), "--latency-images", "8",
+            "--timing-images", "3", "--calib-images", "16", "--progress", "false"]
+    refused = run_script(*args, "--budget-ms", "0.01", check=False)
+    assert refused.returncode == 2 and "nothing fits a p99 of 0 ms" in refused.stderr and "the fastest is" in refused.stderr
+    run_script(*args, "--budget-ms", "100000")
+    manifest = json.loads((run / "onnx" / "manifest.json").read_text())
+    serve, table = manifest["serve"], pd.read_csv(run / "onnx" / "budget.csv")
+    assert serve["p99_ms"] <= 100000 and serve["score"] == pytest.approx(table[table.fits].score.max())
+    assert {"student", "test_byobnet+test_efficientnet"} <= set(table.candidate)
+    out = tmp_path / "sub.csv"
+    run_script("infer.py", "--data-dir", str(tiny_data), "--out-dir", str(run), "--output", str(out), "--progress", "false",
+               "--workers", "0")
+    sub = pd.read_csv(out, dtype=str, keep_default_na=False)
+    sub["id"], sub["len"] = sub["id"].astype(int), sub["len"].astype(int)
+    assert validate_submission(sub, read_dataset(tiny_data).test, RunDir(run).schema) == []

@@ -1,0 +1,129 @@
+"""What to serve under a latency budget (``export.py --budget-ms``), measured on the machine it runs on.
+
+Candidates: the ensemble of ``ensemble.json``; smaller ensembles, by greedy backward elimination
+(each step drops the member whose removal keeps the best nested-CV score); and every complete run
+alone (a distilled student among them). Each is scored by nested CV on OOF logits with the
+method and bias setting of ``ensemble.json``, and refitted on all OOF rows for serving.
+
+Serving variants of a candidate: one merged fp32 graph, or per-fold sessions in fp32, or in int8
+for the members whose OOF score drops by less than ``int8_max_drop`` when quantised (their int8
+OOF logits then enter the candidate's nested CV); and every member's first fold alone. OOF scores
+measure single-fold models (each OOF row is predicted by one fold's model), so a one-fold variant
+carries the same score estimate; averaging the folds at test time gains on top of it, unmeasured,
+so when both fit, all folds are served.
+
+Each variant is timed end to end per image (read, decode, preprocess, every member, blend,
+decode), single stream. The choice: the best score whose p99 fits the budget; at an equal score,
+all folds before one, then the faster. When nothing fits, nothing is chosen, and the fastest
+variant and its p99 are named.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from utils.search import BlendObjective, Budget, fit, nested_cv
+from utils.serving import single_stream_ms
+
+
+@dataclass
+class Variant:
+    models: list[str]
+    weights: np.ndarray
+    biases: np.ndarray
+    score: float
+    folds: str = "all"  # all, or one (each member's fold 0)
+    format: str = "separate"  # separate sessions, or one merged graph
+    int8: list[str] = field(default_factory=list)  # members served in int8
+    p50: float = float("nan")
+    p99: float = float("nan")
+    path: str | None = None  # the merged graph's file, once exported
+
+    @property
+    def name(self) -> str:
+        fmt = "merged fp32" if self.format == "merged" else ("int8: " + ",".join(self.int8) if self.int8 else "fp32")
+        return f"{'+'.join(self.models)} ({fmt}, {self.folds} folds)"
+
+    def row(self, budget_ms: float) -> dict:
+        return {"candidate": "+".join(self.models), "folds": self.folds, "format": self.format,
+                "int8": ",".join(self.int8) or "-", "score": self.score, "score_source": "nested CV on OOF",
+                "p50_ms": self.p50, "p99_ms": self.p99, "fits": bool(self.p99 <= budget_ms)}
+
+
+class Scorer:
+    """Nested-CV scores and all-row refits of member subsets, with ensemble.json's method."""
+
+    def __init__(self, members: dict, int8_members: dict, targets, folds, schema, spec: dict):
+        self.members, self.int8_members = members, int8_members  # {run: [N, L] log-probs}
+        self.targets, self.folds, self.schema = targets, folds, schema
+        self.method, self.bias = spec["method"], spec["bias"]
+        c = spec.get("config", {})
+        self.per_head = bool(spec.get("per_head"))
+        self.budget = Budget(c.get("sto_population", 16), c.get("sto_iterations", 12), c.get("caruana_steps", 20),
+                             c.get("bias_rounds", 2), c.get("bias_range", 2.0), c.get("bias_steps", 9))
+        self.seed = c.get("seed", 42)
+
+    def stack(self, runs: list[str], int8: list[str]) -> np.ndarray:
+        return np.stack([(self.int8_members if r in int8 else self.members)[r] for r in runs])
+
+    def score(self, runs: list[str], int8: tuple = ()) -> float:
+        method = self.method if len(runs) > 1 else "equal"
+        return nested_cv(self.stack(runs, list(int8)), self.targets, self.folds, self.schema, method, self.bias,
+                         self.per_head, self.budget, self.seed)["score"]
+
+    def refit(self, runs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        obj = BlendObjective(self.stack(runs, []), self.targets, self.schema)
+        weights, bias = fit(obj, self.method if len(runs) > 1 else "equal", self.bias, self.per_head, self.budget, self.seed)
+        w = obj.head_weights(weights)
+        return (w if self.per_head else w[:, 0]), (np.zeros(self.schema.n_logits, np.float32) if bias is None else bias)
+
+
+def candidates(scorer: Scorer, ensemble: list[str], runs: list[str]) -> list[list[str]]:
+    """The ensemble, its greedy backward eliminations, and every run alone."""
+    found, current = [list(ensemble)], list(ensemble)
+    while len(current) > 2:
+        scored = {r: scorer.score([m for m in current if m != r]) for r in current}
+        current = [m for m in current if m != max(scored, key=scored.get)]
+        found.append(current)
+    found += [[r] for r in runs]
+    unique = []
+    for c in found:
+        if c not in unique:
+            unique.append(c)
+    return unique
+
+
+def variants_of(scorer: Scorer, runs: list[str], int8_ok: set[str], mergeable: bool) -> list[Variant]:
+    """The serving variants of one candidate, each with its score and refitted weights."""
+    weights, biases = scorer.refit(runs)
+    score = scorer.score(runs)
+    out = [Variant(runs, weights, biases, score, folds=f) for f in ("all", "one")]
+    if mergeable:
+        out.append(Variant(runs, weights, biases, score, format="merged"))
+    quantised = [r for r in runs if r in int8_ok]
+    if quantised:
+        s8 = scorer.score(runs, tuple(quantised))
+        out += [Variant(runs, weights, biases, s8, folds=f, int8=quantised) for f in ("all", "one")]
+    return out
+
+
+def time_variant(predict_one, items: list, warmup: int = 3) -> tuple[float, float]:
+    """p50 and p99 (ms) of ``predict_one(item)`` over ``items``, single stream."""
+    single_stream_ms(predict_one, items[:warmup])
+    times = single_stream_ms(predict_one, items)
+    p50, p99 = np.percentile(times, [50, 99])
+    return float(p50), float(p99)
+
+
+def choose(variants: list[Variant], budget_ms: float) -> Variant | None:
+    fitting = [v for v in variants if v.p99 <= budget_ms]
+    if not fitting:
+        return None
+    return max(fitting, key=lambda v: (round(v.score, 9), v.folds == "all", -v.p99))
+
+
+def table(variants: list[Variant], budget_ms: float) -> pd.DataFrame:
+    return pd.DataFrame([v.row(budget_ms) for v in variants]).sort_values(["fits", "score"], ascending=False)
+
