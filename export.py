@@ -188,9 +188,15 @@ def choose_serving(cfg: ExportConfig, run_dir: RunDir, exported: dict, data) -> 
               f"images; budget p99 {cfg.budget_ms:.0f} ms\n" + table.to_string(index=False, float_format="{:.4f}".format))
     chosen = budget.choose(variants, cfg.budget_ms)
     if chosen is None:
+        for v in variants:
+            if v.path:
+                (run_dir.onnx_dir / v.path).unlink(missing_ok=True)
         fastest = min(variants, key=lambda v: v.p99)
         raise DataError(f"nothing fits a p99 of {cfg.budget_ms:.0f} ms on this machine: the fastest is {fastest.name} "
                         f"at p99 {fastest.p99:.1f} ms (every candidate: {run_dir.onnx_dir / 'budget.csv'})")
+    for v in variants:  # the merged graphs built to be timed: only the chosen one is kept
+        if v.path and v is not chosen:
+            (run_dir.onnx_dir / v.path).unlink(missing_ok=True)
     print(f"serving {chosen.name}: score {chosen.score:.4f} (nested CV), p99 {chosen.p99:.1f} ms <= {cfg.budget_ms:.0f} ms")
     return {"name": chosen.name, "models": chosen.models, "weights": np.asarray(chosen.weights).tolist(),
             "biases": np.asarray(chosen.biases, dtype=float).round(6).tolist(), "folds": chosen.folds,
@@ -224,14 +230,18 @@ def serving_fn(cfg: ExportConfig, run_dir: RunDir, v, preps: dict, exported: dic
     return predict_one
 
 
-def made_from(cfg: ExportConfig, run_dir: RunDir, ens: dict, manifest: dict) -> dict:
-    """The manifest is made from the checkpoints, ensemble.json (whose weights the merged graph
-    bakes in) and the ONNX files it lists: a change to any of them after export is noticed."""
+def made_from(cfg: ExportConfig, run_dir: RunDir, manifest: dict) -> dict:
+    """The manifest is made from the checkpoints of every run it exported, ensemble.json (whose
+    weights the merged graph bakes in and whose method weighs the budget's candidates) and the ONNX
+    files it lists: a change to any of them after export is noticed."""
     onnx = [run_dir.onnx_dir / f[key] for e in manifest["members"] for f in e["folds"]
             for key in ("path", "int8_path") if key in f]
     if "merged" in manifest:
         onnx.append(run_dir.onnx_dir / manifest["merged"]["path"])
-    used = [p for paths in ens["folds"].values() for p in paths] + onnx
+    if manifest.get("serve", {}).get("path"):
+        onnx.append(run_dir.onnx_dir / manifest["serve"]["path"])
+    checkpoints = [run_dir.fold_file(e["run"], f["fold"], "best.pt") for e in manifest["members"] for f in e["folds"]]
+    used = checkpoints + onnx
     if run_dir.ensemble_path.is_file() and not cfg.models:
         used.append(run_dir.ensemble_path)
     options = (" --int8" if cfg.int8 else "") + (f" --models {','.join(cfg.models)}" if cfg.models else "")
@@ -255,7 +265,7 @@ def main(cfg: ExportConfig) -> dict:
         manifest.update(export_merged(cfg, ens, ens_entries, schema, data, run_dir.onnx_dir))
     if cfg.budget_ms:
         manifest["serve"] = choose_serving(cfg, run_dir, exported, data)
-    manifest["provenance"] = made_from(cfg, run_dir, ens, manifest)
+    manifest["provenance"] = made_from(cfg, run_dir, manifest)
     atomic_write_json(run_dir.manifest_path, manifest)
     rows = [{"run": e["run"], "fold": f["fold"], "max_abs_diff": f["parity_max_abs_diff"],
              "same_decoding": f["parity_same_decoding"], **({"int8": f["int8_path"]} if "int8_path" in f else {})}

@@ -8,6 +8,10 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs scripts end to end (left out by make test-fast)")
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small generated dataset in the competition layout, shared by the tests (read-only)."""

@@ -7,8 +7,6 @@ rows; a quoted line break inside a value is part of that value). A DataError is 
 acceptable answer to a mutated table as long as it names the file; anything else is a bug.
 """
 import random
-import shutil
-import time
 
 import numpy as np
 import pandas as pd
@@ -165,14 +163,12 @@ def tables(tiny_data, tmp_path):
 
 
 def test_train_and_test_readers_survive_mutated_tables(tables, tmp_path):
-    start = time.perf_counter()
     attrs = tables["attrs"]
     cats = sorted(attrs)
     train = fuzz(lambda p: read_train(p, attrs), tables["train"], tmp_path, "train.csv", CSV_MUTATIONS, 1)
     test = fuzz(lambda p: read_test(p, cats), tables["test"], tmp_path, "test.csv", CSV_MUTATIONS, 2)
     for outcomes in (train, test):
         assert outcomes["error"] > 50 and outcomes["parsed"] > 30, outcomes
-    assert time.perf_counter() - start < 60  # generous: the issue's own budget is 30 s for all readers
 
 
 def test_submission_reader_and_validator_survive_mutated_tables(tables, tiny_data, tmp_path):

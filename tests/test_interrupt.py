@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,8 @@ import yaml
 from PIL import Image
 
 from tests.conftest import ROOT, run_script
+from utils import io as io_module
+from utils.io import atomic_write_text
 
 
 def launch(args, marker, kill_after=None):
@@ -127,6 +130,23 @@ def test_a_write_killed_midway_leaves_the_old_file(tmp_path):
     assert no_temporary_files(tmp_path) == []
 
 
+
+def test_a_dead_but_unreaped_writer_counts_as_dead(tmp_path):
+    """In a container whose init does not reap, a killed pool worker stays a zombie: its pid still
+    answers kill(pid, 0), yet its temporary file is stale and the next run must clear it."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)  # exited, not yet waited for: a zombie
+    leftover = tmp_path / f".000001.jpg.{io_module._HOST}-{child.pid}-0badc0de.tmp"
+    leftover.write_bytes(b"half")
+    alive = tmp_path / f".000002.jpg.{io_module._HOST}-{os.getpid()}-0badc0de.tmp"
+    alive.write_bytes(b"being written")
+    atomic_write_text(tmp_path / "000003.txt", "done")
+    child.wait()
+    assert not leftover.exists()  # the zombie's file went
+    assert alive.exists()  # a live writer's file stays
 # ----------------------------------------------------------------------------- the scripts
 
 TRAIN = ["--model", "test_resnet", "--n-folds", "2", "--img-size", "32", "--batch-size", "16", "--epochs", "2",

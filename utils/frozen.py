@@ -34,7 +34,8 @@ from utils.engine import autocast, to_device, train_step
 from utils.io import atomic_write, atomic_write_json, save_logits
 from utils.metric import score_logits
 from utils.model import load_checkpoint, warmup_cosine
-from utils.schema import CATEGORY, ID, image_path
+from utils.errors import DataError
+from utils.schema import CATEGORY, ID, IGNORE_INDEX, image_path
 from utils.trainer import FoldTrainer, row_paths
 
 
@@ -51,10 +52,11 @@ def files_digest(paths: list[Path]) -> str:
 
 
 def cache_key(cfg, prep, paths: list[Path]) -> str:
-    """A hash of everything the embeddings depend on."""
+    """A hash of everything the embeddings depend on (``layout``: the cache file's own format, raised
+    when its arrays change so an older cache is rebuilt rather than misread)."""
     weights = (provenance.sha256(Path(cfg.pretrained_file)) if cfg.pretrained_file
                else "hub" if cfg.pretrained else f"random-init seed {cfg.seed}")
-    what = {"model": cfg.model, "weights": weights, "keep_head": cfg.keep_head, "preprocess": prep.to_dict(),
+    what = {"layout": 2, "model": cfg.model, "weights": weights, "keep_head": cfg.keep_head, "preprocess": prep.to_dict(),
             "views": cfg.frozen_views, "aug": [cfg.aug, cfg.category_aug] if cfg.frozen_views else None,
             "images": files_digest(paths)}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -101,24 +103,27 @@ class FrozenFold(FoldTrainer):
         return cache
 
     @torch.no_grad()
-    def embed(self, paths, categories, transform, seed=None) -> np.ndarray:
+    def embed(self, paths, categories, transform, seed=None) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings [N, F], usable [N]): an unusable image is embedded as the grey placeholder."""
         ds = ImageDataset(paths, categories, None, transform, self.prep, augment_seed=seed)
-        backbone, out = self.model.backbone.eval(), []
+        backbone, out, ok = self.model.backbone.eval(), [], []
         for batch in make_loader(ds, max(self.per_rank_batch, 64), self.workers):
             with autocast(self.d.device, self.dtype):
                 out.append(backbone(to_device(batch["image"], self.d.device, self.channels_last)).float().cpu())
-        return torch.cat(out).numpy()
+            ok.append(batch["ok"])
+        return torch.cat(out).numpy(), torch.cat(ok).numpy()
 
     def embed_all(self, originals: pd.DataFrame, train_paths, test_paths, path: Path) -> None:
         start, cats = time.perf_counter(), originals[CATEGORY].tolist()
-        plain = self.embed(train_paths, cats, self.prep.transform())
+        plain, usable = self.embed(train_paths, cats, self.prep.transform())
         train_tf = self.prep.transform(train=True, aug=self.cfg.aug, category_aug=self.cfg.category_aug,
                                        categories=self.schema.categories)
-        views = [self.embed(train_paths, cats, train_tf, seed=self.cfg.seed + 1000 * (v + 1))
+        views = [self.embed(train_paths, cats, train_tf, seed=self.cfg.seed + 1000 * (v + 1))[0]
                  for v in range(self.cfg.frozen_views)]
-        test = self.embed(test_paths, self.data.test[CATEGORY].tolist(), self.prep.transform())
-        arrays = {"train_ids": originals[ID].to_numpy(), "train": plain, "test_ids": self.data.test[ID].to_numpy(),
-                  "test": test, "views": np.stack(views) if views else np.zeros((0,) + plain.shape, np.float32)}
+        test, _ = self.embed(test_paths, self.data.test[CATEGORY].tolist(), self.prep.transform())
+        arrays = {"train_ids": originals[ID].to_numpy(), "train": plain, "train_usable": usable,
+                  "test_ids": self.data.test[ID].to_numpy(), "test": test,
+                  "views": np.stack(views) if views else np.zeros((0,) + plain.shape, np.float32)}
         atomic_write(path, lambda f: np.savez(f, **arrays))
         print(f"fold {self.fold}: embedded {len(plain)} train images ({self.cfg.frozen_views} augmented view(s) each) "
               f"and {len(test)} test images in {time.perf_counter() - start:.1f} s; cached in {path}")
@@ -132,16 +137,31 @@ class FrozenFold(FoldTrainer):
         t = None if targets is None else torch.from_numpy(np.concatenate([targets] * len(stacks)))
         return x, t
 
+    def usable_targets(self) -> np.ndarray:
+        """The fold's train targets, with an unusable image's labels ignored (as fine-tuning does),
+        counted in ``bad``, and past ``max_bad_images`` an error."""
+        n, targets = len(self.trn), self.rows["targets"][: len(self.trn)].copy()
+        source = self.trn["source_id"] if "source_id" in self.trn else self.trn[ID]
+        usable = self.cache["train_usable"][[self.cache["position"][int(i)] for i in source]]
+        targets[~usable] = IGNORE_INDEX
+        self.bad = {int(i): "unusable image (embedded as a grey placeholder)" for i in self.trn[ID][~usable]}
+        if len(self.bad) > self.cfg.max_bad_images * n:
+            raise DataError(f"{len(self.bad)} of {n} train images are unreadable (more than max_bad_images="
+                            f"{self.cfg.max_bad_images}), e.g. ids {sorted(self.bad)[:5]}")
+        return targets
+
     def training_embeddings(self) -> tuple[torch.Tensor, torch.Tensor | dict]:
         """The fold's train rows (every view) and their targets; for a student (``teacher``), the
         teacher's probabilities too, and the test images' embeddings as unlabelled rows."""
         n = len(self.trn)
-        x, hard = self.rows_of(self.trn, self.rows["targets"][:n], views=True)
+        x, hard = self.rows_of(self.trn, self.usable_targets(), views=True)
         if not self.cfg.teacher:
             return x, hard
         views = len(x) // n
         repeat = lambda a: torch.from_numpy(np.concatenate([np.asarray(a)] * views))
-        targets = {"hard": hard, "soft": repeat(self.rows["soft"][:n]), "soft_heads": repeat(self.rows["soft_heads"][:n])}
+        usable = np.array([int(i) not in self.bad for i in self.trn[ID]])
+        heads = self.rows["soft_heads"][:n] & usable[:, None]  # an unusable image learns nothing from the teacher
+        targets = {"hard": hard, "soft": repeat(self.rows["soft"][:n]), "soft_heads": repeat(heads)}
         if len(self.rows["ids"]) > n:  # distill_test: the test rows, in test.csv order, as student_rows appends them
             x = torch.cat([x, torch.from_numpy(self.cache["test"])])
             for key, extra in (("hard", self.rows["targets"][n:]), ("soft", self.rows["soft"][n:]),
@@ -211,13 +231,16 @@ class FrozenFold(FoldTrainer):
         test_logits = self.head_logits(torch.from_numpy(self.cache["test"]), best)
         final, table = score_logits(self.schema, self.val_targets, oof)
         metrics = {"fold": self.fold, "val_score": final, "best_epoch": self.state["best_epoch"],
-                   "epochs_run": self.state["epoch"] + 1, "bad_images": {}, "per_head": table.to_dict(orient="records")}
+                   "epochs_run": self.state["epoch"] + 1, "bad_images": {str(k): v for k, v in sorted(self.bad.items())},
+                   "per_head": table.to_dict(orient="records")}
         if self.d.main:
             fp, made_from = self.schema.fingerprint, self.made_from()
             save_logits(self.dir / "oof_logits.npz", self.val[ID].to_numpy(), oof, fp, self.fold, made_from)
             if self.cfg.predict_test:
                 save_logits(self.dir / "test_logits.npz", self.cache["test_ids"], test_logits, fp, self.fold, made_from)
             atomic_write_json(self.dir / "metrics.json", metrics)  # written last: marks the fold complete
+            if self.bad:
+                print(f"fold {self.fold}: {len(self.bad)} unreadable image(s) skipped: ids {sorted(self.bad)[:10]}")
         return metrics
 
 

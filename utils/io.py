@@ -41,7 +41,17 @@ def _stale(tmp: Path) -> bool:
         return True
     except (ValueError, IndexError, OSError):  # not our name, or alive under another user
         return False
-    return False
+    return _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A process that has exited but was not reaped (an orphaned pool worker in a container whose
+    init does not reap) still answers ``kill(pid, 0)``; /proc says it is dead."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X")
 
 
 @contextlib.contextmanager

@@ -18,13 +18,10 @@ Writes, in <out_dir>/<name>/fold<k>/ (name defaults to the model; see utils/run.
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-import numpy as np
 import pandas as pd
 import torch
 from timm.utils import ModelEmaV3
