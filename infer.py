@@ -83,7 +83,8 @@ class TestImages(torch.utils.data.Dataset):
 
 def predict_images(cfg: InferConfig, run_dir: RunDir, test: pd.DataFrame, ens: dict, images_dir: Path):
     """Blended scores decoded batch by batch; memory holds one batch of images at a time, and
-    each row's class indices. Returns (decoded rows, ids of bad images with their reasons)."""
+    each row's class indices. Returns (decoded rows, ids of bad images with their reasons, the runs
+    served: export.py's budgeted choice may be fewer than the ensemble's)."""
     schema = run_dir.schema
     if cfg.backend == "torch":
         members, merged = torch_members(ens, schema), False
@@ -108,7 +109,7 @@ def predict_images(cfg: InferConfig, run_dir: RunDir, test: pd.DataFrame, ens: d
                               f"predicted from its category's most frequent values", stacklevel=2)
                 scores[k] = fallback
             preds[index] = schema.predict(scores)  # 2 bytes per head and row: memory stays flat
-    return submission_from_predictions(ids, categories, preds, schema), bad
+    return submission_from_predictions(ids, categories, preds, schema), bad, ens["models"]
 
 
 def predict_from_logits(run_dir: RunDir, test: pd.DataFrame, ens: dict) -> pd.DataFrame:
@@ -137,17 +138,17 @@ def main(cfg: InferConfig) -> dict:
     schema = run_dir.schema
     test = read_test(data_dir / "test.csv", schema.categories)
     ens = load_ensemble(run_dir, cfg.models)
-    bad = {}
+    bad, served = {}, ens["models"]
     if cfg.from_logits:
         sub = predict_from_logits(run_dir, test, ens)
     else:
-        sub, bad = predict_images(cfg, run_dir, test, ens, data_dir / "test_images")
+        sub, bad, served = predict_images(cfg, run_dir, test, ens, data_dir / "test_images")
     write_submission(sub, test, schema, cfg.output)
     seconds = time.perf_counter() - start
     result = solution_score(data_dir, sub, read_category_attributes(data_dir / "category_attributes.parquet"))
     source = "saved test logits" if cfg.from_logits else f"{cfg.backend}{' int8' if cfg.int8 else ''}" + \
         (" + hflip TTA" if cfg.tta_hflip else "")
-    summary = pd.DataFrame([{"rows": len(sub), "members": len(ens["models"]), "source": source,
+    summary = pd.DataFrame([{"rows": len(sub), "served": "+".join(served), "source": source,
                              "bad_images": len(bad), "seconds": round(seconds, 1),
                              "images_per_s": round(len(sub) / seconds, 1)}])
     print("\n" + summary.to_string(index=False))

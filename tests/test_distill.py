@@ -119,8 +119,9 @@ def test_a_student_trains_and_the_budgeted_export_serves_what_fits(run, tiny_dat
     assert serve["p99_ms"] <= 100000 and serve["score"] == pytest.approx(table[table.fits].score.max())
     assert {"student", "test_byobnet+test_efficientnet"} <= set(table.candidate)
     out = tmp_path / "sub.csv"
-    run_script("infer.py", "--data-dir", str(tiny_data), "--out-dir", str(run), "--output", str(out), "--progress", "false",
-               "--workers", "0")
+    proc = run_script("infer.py", "--data-dir", str(tiny_data), "--out-dir", str(run), "--output", str(out),
+                      "--progress", "false", "--workers", "0")
+    assert f" {'+'.join(serve['models'])} " in proc.stdout  # the summary names what was served
     sub = pd.read_csv(out, dtype=str, keep_default_na=False)
     sub["id"], sub["len"] = sub["id"].astype(int), sub["len"].astype(int)
     assert validate_submission(sub, read_dataset(tiny_data).test, RunDir(run).schema) == []

@@ -91,6 +91,8 @@ def test_models_override_is_served_by_the_per_fold_files_not_the_merged_graph(ru
     asked = load_ensemble(rd, ["test_byobnet", "test_efficientnet"])  # equal weights, no biases
     members, merged, _ = onnx_members(rd, asked, rd.schema, False, 1)
     assert not merged and [m.run for m in members] == ["test_byobnet", "test_efficientnet"]
+    members, merged, _ = onnx_members(rd, load_ensemble(rd, ["test_efficientnet"]), rd.schema, False, 1)
+    assert not merged and [m.run for m in members] == ["test_efficientnet"]  # one exported run alone
     members, merged, _ = onnx_members(rd, load_ensemble(rd), rd.schema, False, 1)
     assert merged  # ensemble.json's own weights: the merged graph serves
 

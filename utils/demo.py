@@ -74,6 +74,8 @@ def main(cfg: DemoConfig) -> dict:
     stages, start = Stages(), time.perf_counter()
     if not (data / "train.csv").is_file():
         stages.run("data", "-m", "utils.demo_data", "--out", str(data))
+    else:
+        print(f"== data: {data} exists and is reused (delete it to draw it anew)", flush=True)
     baseline = out / "baseline_submission.csv"
     stages.run("baseline", "-m", "utils.baseline", "--data-dir", str(data), "--out", str(baseline))
     stages.run("teacher resnet10t (fine-tuned)", "train.py", "--model", "resnet10t", "--config", "configs/demo.yaml",
@@ -84,8 +86,8 @@ def main(cfg: DemoConfig) -> dict:
                "--sto-iterations", "4", *quiet)
     stages.run("student (distilled)", "train.py", "--model", "resnet18", "--config", "configs/demo_frozen.yaml",
                "--name", "student", "--teacher", str(out / "ensemble.json"), *dirs, "--fold", "all", "--resume", *quiet)
-    stages.run("export", "export.py", *dirs, "--budget-ms", str(cfg.budget_ms), "--latency-images", "40",
-               "--timing-images", "20", *quiet)
+    stages.run("export", "export.py", *dirs, "--budget-ms", str(cfg.budget_ms), "--latency-images", "20",
+               "--parity-images", "16", *quiet)
     stages.run("infer", "infer.py", *dirs, "--output", cfg.output, *quiet)
     return summary(cfg, stages, time.perf_counter() - start, baseline)
 

@@ -1,6 +1,6 @@
 """A generated demo dataset in the competition layout, with learnable visual cues.
 
-    python -m utils.demo_data --out data/demo [--n-train 2400 --n-test 480 --seed 0]
+    python -m utils.demo_data --out data/demo [--n-train 2000 --n-test 400 --seed 0]
 
 Writes train.csv, test.csv, category_attributes.parquet, sample_submission.csv,
 train_images/, test_images/ and test_solution.csv (the true test labels). The five real
@@ -478,7 +478,7 @@ def _render_row(job) -> None:
         img.save(tmp, format="JPEG", quality=90)
 
 
-def generate(out: str | Path, n_train: int = 2400, n_test: int = 480, seed: int = 0,
+def generate(out: str | Path, n_train: int = 2000, n_test: int = 400, seed: int = 0,
              workers: int = 2, progress: bool = True) -> Path:
     out = Path(out)
     rng = np.random.default_rng(seed)
@@ -526,8 +526,8 @@ def generate(out: str | Path, n_train: int = 2400, n_test: int = 480, seed: int 
 @dataclass
 class DemoDataConfig:
     out: str = option("data/demo", "the dataset folder to write")
-    n_train: int = option(2400, "train images")
-    n_test: int = option(480, "test images")
+    n_train: int = option(2000, "train images")
+    n_test: int = option(400, "test images")
     seed: int = option(0, "the same seed gives byte-identical files")
     workers: int = option(2, "processes drawing images")
 

@@ -48,16 +48,18 @@ def onnx_runner(path: Path, threads: int, schema: Schema | None = None) -> Calla
 
 
 def read_manifest(run_dir: RunDir, models: list[str]) -> dict:
-    """export.py's ``onnx/manifest.json``, checked to be for these runs."""
+    """export.py's ``onnx/manifest.json``, checked to hold every one of these runs (an export may
+    hold more: ``--budget-ms`` exports every complete run, so ``infer.py --models student`` works)."""
     path = run_dir.manifest_path
     if not path.is_file():
         raise DataError(f"{path} not found: run `python export.py --out-dir {run_dir.path}` first, "
                         f"or use --backend torch")
     manifest = json.loads(path.read_text())
     provenance.check(manifest.get("provenance"), run_dir.path, path)
-    if manifest["models"] != models:
-        raise DataError(f"{path} was exported for runs {manifest['models']}, but the ensemble is "
-                        f"{models}; re-run export.py")
+    exported = [e["run"] for e in manifest["members"]]
+    if missing := [m for m in models if m not in exported]:
+        raise DataError(f"{path} was exported for runs {exported}, which lack {missing}; re-run export.py "
+                        f"(with --models {','.join(models)}, or --budget-ms to export every run)")
     return manifest
 
 

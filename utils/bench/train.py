@@ -2,6 +2,7 @@
 
     python -m utils.bench.train                                       # resnet18, efficientnet_b0 at 128 and 224
     python -m utils.bench.train --models resnet18 --sizes 96 --workers-sweep 0,1,2
+    python -m utils.bench.train --sizes 128 --workers-sweep 2 --epoch false --compile
 
 For each model and size, images per second of:
   loader            the data loader alone (decode, augment, collate), ``workers`` processes
@@ -12,7 +13,8 @@ For each model and size, images per second of:
   train.py epoch    one real epoch of the fold trainer on these images, first batch included
 and, to justify the defaults (utils/throughput.py): the ceiling in contiguous and channels_last
 memory format, the full step with each number of loader workers in ``--workers-sweep``, and bf16
-autocast, but only on a CPU with native bf16 (elsewhere it is emulated, and says so).
+autocast, but only on a CPU with native bf16 (elsewhere it is emulated, and says so); with
+``--compile``, the ceiling under torch.compile and the seconds its compilation took.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from utils.model import AttributeModel, HeadLoss, build_optimizer, data_config, 
 from utils.run import RunDir
 from utils.schema import CATEGORY, Schema, read_dataset
 from utils.throughput import loader_workers, use_channels_last
-from utils.trainer import FoldTrainer, TrainConfig, row_paths
+from utils.trainer import FoldTrainer, TrainConfig, model_args, row_paths
 from utils.transforms import Preprocess
 
 
@@ -49,6 +51,7 @@ class BenchTrainConfig(DataConfig):
     repeats: int = option(3, "interleaved repetitions of every step measurement; the best is kept")
     epoch: bool = option(True, "also time one real train.py epoch (the fold trainer) per model and size")
     epoch_images: int = option(2048, "rows of the real epoch's run (2 folds: half of them train)")
+    compile: bool = option(False, "also time the ceiling under torch.compile, and its compile time (minutes)")
 
 
 class Case:
@@ -60,7 +63,7 @@ class Case:
         self.targets = schema.encode(self.rows)
         self.recipe = TrainConfig(model=model_name, img_size=size)
         torch.manual_seed(0)
-        self.model = AttributeModel(model_name, [h.width for h in schema.heads], loss=HeadLoss(schema))
+        self.model = AttributeModel(loss=HeadLoss(schema), **model_args(self.recipe, schema))  # as train.py builds it
         self.prep = Preprocess(size, *data_config(self.model.backbone))
 
     def loader(self, workers: int):
@@ -70,15 +73,19 @@ class Case:
                           self.prep, augment_seed=0)
         return make_loader(ds, self.cfg.batch_size, workers, EpochSampler(len(ds), 0), drop_last=True, persistent=True)
 
-    def steps(self, batches, channels_last: bool, dtype=None) -> float:
-        """images/s of the kit's training step over ``batches`` (after two untimed warm-up steps)."""
+    def steps(self, batches, channels_last: bool, dtype=None, compiled: bool = False) -> float:
+        """images/s of the kit's training step over ``batches`` (after two untimed warm-up steps,
+        whose seconds are kept in ``warmup_s``: with ``compiled``, the compile time)."""
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=fmt)
+        net = torch.compile(self.model) if compiled else self.model
         opt = build_optimizer(self.model, 1e-4, 1e-3, 0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(10_000, 0))
-        run = lambda b: train_one_epoch(self.model, b, opt, sched, torch.device("cpu"), amp_dtype=dtype,
+        run = lambda b: train_one_epoch(net, b, opt, sched, torch.device("cpu"), amp_dtype=dtype,
                                         clip_grad=1.0, channels_last=channels_last, progress=False)
+        start = time.perf_counter()
         run(itertools.islice(iter(batches), 2))
+        self.warmup_s = time.perf_counter() - start
         return run(batches)["images_per_s"]
 
     def in_memory(self) -> list[dict]:
@@ -100,10 +107,11 @@ def loader_only(case: Case, workers: int) -> float:
 
 
 def real_epoch(case: Case, workers: int) -> float:
-    """images/s of the fold trainer's first epoch (first batch and worker start-up included)."""
+    """images/s of the fold trainer's first epoch (first batch and worker start-up included), in
+    fp32 like the ceiling it is compared with (``amp: auto`` would take bf16 on a native-bf16 CPU)."""
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(model=case.name, img_size=case.size, batch_size=case.cfg.batch_size, epochs=1,
-                          n_folds=2, workers=workers, out_dir=out, progress=False, patience=0)
+                          n_folds=2, workers=workers, out_dir=out, progress=False, patience=0, amp="off")
         rows = case.data.train.iloc[: case.cfg.epoch_images].reset_index(drop=True)
         data = dataclasses.replace(case.data, train=rows, test=case.data.test.iloc[:8])
         schema, table = RunDir(out).prepare(data, 2, 0)
@@ -134,13 +142,17 @@ def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
     if cfg.epoch:
         w = loader_workers("auto", Dist())
         epoch = real_epoch(case, w)
-        rows.append({"case": label, "measure": "train.py epoch (auto workers)", "workers": w, "img_per_s": epoch,
+        rows.append({"case": label, "measure": "train.py epoch (auto workers, fp32)", "workers": w, "img_per_s": epoch,
                      "of_ceiling": epoch / ceiling})
     if native_bf16():
         bf16 = max(case.steps(memory, cl, torch.bfloat16) for _ in range(cfg.repeats))
         rows.append({"case": label, "measure": "ceiling, bf16 autocast", "img_per_s": bf16, "of_ceiling": bf16 / ceiling})
     else:
         rows.append({"case": label, "measure": "ceiling, bf16 autocast: not measured (emulated on this CPU)"})
+    if cfg.compile:
+        rate = case.steps(memory, cl, compiled=True)
+        rows.append({"case": label, "measure": f"ceiling, torch.compile (compiled in {case.warmup_s:.0f} s)",
+                     "img_per_s": rate, "of_ceiling": rate / ceiling})
     return rows
 
 
