@@ -27,7 +27,7 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     return pipeline(tiny_data, tmp_path_factory.mktemp("run"))
 
 
-TRAIN = ["--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs", "1", "--workers", "1",
+TRAIN = ["--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs", "1", "--workers", "0",
          "--progress", "false", "--fold", "all"]
 
 
@@ -40,7 +40,7 @@ def pipeline(data: Path, out: Path) -> Path:
     run_script("ensemble.py", "--data-dir", str(data), "--out-dir", str(out), "--sto-population", "6",
                "--sto-iterations", "3", "--compare", "equal,sto", "--progress", "false")
     run_script("export.py", "--data-dir", str(data), "--out-dir", str(out), "--timing-images", "5",
-               "--progress", "false")
+               "--parity-images", "8", "--progress", "false")
     return out
 
 
