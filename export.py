@@ -59,7 +59,8 @@ class ExportConfig(CommonConfig):
     parity_images: int = option(32, "validation images of each fold for the ONNX-vs-PyTorch check")
     merge: bool = option(True, "also try the whole ensemble as one graph; keep the faster")
     threads: int = option(2, "ONNX Runtime intra-op threads for timing and parity")
-    timing_images: int = option(50, "test images for the single-stream merged-vs-separate timing")
+    timing_images: int = option(50, "test images for the single-stream merged-vs-separate timing (under "
+                                    "--budget-ms, the budget's own timing decides)")
     progress: bool = option(True, "progress bars")
 
 
