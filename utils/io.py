@@ -49,6 +49,8 @@ def _zombie(pid: int) -> bool:
     init does not reap) still answers ``kill(pid, 0)``; /proc says it is dead."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:  # reaped since kill(pid, 0) answered; or a system without /proc
+        return Path("/proc/self/stat").is_file()
     except OSError:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X")
