@@ -29,13 +29,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from utils import provenance
 from utils.baseline import solution_score
-from utils.blend import combine_members, load_ensemble
+from utils.blend import combine_members, load_ensemble, load_test_logits
 from utils.config import CommonConfig, option, run_command
 from utils.data import read_or_placeholder
-from utils.errors import DataError
-from utils.io import load_logits
 from utils.run import RunDir
 from utils.schema import CATEGORY, ID, image_path, read_category_attributes, read_test
 from utils.serving import onnx_members, run_members, torch_members
@@ -114,20 +111,8 @@ def predict_images(cfg: InferConfig, run_dir: RunDir, test: pd.DataFrame, ens: d
 
 def predict_from_logits(run_dir: RunDir, test: pd.DataFrame, ens: dict) -> pd.DataFrame:
     """The submission from the test logits each fold saved at training time."""
-    schema = run_dir.schema
-    position = pd.Series(np.arange(len(test)), index=test[ID])
-    member_logits = {}
-    for run, paths in ens["folds"].items():
-        member_logits[run] = []
-        for ckpt in paths:
-            provenance.check_file(ckpt.parent / "test_logits.npz", run_dir.path)
-            ids, logits = load_logits(ckpt.parent / "test_logits.npz", schema.fingerprint)
-            if len(ids) != len(test) or not np.isin(ids, test[ID]).all():
-                raise DataError(f"{ckpt.parent / 'test_logits.npz'}: its ids do not match test.csv")
-            ordered = np.empty_like(logits)
-            ordered[position[ids].to_numpy()] = logits
-            member_logits[run].append(ordered)
-    return make_submission(test[ID], test[CATEGORY], combine_members(member_logits, ens, schema), schema)
+    member_logits = {run: load_test_logits(run_dir, run, test[ID].to_numpy()) for run in ens["models"]}
+    return make_submission(test[ID], test[CATEGORY], combine_members(member_logits, ens, run_dir.schema), run_dir.schema)
 
 
 def main(cfg: InferConfig) -> dict:

@@ -31,9 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils import provenance
-from utils.blend import blend, head_log_softmax, load_oof
+from utils.blend import blend, combine_members, head_log_softmax, load_oof, load_test_logits
 from utils.errors import DataError
-from utils.io import load_logits
 from utils.model import HeadLoss
 from utils.run import RunDir
 from utils.schema import CATEGORY, ID, IGNORE_INDEX, Schema, image_path
@@ -58,22 +57,12 @@ def teacher_spec(teacher: str, run_dir: RunDir) -> dict:
 
 
 def teacher_scores(teacher: str, run_dir: RunDir, train_ids: np.ndarray, test_ids: np.ndarray):
-    """The teacher's blended scores [N, L] for ``train_ids`` (out of fold) and [T, L] for ``test_ids``."""
+    """The teacher's blended scores [N, L] for ``train_ids`` (out of fold) and [T, L] for ``test_ids``
+    (its folds' test logits, blended as infer.py blends them)."""
     spec, schema = teacher_spec(teacher, run_dir), run_dir.schema
     oof = blend(load_oof(run_dir, spec["models"], train_ids), spec["weights"], schema, spec["biases"])
-    position = {int(i): k for k, i in enumerate(test_ids)}
-    members = []
-    for run in spec["models"]:
-        folds = []
-        for k in range(run_dir.n_folds):
-            path = run_dir.fold_file(run, k, "test_logits.npz")
-            ids, logits = load_logits(path, schema.fingerprint)
-            provenance.check_file(path, run_dir.path)
-            ordered = np.empty((len(test_ids), schema.n_logits), dtype=np.float32)
-            ordered[[position[int(i)] for i in ids]] = head_log_softmax(logits, schema)
-            folds.append(ordered)
-        members.append(np.mean(folds, axis=0))
-    return oof, blend(np.stack(members), spec["weights"], schema, spec["biases"])
+    test = combine_members({run: load_test_logits(run_dir, run, test_ids) for run in spec["models"]}, spec, schema)
+    return oof, test
 
 
 def soft_targets(scores: np.ndarray, schema: Schema, t: float) -> np.ndarray:
