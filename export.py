@@ -42,7 +42,7 @@ from utils.model import checkpoint_preprocess, load_checkpoint
 from utils.onnx_utils import EnsembleGraph, LogitsOnly, export_onnx, quantize_int8
 from utils.run import RunDir
 from utils.schema import CATEGORY, ID, Schema, image_path, read_dataset
-from utils.serving import Member, onnx_runner, parity, preprocess_batch, run_members, single_stream_ms
+from utils.serving import fold_members, onnx_runner, parity, preprocess_batch, run_members, single_stream_ms
 from utils.transforms import Preprocess
 
 
@@ -62,7 +62,6 @@ class ExportConfig(CommonConfig):
     timing_images: int = option(50, "test images for the single-stream merged-vs-separate timing (under "
                                     "--budget-ms, the budget's own timing decides)")
     progress: bool = option(True, "progress bars")
-
 
 
 def metadata(schema: Schema, run: str, prep, **extra) -> dict:
@@ -130,14 +129,20 @@ def export_run(cfg: ExportConfig, run: str, paths: list[Path], schema: Schema, d
     return entry, {}
 
 
+def export_graph(fold_paths: list[list[Path]], weights, biases, schema: Schema, prep: Preprocess, path: Path) -> None:
+    """Runs' fold checkpoints (one list per run), blended with ``weights`` and ``biases``, as one
+    ONNX graph: what infer.py would compute from separate sessions."""
+    fold_models = [[load_checkpoint(p, schema)[0] for p in paths] for paths in fold_paths]
+    graph = EnsembleGraph(fold_models, expand_weights(weights, schema), biases, schema)
+    export_onnx(graph, path, prep.img_size, metadata(schema, "ensemble", prep))
+
+
 def export_merged(cfg: ExportConfig, ens: dict, entries: list[dict], schema: Schema, data, onnx_dir: Path) -> dict:
     """The whole ensemble as one graph; timed against separate sessions (under ``--budget-ms`` the
     budget times both, among its candidates, and chooses: no timing here). Returns the manifest keys."""
     prep = Preprocess.from_dict(entries[0]["preprocess"])
-    fold_models = [[load_checkpoint(p, schema)[0] for p in ens["folds"][run]] for run in ens["models"]]
-    graph = EnsembleGraph(fold_models, expand_weights(ens["weights"], schema), ens["biases"], schema)
     merged_path = onnx_dir / "ensemble.onnx"
-    export_onnx(graph, merged_path, prep.img_size, metadata(schema, "ensemble", prep))
+    export_graph([ens["folds"][run] for run in ens["models"]], ens["weights"], ens["biases"], schema, prep, merged_path)
     ids = data.test[ID].to_numpy()[: cfg.timing_images]
     images = [preprocess_batch([image_path(data.test_images, i)], prep) for i in ids]
     merged = onnx_runner(merged_path, cfg.threads, schema)
@@ -192,16 +197,13 @@ def choose_serving(cfg: ExportConfig, run_dir: RunDir, exported: dict, data) -> 
         print(f"\nserving candidates, end to end per image, single stream, {cfg.threads} threads, {len(items)} "
               f"images; budget p99 {cfg.budget_ms:.0f} ms\n" + table.to_string(index=False, float_format="{:.4f}".format))
     chosen = budget.choose(variants, cfg.budget_ms)
-    if chosen is None:
-        for v in variants:
-            if v.path:
-                (run_dir.onnx_dir / v.path).unlink(missing_ok=True)
-        fastest = min(variants, key=lambda v: v.p99)
-        raise DataError(f"nothing fits a p99 of {cfg.budget_ms:.0f} ms on this machine: the fastest is {fastest.name} "
-                        f"at p99 {fastest.p99:.1f} ms (every candidate: {run_dir.onnx_dir / 'budget.csv'})")
     for v in variants:  # the merged graphs built to be timed: only the chosen one is kept
         if v.path and v is not chosen:
             (run_dir.onnx_dir / v.path).unlink(missing_ok=True)
+    if chosen is None:
+        fastest = min(variants, key=lambda v: v.p99)
+        raise DataError(f"nothing fits a p99 of {cfg.budget_ms:.0f} ms on this machine: the fastest is {fastest.name} "
+                        f"at p99 {fastest.p99:.1f} ms (every candidate: {run_dir.onnx_dir / 'budget.csv'})")
     print(f"serving {chosen.name}: score {chosen.score:.4f} (nested CV), p99 {chosen.p99:.1f} ms <= {cfg.budget_ms:.0f} ms")
     return {"name": chosen.name, "models": chosen.models, "weights": np.asarray(chosen.weights).tolist(),
             "biases": np.asarray(chosen.biases, dtype=float).round(6).tolist(), "folds": chosen.folds,
@@ -216,18 +218,13 @@ def serving_fn(cfg: ExportConfig, run_dir: RunDir, v, preps: dict, exported: dic
     ens = {"models": v.models, "weights": v.weights, "biases": v.biases}
     if v.format == "merged":
         prep = preps[v.models[0]]
-        folds = [[load_checkpoint(run_dir.fold_file(r, f, "best.pt"), schema)[0] for f in range(run_dir.n_folds)]
-                 for r in v.models]
         v.path = f"budget_{k}.onnx"
-        export_onnx(EnsembleGraph(folds, expand_weights(v.weights, schema), v.biases, schema), run_dir.onnx_dir / v.path,
-                    prep.img_size, metadata(schema, "ensemble", prep))
+        export_graph([[run_dir.fold_file(r, f, "best.pt") for f in range(run_dir.n_folds)] for r in v.models],
+                     v.weights, v.biases, schema, prep, run_dir.onnx_dir / v.path)
         session = onnx_runner(run_dir.onnx_dir / v.path, cfg.threads, schema)
         return lambda item: schema.predict(session(prep(item[0])[None]))
-    members = []
-    for run in v.models:
-        key = "int8_path" if run in v.int8 else "path"
-        folds = exported[run][0]["folds"][: 1 if v.folds == "one" else None]
-        members.append(Member(run, [onnx_runner(run_dir.onnx_dir / f[key], cfg.threads, schema) for f in folds], preps[run]))
+    members = fold_members(run_dir.onnx_dir, {r: e for r, (e, _) in exported.items()}, v.models, v.int8,
+                           v.folds == "one", cfg.threads, schema)
 
     def predict_one(item):
         images = {p: p(item[0])[None] for p in {m.prep for m in members}}

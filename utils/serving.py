@@ -71,24 +71,18 @@ def onnx_members(run_dir: RunDir, ens: dict, schema: Schema, int8: bool, threads
     serve = manifest.get("serve")
     if serve and ens.get("from_ensemble_json") and not int8:
         return served(run_dir, manifest, serve, schema, threads)
-    merged_fits = manifest.get("merged", {}).get("ensemble") == ensemble_digest(ens)
-    if manifest.get("use") == "merged" and not int8 and not merged_fits:
-        print(f"{run_dir.onnx_dir / manifest['merged']['path']} holds the weights and biases of "
-              f"{run_dir.ensemble_path.name} as exported; the ensemble asked for here differs (--models?), so "
-              f"the per-fold ONNX files serve it")
-    if manifest.get("use") == "merged" and not int8 and merged_fits:
+    if manifest.get("use") == "merged" and not int8:
         m = manifest["merged"]
-        run = onnx_runner(run_dir.onnx_dir / m["path"], threads, schema)
-        return [Member("ensemble", [run], Preprocess.from_dict(m["preprocess"]))], True, ens
-    key = "int8_path" if int8 else "path"
+        if m.get("ensemble") == ensemble_digest(ens):
+            run = onnx_runner(run_dir.onnx_dir / m["path"], threads, schema)
+            return [Member("ensemble", [run], Preprocess.from_dict(m["preprocess"]))], True, ens
+        print(f"{run_dir.onnx_dir / m['path']} holds the weights and biases of {run_dir.ensemble_path.name} as "
+              f"exported; the ensemble asked for here differs (--models?), so the per-fold ONNX files serve it")
     by_run = {e["run"]: e for e in manifest["members"]}
-    members = []
-    for run in ens["models"]:
-        entry = by_run[run]
-        if any(key not in fold for fold in entry["folds"]):
+    for run in ens["models"] if int8 else ():
+        if any("int8_path" not in fold for fold in by_run[run]["folds"]):
             raise DataError(f"{run_dir.manifest_path}: no int8 model for {run}; run export.py --int8")
-        folds = [onnx_runner(run_dir.onnx_dir / fold[key], threads, schema) for fold in entry["folds"]]
-        members.append(Member(run, folds, Preprocess.from_dict(entry["preprocess"])))
+    members = fold_members(run_dir.onnx_dir, by_run, ens["models"], ens["models"] if int8 else (), False, threads, schema)
     return members, False, ens
 
 
@@ -100,13 +94,21 @@ def served(run_dir: RunDir, manifest: dict, serve: dict, schema: Schema, threads
     if serve["format"] == "merged":
         prep = Preprocess.from_dict(by_run[serve["models"][0]]["preprocess"])
         return [Member("ensemble", [onnx_runner(run_dir.onnx_dir / serve["path"], threads, schema)], prep)], True, ens
+    return fold_members(run_dir.onnx_dir, by_run, serve["models"], serve["int8"], serve["folds"] == "one", threads,
+                        schema), False, ens
+
+
+def fold_members(onnx_dir: Path, entries: dict, models: list[str], int8, one_fold: bool, threads: int,
+                 schema: Schema) -> list[Member]:
+    """Per-fold ONNX sessions of ``models`` from their manifest ``entries`` ({run: entry}): the
+    int8 files for the runs in ``int8``, the first fold alone with ``one_fold``."""
     members = []
-    for run in serve["models"]:
-        key = "int8_path" if run in serve["int8"] else "path"
-        folds = by_run[run]["folds"][: 1 if serve["folds"] == "one" else None]
-        members.append(Member(run, [onnx_runner(run_dir.onnx_dir / f[key], threads, schema) for f in folds],
-                              Preprocess.from_dict(by_run[run]["preprocess"])))
-    return members, False, ens
+    for run in models:
+        key = "int8_path" if run in int8 else "path"
+        folds = entries[run]["folds"][: 1 if one_fold else None]
+        members.append(Member(run, [onnx_runner(onnx_dir / f[key], threads, schema) for f in folds],
+                              Preprocess.from_dict(entries[run]["preprocess"])))
+    return members
 
 
 def run_members(members: list[Member], images: dict, tta_hflip: bool = False) -> dict:
