@@ -31,7 +31,7 @@ import torch
 from utils import provenance
 from utils.data import ImageDataset, make_loader
 from utils.engine import autocast, to_device, train_step
-from utils.io import atomic_write, atomic_write_json, save_logits
+from utils.io import atomic_write
 from utils.metric import score_logits
 from utils.model import load_checkpoint, warmup_cosine
 from utils.errors import DataError
@@ -128,21 +128,23 @@ class FrozenFold(FoldTrainer):
         print(f"fold {self.fold}: embedded {len(plain)} train images ({self.cfg.frozen_views} augmented view(s) each) "
               f"and {len(test)} test images in {time.perf_counter() - start:.1f} s; cached in {path}")
 
+    def positions(self, table: pd.DataFrame) -> np.ndarray:
+        """The cache rows of a table's rows (an augmented copy takes its source's)."""
+        source = table["source_id"] if "source_id" in table else table[ID]
+        return np.array([self.cache["position"][int(i)] for i in source], dtype=np.int64)
+
     def rows_of(self, table: pd.DataFrame, targets, views: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embeddings of a table's rows (an augmented copy takes its source's), with every view."""
-        source = table["source_id"] if "source_id" in table else table[ID]
-        rows = np.array([self.cache["position"][int(i)] for i in source])
+        rows = self.positions(table)
         stacks = [self.cache["train"]] + (list(self.cache["views"]) if views else [])
         x = torch.from_numpy(np.concatenate([s[rows] for s in stacks]))
         t = None if targets is None else torch.from_numpy(np.concatenate([targets] * len(stacks)))
         return x, t
 
-    def usable_targets(self) -> np.ndarray:
+    def usable_targets(self, usable: np.ndarray) -> np.ndarray:
         """The fold's train targets, with an unusable image's labels ignored (as fine-tuning does),
         counted in ``bad``, and past ``max_bad_images`` an error."""
         n, targets = len(self.trn), self.rows["targets"][: len(self.trn)].copy()
-        source = self.trn["source_id"] if "source_id" in self.trn else self.trn[ID]
-        usable = self.cache["train_usable"][[self.cache["position"][int(i)] for i in source]]
         targets[~usable] = IGNORE_INDEX
         self.bad = {int(i): "unusable image (embedded as a grey placeholder)" for i in self.trn[ID][~usable]}
         if len(self.bad) > self.cfg.max_bad_images * n:
@@ -153,13 +155,12 @@ class FrozenFold(FoldTrainer):
     def training_embeddings(self) -> tuple[torch.Tensor, torch.Tensor | dict]:
         """The fold's train rows (every view) and their targets; for a student (``teacher``), the
         teacher's probabilities too, and the test images' embeddings as unlabelled rows."""
-        n = len(self.trn)
-        x, hard = self.rows_of(self.trn, self.usable_targets(), views=True)
+        n, usable = len(self.trn), self.cache["train_usable"][self.positions(self.trn)]
+        x, hard = self.rows_of(self.trn, self.usable_targets(usable), views=True)
         if not self.cfg.teacher:
             return x, hard
         views = len(x) // n
         repeat = lambda a: torch.from_numpy(np.concatenate([np.asarray(a)] * views))
-        usable = np.array([int(i) not in self.bad for i in self.trn[ID]])
         heads = self.rows["soft_heads"][:n] & usable[:, None]  # an unusable image learns nothing from the teacher
         targets = {"hard": hard, "soft": repeat(self.rows["soft"][:n]), "soft_heads": repeat(heads)}
         if len(self.rows["ids"]) > n:  # distill_test: the test rows, in test.csv order, as student_rows appends them
@@ -227,21 +228,10 @@ class FrozenFold(FoldTrainer):
     def finalise(self) -> dict:
         """OOF and test logits from the best checkpoint's heads on the cached embeddings."""
         best, _ = load_checkpoint(self.dir / "best.pt", self.schema)
-        oof = self.head_logits(self.val_x, best)
-        test_logits = self.head_logits(torch.from_numpy(self.cache["test"]), best)
-        final, table = score_logits(self.schema, self.val_targets, oof)
-        metrics = {"fold": self.fold, "val_score": final, "best_epoch": self.state["best_epoch"],
-                   "epochs_run": self.state["epoch"] + 1, "bad_images": {str(k): v for k, v in sorted(self.bad.items())},
-                   "per_head": table.to_dict(orient="records")}
-        if self.d.main:
-            fp, made_from = self.schema.fingerprint, self.made_from()
-            save_logits(self.dir / "oof_logits.npz", self.val[ID].to_numpy(), oof, fp, self.fold, made_from)
-            if self.cfg.predict_test:
-                save_logits(self.dir / "test_logits.npz", self.cache["test_ids"], test_logits, fp, self.fold, made_from)
-            atomic_write_json(self.dir / "metrics.json", metrics)  # written last: marks the fold complete
-            if self.bad:
-                print(f"fold {self.fold}: {len(self.bad)} unreadable image(s) skipped: ids {sorted(self.bad)[:10]}")
-        return metrics
+        test = None
+        if self.cfg.predict_test:
+            test = (self.cache["test_ids"], self.head_logits(torch.from_numpy(self.cache["test"]), best))
+        return self.write_outputs(np.arange(len(self.val)), self.head_logits(self.val_x, best), test)
 
 
 class HeadsOnly(torch.nn.Module):

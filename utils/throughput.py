@@ -51,7 +51,7 @@ def conv_layers(model: nn.Module) -> int:
     return sum(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def use_channels_last(setting: str, backbone: nn.Module, device: torch.device) -> bool:
+def use_channels_last(setting: str, backbone: nn.Module) -> bool:
     """Whether to run ``backbone`` in NHWC (``setting``: on, off or auto; see above)."""
     if setting in ("on", "off"):
         return setting == "on"

@@ -187,7 +187,7 @@ class FoldTrainer:
                                     **self.model_args)
         mean, std = data_config(self.model.backbone)
         self.prep = Preprocess(cfg.img_size, mean, std, cfg.resize, cfg.draft, cfg.interpolation)
-        self.channels_last = use_channels_last(cfg.channels_last, self.model.backbone, d.device)
+        self.channels_last = use_channels_last(cfg.channels_last, self.model.backbone)
         self.model.to(d.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         self._loaders()
         steps_per_epoch = len(self.trn_loader)
@@ -396,19 +396,25 @@ class FoldTrainer:
             idx, oof = last[1], last[2]  # best.pt holds the weights that just validated: no second pass
         else:
             idx, oof = run(self.val_loader, "OOF")
+        test = None
         if cfg.predict_test:
             test_idx, test_logits = run(self._shard(self.data.test, self.data.test_images), "test")
+            test = (self.data.test[ID].to_numpy()[test_idx], test_logits)
+        return self.write_outputs(idx, oof, test)
+
+    def write_outputs(self, idx, oof, test: tuple | None) -> dict:
+        """Score the OOF logits of the validation rows ``idx``; write them, the test logits (``test``:
+        (ids, logits), or None) and, last, metrics.json. Returns the metrics."""
         final, table = score_logits(self.schema, self.val_targets[idx], oof)
         metrics = {"fold": self.fold, "val_score": final, "best_epoch": self.state["best_epoch"],
                    "epochs_run": self.state["epoch"] + 1,
                    "bad_images": {str(k): v for k, v in sorted(self.bad.items())},
                    "per_head": table.to_dict(orient="records")}
-        if d.main:
+        if self.d.main:
             fp, made_from = self.schema.fingerprint, self.made_from()
             save_logits(self.dir / "oof_logits.npz", self.val[ID].to_numpy()[idx], oof, fp, self.fold, made_from)
-            if cfg.predict_test:
-                save_logits(self.dir / "test_logits.npz", self.data.test[ID].to_numpy()[test_idx], test_logits,
-                            fp, self.fold, made_from)
+            if test is not None:
+                save_logits(self.dir / "test_logits.npz", *test, fp, self.fold, made_from)
             atomic_write_json(self.dir / "metrics.json", metrics)  # written last: marks the fold complete
             if self.bad:
                 print(f"fold {self.fold}: {len(self.bad)} unreadable image(s) skipped: ids {sorted(self.bad)[:10]}")

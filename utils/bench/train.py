@@ -123,7 +123,7 @@ def real_epoch(case: Case, workers: int) -> float:
 def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
     """The rows of one case. Step rates are the best of ``repeats`` interleaved measurements (the
     machine's noise only ever slows a run down)."""
-    cl = use_channels_last("auto", case.model.backbone, torch.device("cpu"))
+    cl = use_channels_last("auto", case.model.backbone)
     label, memory = f"{case.name} {case.size}", case.in_memory()
     loaders = {w: case.loader(w) for w in cfg.workers_sweep}
     best: dict[str, float] = {}
