@@ -26,13 +26,17 @@ def save_figure(fig, path: str | Path, **savefig) -> None:
 
 def history_plot(history, path: Path) -> None:
     """Train loss and validation score per epoch (one fold's history.csv)."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = pyplot().subplots(1, 2, figsize=(9, 3.2))
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.16, top=0.86, wspace=0.25)  # fixed: redrawn every epoch
     ax[0].plot(history["epoch"], history["train_loss"], marker="o")
     ax[0].set(xlabel="epoch", ylabel="train loss")
     ax[1].plot(history["epoch"], history["val_score"], marker="o", color="C1")
     ax[1].set(xlabel="epoch", ylabel="val score")
+    for a in ax:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(str(path.parent))
-    fig.tight_layout()
     save_figure(fig, path)
 
 
