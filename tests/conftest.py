@@ -1,5 +1,7 @@
+import io
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,22 +46,37 @@ def pipeline(data: Path, out: Path) -> Path:
     return out
 
 
-def run_script(*args, cwd=ROOT, check=True, env=None, timeout=600):
+class _Output(io.StringIO):
+    """A captured stream that notes when ``marker`` first appears in it."""
+
+    def __init__(self, marker: str | None):
+        super().__init__()
+        self.marker, self.seen = marker, None
+
+    def write(self, text: str) -> int:
+        n = super().write(text)
+        if self.seen is None and self.marker and self.marker in self.getvalue()[-len(text) - len(self.marker):]:
+            self.seen = time.monotonic()
+        return n
+
+
+def run_script(*args, cwd=ROOT, check=True, env=None, timeout=600, marker=None):
     """Run a top-level script (``train.py ...``) or module (``-m utils.metric ...``) as a user would,
     and return a CompletedProcess. It runs in this process (``runpy``, ``__main__``, its own argv,
     its output captured): what the command does is the same, without a new interpreter's seconds
     of imports. Code (``-c``) and a custom ``env`` get a real process; so do the tests that must
-    kill, count or isolate one, which call subprocess themselves."""
+    kill, count or isolate one, which call subprocess themselves. With ``marker``, the result's
+    ``after_marker_s`` is the time from the marker's first appearance in the output to the end."""
     if args[0] == "-c" or env is not None or cwd != ROOT:
+        assert marker is None, "marker timing is for in-process runs"
         return run_process(*args, cwd=cwd, check=check, env=env, timeout=timeout)
     import contextlib
-    import io
     import runpy
     import subprocess
     import traceback
     import warnings
 
-    out, err, code = io.StringIO(), io.StringIO(), 0
+    out, err, code = _Output(marker), _Output(marker), 0
     module = args[1] if args[0] == "-m" else None
     argv, sys.argv = sys.argv, [module or args[0], *args[2 if module else 1:]]
     try:
@@ -82,6 +99,10 @@ def run_script(*args, cwd=ROOT, check=True, env=None, timeout=600):
     finally:
         sys.argv = argv
     proc = subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+    if marker is not None:
+        seen = min((t for t in (out.seen, err.seen) if t is not None), default=None)
+        assert seen is not None, f"{marker!r} never appeared in the output of {args}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        proc.after_marker_s = time.monotonic() - seen
     if check and code != 0:
         raise AssertionError(f"{args} failed ({code}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -1,9 +1,11 @@
 """kill -9 at a random point: no half-written output, and a re-run finishes with the same outputs.
 
-Each test runs a script once to the end (the reference, timed from a marker in its output), then
-again with the whole process group killed at a random moment after that marker, then once more
-(with ``--resume`` where it applies) and compares. The kill moment is drawn from the reference's
-own duration, so the test does not depend on the machine's speed.
+Each test runs a script once to the end (the reference, in this process, timed from a marker in
+its output), then again as a new process (started before the reference, so that its imports
+overlap it) whose whole process group is killed at a random moment after that marker, then once
+more (with ``--resume`` where it applies) and compares. The kill
+moment is drawn from the reference's own duration, so the test does not depend on the machine's
+speed.
 """
 import json
 import os
@@ -28,13 +30,30 @@ from utils import io as io_module
 from utils.io import atomic_write_text
 
 
-def launch(args, marker, kill_after=None):
-    """Run ``python *args`` in its own process group, stdout and stderr merged. ``kill_after``
-    seconds after ``marker`` first appears in the output, kill -9 the whole group (workers too).
-    Returns (return code, output, seconds from the marker to the exit or the kill)."""
+def warm_process(script: str) -> subprocess.Popen:
+    """A new Python process in its own process group that imports ``script``'s modules at once,
+    then runs ``python script ARGS`` when ``launch(..., warm=)`` hands it ARGS: started before the
+    reference run, its seconds of imports overlap that run instead of following it."""
+    code = (f"import json, runpy, sys\nimport {Path(script).stem}\n"
+            "sys.argv = json.loads(sys.stdin.readline())\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def launch(args, marker, kill_after=None, warm=None):
+    """Run ``python *args`` in its own process group (in ``warm``, a ``warm_process`` of the same
+    script, when given), stdout and stderr merged. ``kill_after`` seconds after ``marker`` first
+    appears in the output, kill -9 the whole group (workers too). Returns (return code, output,
+    seconds from the marker to the exit or the kill)."""
+    if warm is None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    else:
+        proc = warm
+        proc.stdin.write((json.dumps(list(args)) + "\n").encode())
+        proc.stdin.close()
     chunks = []
 
     def read():
@@ -59,13 +78,15 @@ def launch(args, marker, kill_after=None):
     return rc, output, end - (seen or end)
 
 
-def kill_midway(args, marker, reference_s, reset, seed):
-    """Kill the run at a random moment while it is still working; returns the delay used.
-    When it finished first (a machine much faster than during the reference), try earlier."""
+def kill_midway(args, marker, reference_s, reset, seed, warm=None):
+    """Kill the run at a random moment while it is still working; returns the delay used. The
+    first try runs in ``warm`` when given. When it finished first (a machine much faster than
+    during the reference), try earlier."""
     delay = random.Random(seed).uniform(0.05, 0.6) * reference_s
     for _ in range(4):
         reset()
-        rc, output, _ = launch(args, marker, kill_after=delay)
+        rc, output, _ = launch(args, marker, kill_after=delay, warm=warm)
+        warm = None
         if rc == -signal.SIGKILL:
             return delay
         assert rc == 0, output[-3000:]
@@ -158,10 +179,10 @@ def test_train_killed_then_resumed_matches_an_uninterrupted_run(tiny_data, tmp_p
         return ["train.py", "--data-dir", str(tiny_data), "--out-dir", str(out), *TRAIN, *extra]
 
     marker = "fold 0 epoch 1/2"
-    rc, _, reference_s = launch(args(tmp_path / "ref"), marker)
-    assert rc == 0
+    warm = warm_process("train.py")
+    reference_s = run_script(*args(tmp_path / "ref"), marker=marker).after_marker_s
     cut = tmp_path / "cut"
-    delay = kill_midway(args(cut), marker, reference_s, lambda: shutil.rmtree(cut, ignore_errors=True), seed)
+    delay = kill_midway(args(cut), marker, reference_s, lambda: shutil.rmtree(cut, ignore_errors=True), seed, warm)
     why = f"killed {delay:.2f} s after {marker!r} (seed {seed})"
     assert_complete(cut)
     run_script(*args(cut, "--resume", "true"))
@@ -183,10 +204,10 @@ def test_augment_killed_then_rerun_writes_the_same_images(tiny_data, tmp_path, s
                 "--aug-percentage", "1.0", "--workers", "2"]
 
     marker = "augment:"  # the progress bar starts with the first image
-    rc, _, reference_s = launch(args(tmp_path / "ref"), marker)
-    assert rc == 0
+    warm = warm_process("augment.py")
+    reference_s = run_script(*args(tmp_path / "ref"), marker=marker).after_marker_s
     cut = tmp_path / "cut"
-    delay = kill_midway(args(cut), marker, reference_s, lambda: shutil.rmtree(cut, ignore_errors=True), seed)
+    delay = kill_midway(args(cut), marker, reference_s, lambda: shutil.rmtree(cut, ignore_errors=True), seed, warm)
     why = f"killed {delay:.2f} s after {marker!r} (seed {seed})"
     assert_complete(cut)  # every image written so far decodes in full
     run_script(*args(cut))
@@ -213,10 +234,10 @@ def test_ensemble_killed_then_rerun_chooses_the_same_weights(tiny_data, tiny_run
 
     marker = "ensemble of 2 run(s)"
     copy_oof(tmp_path / "ref")
-    rc, _, reference_s = launch(args(tmp_path / "ref"), marker)
-    assert rc == 0
+    warm = warm_process("ensemble.py")
+    reference_s = run_script(*args(tmp_path / "ref"), marker=marker).after_marker_s
     cut = tmp_path / "cut"
-    delay = kill_midway(args(cut), marker, reference_s, lambda: copy_oof(cut), seed)
+    delay = kill_midway(args(cut), marker, reference_s, lambda: copy_oof(cut), seed, warm)
     why = f"killed {delay:.2f} s after {marker!r} (seed {seed})"
     assert_complete(cut)
     run_script(*args(cut))
@@ -232,8 +253,8 @@ def test_infer_killed_then_rerun_writes_the_same_submission(tiny_data, tiny_run,
                 "--backend", "torch", "--batch-size", "2", "--workers", "1"]
 
     marker = "infer:"  # the progress bar starts with the first batch
-    rc, _, reference_s = launch(args(tmp_path / "ref.csv"), marker)
-    assert rc == 0
+    warm = warm_process("infer.py")
+    reference_s = run_script(*args(tmp_path / "ref.csv"), marker=marker).after_marker_s
     reference = (tmp_path / "ref.csv").read_bytes()
     cut = tmp_path / "out" / "submission.csv"
     old = b"id,Category,len\n"  # a previous submission, to be replaced whole or kept whole
@@ -242,7 +263,7 @@ def test_infer_killed_then_rerun_writes_the_same_submission(tiny_data, tiny_run,
         cut.parent.mkdir(exist_ok=True)
         cut.write_bytes(old)
 
-    delay = kill_midway(args(cut), marker, reference_s, reset, seed)
+    delay = kill_midway(args(cut), marker, reference_s, reset, seed, warm)
     why = f"killed {delay:.2f} s after {marker!r} (seed {seed})"
     assert cut.read_bytes() in (old, reference), why
     run_script(*args(cut))
@@ -261,7 +282,7 @@ def test_tune_worker_killed_midtrial_is_failed_and_its_parameters_retried(tiny_d
                                   "--batch-size", "16", "--tuned-config", str(tmp_path / "t.yaml"))]
     rc, output, _ = launch(args, "epoch 1/2", kill_after=0.0)
     assert rc == -signal.SIGKILL, output[-3000:]
-    time.sleep(3)  # past the grace period, 2 x heartbeat
+    time.sleep(2.25)  # past the grace period (2 x heartbeat) since the last heartbeat, which came before the kill
     run_script(*args)
     killed, retried = optuna.load_study(study_name="s", storage=storage).trials
     assert killed.state == optuna.trial.TrialState.FAIL
