@@ -14,6 +14,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs scripts end to end (left out by make test-fast)")
 
 
+def pytest_unconfigure(config):
+    import gc
+
+    gc.freeze()  # as utils.config.run_command does for the scripts: the exit's final collections skip torch's objects
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small generated dataset in the competition layout, shared by the tests (read-only)."""
