@@ -127,6 +127,25 @@ def test_misaligned_ids_and_layouts_raise(synthetic, tmp_path):
     assert load_oof(RunDir(tmp_path), ["good"], train.id.to_numpy()).shape == (1, len(train), schema.n_logits)
 
 
+def test_head_log_softmax_normalises_each_head_alone_in_numpy_and_in_the_merged_graph():
+    """The numpy function (OOF blending) and the merged ONNX graph's padded form (serving) give
+    the per-head log-softmax computed head by head, on the 42 real heads of uneven widths."""
+    import torch
+
+    from utils.onnx_utils import EnsembleGraph
+
+    rng = np.random.default_rng(3)
+    schema = Schema.fit(sample_labels(500, rng), {c: list(a) for c, a in COUNTS.items()})
+    z = rng.normal(0, 4, (2, 9, schema.n_logits)).astype(np.float32)  # [folds, rows, logits]
+    by_head = np.concatenate([z[..., h.logits] - np.log(np.exp(z[..., h.logits]).sum(-1, keepdims=True))
+                              for h in schema.heads], axis=-1)
+    graph = EnsembleGraph([], np.zeros((0, schema.n_logits)), np.zeros(schema.n_logits), schema)
+    np.testing.assert_allclose(graph.head_log_softmax(torch.from_numpy(z)).numpy(), by_head, atol=1e-5)
+    for fold in range(2):
+        np.testing.assert_allclose(head_log_softmax(z[fold], schema), by_head[fold], atol=1e-5)
+    assert head_log_softmax(z[0], schema).flags["C_CONTIGUOUS"]
+
+
 @pytest.mark.slow
 def test_search_at_full_scale_fits_in_a_few_gb():
     """20 members x 70,000 rows x 42 heads: the logits alone are 0.95 GB of float32; the objective

@@ -256,6 +256,7 @@ def run_command(main, cls: type, description: str | None = None, *, model_config
     """The entry point of every command: parse the config chain, run ``main(cfg)``. The kit's own
     errors (bad data, a bad config, a non-finite loss) end the command with ``error: <message>``
     and exit status 2, without a traceback (``KIT_TRACEBACK=1`` shows it)."""
+    atexit.unregister(gc.freeze)  # once, however many commands one process runs (make demo's stages)
     atexit.register(gc.freeze)  # the exit's final collections skip torch's objects: about 1 s sooner
     try:
         return main(parse_config(cls, model_config=model_config, description=description))
