@@ -34,7 +34,6 @@ from utils.engine import autocast, to_device, train_step
 from utils.io import atomic_write
 from utils.metric import score_logits
 from utils.model import load_checkpoint, warmup_cosine
-from utils.errors import DataError
 from utils.schema import CATEGORY, ID, IGNORE_INDEX, image_path
 from utils.trainer import FoldTrainer, row_paths
 
@@ -147,9 +146,7 @@ class FrozenFold(FoldTrainer):
         n, targets = len(self.trn), self.rows["targets"][: len(self.trn)].copy()
         targets[~usable] = IGNORE_INDEX
         self.bad = {int(i): "unusable image (embedded as a grey placeholder)" for i in self.trn[ID][~usable]}
-        if len(self.bad) > self.cfg.max_bad_images * n:
-            raise DataError(f"{len(self.bad)} of {n} train images are unreadable (more than max_bad_images="
-                            f"{self.cfg.max_bad_images}), e.g. ids {sorted(self.bad)[:5]}")
+        self.check_bad(n)
         return targets
 
     def training_embeddings(self) -> tuple[torch.Tensor, torch.Tensor | dict]:

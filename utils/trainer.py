@@ -296,6 +296,12 @@ class FoldTrainer:
                 return False
         return True
 
+    def check_bad(self, n_train: int) -> None:
+        """Stop when more than ``max_bad_images`` of the fold's ``n_train`` train images were unusable."""
+        if len(self.bad) > self.cfg.max_bad_images * n_train:
+            raise DataError(f"{len(self.bad)} of {n_train} train images are unreadable (more than "
+                            f"max_bad_images={self.cfg.max_bad_images}), e.g. ids {sorted(self.bad)[:5]}")
+
     def train_epoch(self, epoch: int) -> tuple[dict, float]:
         """One epoch of training, then the validation score."""
         cfg = self.cfg
@@ -307,9 +313,7 @@ class FoldTrainer:
                                 grad_accum=cfg.grad_accum, ema=self.ema, channels_last=self.channels_last,
                                 ids=self.trn_ids, bad=self.bad,
                                 desc=f"fold {self.fold} epoch {epoch + 1}/{cfg.epochs}", progress=self.progress)
-        if len(self.bad) > cfg.max_bad_images * len(self.trn_ds):
-            raise DataError(f"{len(self.bad)} of {len(self.trn_ds)} train images are unreadable (more than "
-                            f"max_bad_images={cfg.max_bad_images}), e.g. ids {sorted(self.bad)[:5]}")
+        self.check_bad(len(self.trn_ds))
         idx, logits = gather_rows(*predict(self.scored, self.val_loader, self.d.device, amp_dtype=self.dtype,
                                            channels_last=self.channels_last, desc="validate",
                                            progress=self.progress), self.d)
