@@ -57,13 +57,15 @@ class _Output(io.StringIO):
 
     def __init__(self, marker: str | None):
         super().__init__()
-        self.marker, self.seen = marker, None
+        self.marker, self.seen, self.tail = marker, None, ""
 
     def write(self, text: str) -> int:
-        n = super().write(text)
-        if self.seen is None and self.marker and self.marker in self.getvalue()[-len(text) - len(self.marker):]:
-            self.seen = time.monotonic()
-        return n
+        if self.seen is None and self.marker:  # the marker may straddle two writes
+            window = self.tail + text
+            if self.marker in window:
+                self.seen = time.monotonic()
+            self.tail = window[-len(self.marker):]
+        return super().write(text)
 
 
 def run_script(*args, cwd=ROOT, check=True, env=None, timeout=600, marker=None):

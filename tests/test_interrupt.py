@@ -29,15 +29,20 @@ from utils import io as io_module
 from utils.io import atomic_write_text
 
 
+def start(argv: list[str], **popen) -> subprocess.Popen:
+    """``python *argv`` in its own process group, stdout and stderr merged into one pipe."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, **popen)
+
+
 def warm_process(script: str) -> subprocess.Popen:
     """A new Python process in its own process group that imports ``script``'s modules at once,
     then runs ``python script ARGS`` when ``launch(..., warm=)`` hands it ARGS: started before the
     reference run, its seconds of imports overlap that run instead of following it."""
     code = (f"import json, runpy, sys\nimport {Path(script).stem}\n"
             "sys.argv = json.loads(sys.stdin.readline())\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    return start(["-c", code], stdin=subprocess.PIPE)
 
 
 def launch(args, marker, kill_after=None, warm=None):
@@ -46,9 +51,7 @@ def launch(args, marker, kill_after=None, warm=None):
     appears in the output, kill -9 the whole group (workers too). Returns (return code, output,
     seconds from the marker to the exit or the kill)."""
     if warm is None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = start(list(args))
     else:
         proc = warm
         try:
