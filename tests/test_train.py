@@ -117,16 +117,18 @@ FINETUNE = ["--ema-decay", "0.9", "--grad-accum", "2", "--head", "mlp", "--head-
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--workers", "2", "--channels-last", "on", *FINETUNE]],
                          ids=["plain", "persistent-workers-channels-last-ema-accum-mlp-layer-decay"])
-def test_resume_matches_an_uninterrupted_run(tiny_data, tmp_path, extra):
+def test_resume_matches_an_uninterrupted_run_that_decodes_on_the_fly(tiny_data, tmp_path, extra):
     extra = ["--model", "test_resnet", *extra]  # timm's small ResNet: the same code path as resnet18's, in less time
-    full = cfg_for(tiny_data, tmp_path / "full", "--epochs", "2", "--fold", "0", *extra)
+    full = cfg_for(tiny_data, tmp_path / "full", "--epochs", "2", "--fold", "0", "--decode-cache", "false", *extra)
     kfold.train(full)
+    assert not (tmp_path / "full" / "decoded").exists()
     part = cfg_for(tiny_data, tmp_path / "part", "--epochs", "2", "--fold", "0", "--stop-after", "1", *extra)
     kfold.train(part)
     run = "test_resnet"
     assert not (tmp_path / "part" / run / "fold0" / "oof_logits.npz").exists()
     resumed = cfg_for(tiny_data, tmp_path / "part", "--epochs", "2", "--fold", "0", "--resume", "true", *extra)
     kfold.train(resumed)
+    assert len(list((tmp_path / "part" / "decoded").glob("*.bin"))) == 1  # built once, found again on resume
     a = np.load(tmp_path / "full" / run / "fold0" / "oof_logits.npz")
     b = np.load(tmp_path / "part" / run / "fold0" / "oof_logits.npz")
     assert (a["ids"] == b["ids"]).all()
@@ -145,6 +147,7 @@ def test_ddp_two_cpu_processes(tiny_data, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("fold 1 epoch 1/1") == 1  # only rank 0 prints and writes
+    assert proc.stdout.count("decoded 288 images once") == 1  # rank 0 builds the decode cache, rank 1 maps it
     folds = pd.read_csv(tmp_path / "folds.csv")
     ids, oof = load_logits(tmp_path / "test_resnet" / "fold1" / "oof_logits.npz")
     # the two ranks' validation shards are gathered: every validation row once, in order

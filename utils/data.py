@@ -21,14 +21,20 @@ def read_or_placeholder(path, prep: Preprocess) -> tuple[np.ndarray, str]:
             raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} pixels")
         return image, ""
     except Exception as err:  # unreadable, truncated, missing, not an image, degenerate
-        size = prep.img_size
-        return np.full((size, size, 3), 127, dtype=np.uint8), f"{type(err).__name__}: {err}"
+        return placeholder(prep.img_size), f"{type(err).__name__}: {err}"
+
+
+def placeholder(size: int) -> np.ndarray:
+    """The grey square that stands for an unusable image."""
+    return np.full((size, size, 3), 127, dtype=np.uint8)
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """Rows of (image path, category, targets). An image that cannot be read is replaced by a
     grey square and flagged (``ok`` False, ``error`` set); its targets become IGNORE_INDEX so it
-    never trains, and the caller decides what else a bad image means.
+    never trains, and the caller decides what else a bad image means. With ``images`` (a
+    ``utils.decoded.DecodedImages`` holding every path), the decoded pixels are read from that
+    cache instead of decoded again: the same arrays, reasons included.
 
     With ``augment_seed``, a row's augmentation is seeded by (augment_seed, epoch, row): the key
     is ``(row, epoch)``, as ``EpochSampler`` yields it, so the epoch reaches loader workers that
@@ -36,8 +42,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, paths: list, categories: list[str], targets: np.ndarray | None,
                  transform: Transform, prep: Preprocess, augment_seed: int | None = None,
-                 soft: np.ndarray | None = None, soft_heads: np.ndarray | None = None):
+                 soft: np.ndarray | None = None, soft_heads: np.ndarray | None = None, images=None):
         self.paths, self.categories, self.targets = list(paths), list(categories), targets
+        self.images, self.slots = images, None if images is None else images.slots(self.paths)
         self.transform, self.prep = transform, prep
         self.augment_seed = augment_seed  # None: evaluation, no per-sample randomness
         self.soft, self.soft_heads = soft, soft_heads  # a teacher's probabilities (utils/distill.py)
@@ -47,7 +54,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key) -> dict:
         i, epoch = key if isinstance(key, tuple) else (key, 0)
-        image, error = read_or_placeholder(self.paths[i], self.prep)
+        if self.images is not None:
+            image, error = self.images.read(self.slots[i])
+        else:
+            image, error = read_or_placeholder(self.paths[i], self.prep)
         seed = None
         if self.augment_seed is not None:
             seed = (self.augment_seed * 1_000_003 + epoch * 100_003 + i) % 2**32
@@ -103,7 +113,7 @@ def balanced_weights(targets: np.ndarray, schema: Schema, power: float = 0.5, ca
     return w
 
 
-def _init_worker(worker_id: int) -> None:
+def init_worker(worker_id: int) -> None:
     """A loader worker decodes and augments: one compute thread, no OpenCV thread pool, so that
     workers and the training step do not oversubscribe the cores."""
     import random
@@ -123,7 +133,7 @@ def make_loader(dataset: ImageDataset, batch_size: int, workers: int, sampler: S
     drives dropout: resume gives the same result), pinned memory on CUDA and, with
     ``persistent``, workers that live across epochs (no restart cost per epoch)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-                      num_workers=workers, drop_last=drop_last, worker_init_fn=_init_worker,
+                      num_workers=workers, drop_last=drop_last, worker_init_fn=init_worker,
                       generator=torch.Generator().manual_seed(0), persistent_workers=persistent and workers > 0,
                       pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
 

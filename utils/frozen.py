@@ -79,6 +79,9 @@ class FrozenFold(FoldTrainer):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(cfg.epochs * steps, int(cfg.warmup_epochs * steps)))
 
+    def decoded_images(self):
+        return None  # every image is decoded once anyway, for its embedding
+
     # -- the cache
     def image_paths(self, originals: pd.DataFrame) -> tuple[list[Path], list[Path]]:
         return (row_paths(originals, self.data.train_images, self.csv_dir),

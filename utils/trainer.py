@@ -18,6 +18,7 @@ Writes, in <out_dir>/<name>/fold<k>/ (name defaults to the model; see utils/run.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -29,6 +30,7 @@ from timm.utils import ModelEmaV3
 from utils import provenance
 from utils.config import CommonConfig, option, save_config
 from utils.data import EpochSampler, ImageDataset, balanced_weights, make_loader
+from utils.decoded import DecodedImages
 from utils.distributed import Dist, gather_rows
 from utils.distill import DistillLoss, student_rows
 from utils.engine import AMP, amp_dtype, predict, train_one_epoch
@@ -74,6 +76,8 @@ class TrainConfig(CommonConfig):
     resize: str = option("squash", "squash to a square (as the seed), or pad keeping the aspect ratio",
                          choices=RESIZES)
     draft: bool = option(True, "decode JPEGs at a reduced DCT scale when the target size allows (faster)")
+    decode_cache: bool = option(True, "decode every image once into <out_dir>/decoded/ before the first fold, and read "
+                                      "it from there at every epoch (see utils/decoded.py); false: decode on the fly")
     interpolation: str = option("area", "resize interpolation", choices=tuple(INTERPOLATIONS))
     aug: dict = option(help="online augmentations: {name: {p, params}}; p: 0 switches one off "
                             "(see utils/transforms.py)", factory=lambda: dict(DEFAULT_AUG))
@@ -174,6 +178,7 @@ class FoldTrainer:
         self.cfg, self.schema, self.data, self.fold, self.d = cfg, schema, data, fold, d
         self.run_dir, self.dir = run_dir, run_dir.fold_dir(cfg.run_name, fold)
         torch.manual_seed(cfg.seed)  # the model's initialisation: the same with or without resume
+        self.table = train
         self.trn, self.val = split_fold(train, fold)
         if len(self.val) == 0 or len(self.trn) == 0:
             raise DataError(f"fold {fold} has {len(self.trn)} train and {len(self.val)} validation rows")
@@ -211,13 +216,14 @@ class FoldTrainer:
     def _loaders(self) -> None:
         cfg, d = self.cfg, self.d
         self.csv_dir = Path(cfg.train_csv).parent if cfg.train_csv else self.data.root
+        self.images = self.decoded_images()
         train_tf = self.prep.transform(train=True, aug=cfg.aug, category_aug=cfg.category_aug,
                                        categories=self.schema.categories)
         self.rows = rows = self.training_rows()
         self.trn_ids = rows["ids"]
         self.trn_ds = ImageDataset(rows["paths"], rows["categories"], rows["targets"], train_tf, self.prep,
                                    augment_seed=cfg.seed + self.fold, soft=rows.get("soft"),
-                                   soft_heads=rows.get("soft_heads"))
+                                   soft_heads=rows.get("soft_heads"), images=self.images)
         weights = balanced_weights(rows["targets"], self.schema, cap=cfg.weight_cap) if cfg.balanced_sampler else None
         self.sampler = EpochSampler(len(self.trn_ds), cfg.seed + self.fold, d.rank, d.world, weights)
         self.per_rank_batch = max(1, cfg.batch_size // d.world)
@@ -225,6 +231,20 @@ class FoldTrainer:
         self.trn_loader = make_loader(self.trn_ds, self.per_rank_batch, self.workers, self.sampler,
                                       drop_last=len(self.trn_ds) > self.per_rank_batch, persistent=True)
         self.val_loader = self._shard(self.val, self.data.train_images, self.csv_dir, persistent=True)
+
+    def decoded_images(self):
+        """The run folder's decode cache of every train and test image (utils/decoded.py), or None
+        with ``decode_cache: false``: rank 0 builds it with every core before the first fold, or
+        finds it; the other ranks wait, then map the same files."""
+        if not self.cfg.decode_cache:
+            return None
+        paths = (row_paths(self.table, self.data.train_images, self.csv_dir)
+                 + [image_path(self.data.test_images, i) for i in self.data.test[ID]])
+        folder = self.run_dir.path / "decoded"
+        if self.d.main:
+            images = DecodedImages.build_or_load(folder, paths, self.prep, os.cpu_count() or 1, self.progress, self.log)
+        self.d.barrier()
+        return images if self.d.main else DecodedImages.find(folder, paths, self.prep)
 
     def training_rows(self) -> dict:
         """What the fold trains on: paths, categories, targets and ids of its train rows; for a
@@ -241,7 +261,8 @@ class FoldTrainer:
 
     def _shard(self, table: pd.DataFrame, images_dir: Path, base: Path | None = None, persistent: bool = False):
         """An evaluation loader over this rank's share of ``table``'s rows."""
-        ds = ImageDataset(row_paths(table, images_dir, base), table[CATEGORY], None, self.prep.transform(), self.prep)
+        ds = ImageDataset(row_paths(table, images_dir, base), table[CATEGORY], None, self.prep.transform(), self.prep,
+                          images=self.images)
         part = torch.utils.data.Subset(ds, list(range(self.d.rank, len(ds), self.d.world)))
         return make_loader(part, self.per_rank_batch, self.workers, persistent=persistent)
 
