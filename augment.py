@@ -44,7 +44,7 @@ from utils.config import DataConfig, option, run_command
 from utils.errors import ConfigError, DataError
 from utils.io import atomic_path, atomic_write_csv
 from utils.schema import ATTR_COLS, CATEGORY, ID, image_path, read_dataset
-from utils.transforms import load_image
+from utils.transforms import load_image, reseed
 
 CAP = 3.0
 
@@ -140,8 +140,8 @@ def _make_copy(job) -> tuple[int, str]:
     except Exception as err:
         return new_id, f"{type(err).__name__}: {err}"
     pipes = pipelines(*image.shape[:2])
-    for name in tiers.split("+"):
-        pipes[name].set_random_seed(seed)
+    for k, name in enumerate(tiers.split("+")):
+        reseed(pipes[name], seed * 4 + k)  # each tier draws its own numbers
         image = pipes[name](image=image)["image"]
     with atomic_path(dst_path) as tmp:
         Image.fromarray(image).save(tmp, format="JPEG", quality=92)
