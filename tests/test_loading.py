@@ -1,0 +1,149 @@
+"""What feeds the training step: the decode cache (utils/decoded.py) holds the pixels and reasons
+decoding gives, one cache per state of the images, and no cache rather than a full disk; seeded
+augmentation draws each transform's decision independently; a step reuses the memory the one
+before it freed (utils/throughput.py)."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT
+from tests.test_bad_images import UNUSABLE, break_images
+from utils import decoded
+from utils.data import ImageDataset, read_or_placeholder
+from utils.decoded import DecodedImages
+from utils.transforms import Preprocess
+
+PREP = Preprocess(48, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))  # draft decoding on: 1/8 to 1/2 scale
+
+
+@pytest.fixture
+def images(tiny_data, tmp_path):
+    """24 train images, eight of them broken in eight ways (see test_bad_images.py)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    paths = [Path(shutil.copy(p, folder)) for p in sorted((tiny_data / "train_images").glob("*.jpg"))[:24]]
+    return paths, break_images(folder, [int(p.stem) for p in paths][::3])
+
+
+def build(folder, paths, prep=PREP):
+    return DecodedImages.build_or_load(folder, paths, prep, workers=2, progress=False, log=lambda text: None)
+
+
+def test_the_cache_holds_what_decoding_returns_and_the_dataset_gives_the_same_items(images, tmp_path):
+    paths, kinds = images
+    cache = build(tmp_path / "decoded", paths)
+    reasons = []
+    for path, slot in zip(paths, cache.slots(paths)):
+        want, why = read_or_placeholder(path, PREP)
+        got, why_cached = cache.read(slot)
+        assert why_cached == why, path
+        assert got.dtype == np.uint8 and got.flags.writeable and np.array_equal(got, want), path
+        reasons.append(why)
+    assert sum(bool(r) for r in reasons) == sum(k in UNUSABLE for k in kinds.values()) == 4
+    assert {got.shape for got in (cache.read(s)[0] for s in cache.slots(paths))} != {(48, 48, 3)}  # sizes kept
+    # augmented and seeded items are the same, read from the cache or decoded, in any order of paths
+    tf = PREP.transform(train=True)
+    shuffled = paths[::-1]
+    plain = ImageDataset(shuffled, ["x"] * len(paths), None, tf, PREP, augment_seed=5)
+    cached = ImageDataset(shuffled, ["x"] * len(paths), None, tf, PREP, augment_seed=5, images=cache)
+    for k in range(len(paths)):
+        a, b = plain[(k, 3)], cached[(k, 3)]
+        assert a["error"] == b["error"] and a["ok"] == b["ok"]
+        assert torch_equal(a["image"], b["image"]), shuffled[k]
+    with pytest.raises(KeyError, match="not in the decode cache"):
+        cache.slots([tmp_path / "elsewhere.jpg"])
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def test_a_changed_image_or_other_decoding_gets_a_new_cache(images, tmp_path):
+    paths, kinds = images
+    paths = [p for p in paths if int(p.stem) not in kinds][:6]
+    folder = tmp_path / "decoded"
+    first = build(folder, paths)
+    assert DecodedImages.find(folder, paths, PREP).bin == first.bin
+    assert DecodedImages.find(folder, list(reversed(paths)), PREP).bin == first.bin  # the order does not matter
+    assert DecodedImages.find(folder, paths, Preprocess(96, PREP.mean, PREP.std)) is None  # another draft scale
+    old = first.read(first.slots(paths[:1])[0])[0]
+    Image.open(paths[0]).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(paths[0], format="JPEG")
+    os.utime(paths[0], ns=(1, 1))
+    assert DecodedImages.find(folder, paths, PREP) is None
+    second = build(folder, paths)
+    assert second.bin != first.bin
+    new = second.read(second.slots(paths[:1])[0])[0]
+    assert np.array_equal(new, read_or_placeholder(paths[0], PREP)[0]) and not np.array_equal(new, old)
+
+
+def test_a_cache_that_would_fill_the_disk_is_abandoned_with_a_warning(images, tmp_path, monkeypatch):
+    paths = images[0]
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(decoded.shutil, "disk_usage", lambda p: usage(10 << 30, 0, (2 << 30) + 50_000))
+    folder = tmp_path / "decoded"
+    with pytest.warns(UserWarning, match="would leave less than 2 GB or 5 % of the disk.*decodes images on the fly"):
+        assert build(folder, paths) is None
+    assert list(folder.iterdir()) == []  # neither pixels nor index, nor a temporary file
+    assert DecodedImages.find(folder, paths, PREP) is None
+
+
+def test_seeded_augmentations_decide_independently_of_each_other():
+    """hflip and noise, each at p 0.5: both apply to about a quarter of the seeds, not to half (one
+    generator per transform, seeded alike, would make every draw the same)."""
+    prep = Preprocess(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    aug = {name: {"p": 0.0} for name in ("random_resized_crop", "perspective", "color_jitter", "coarse_dropout")}
+    tf = prep.transform(train=True, aug={**aug, "hflip": {"p": 0.5}, "gauss_noise": {"p": 0.5, "std": [0.1, 0.2]}})
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[:, :16] = 200
+    plain = prep.transform()(image)
+    flipped = noisy = both = 0
+    seeds = 400
+    for seed in range(seeds):
+        out = tf(image, None, seed)
+        f = np.abs(out - plain[:, :, ::-1]).mean() < np.abs(out - plain).mean()
+        n = np.abs(out - (plain[:, :, ::-1] if f else plain)).max() > 1e-3
+        flipped, noisy, both = flipped + f, noisy + n, both + (f and n)
+        np.testing.assert_array_equal(out, tf(image, None, seed))  # and a seed gives the same pixels again
+    assert 0.4 < flipped / seeds < 0.6 and 0.4 < noisy / seeds < 0.6
+    assert 0.17 < both / seeds < 0.33
+
+
+STEPS = textwrap.dedent("""
+    import ctypes, resource, sys, torch
+    from utils.throughput import keep_freed_memory
+    libc = ctypes.CDLL("libc.so.6")  # glibc's starting thresholds (128 KB), pinned: how far they adapted
+    libc.mallopt(-3, 128 << 10), libc.mallopt(-1, 128 << 10)  # while torch was imported must not matter
+    print(int(keep_freed_memory()) if sys.argv[1] == "on" else 0)
+    faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    def step():  # a step's working set: eight 12 MB activations, freed at its end
+        xs = [torch.ones(3 << 20) for _ in range(8)]
+        del xs
+    for _ in range(3):  # the heap grows to the step's working set
+        step()
+    before = faults()
+    for _ in range(3):
+        step()
+    print(faults() - before)
+""")
+
+
+@pytest.mark.parametrize("setting, env, kept", [("on", {}, True), ("off", {}, False),
+                                                ("on", {"MALLOC_ARENA_MAX": "2"}, False)],
+                         ids=["kept", "glibc-default", "user-set-malloc-variables-win"])
+def test_a_step_reuses_the_memory_the_step_before_freed(setting, env, kept):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, "PYTHONPATH": str(ROOT), **env}
+    out = subprocess.run([sys.executable, "-c", STEPS, setting], capture_output=True, text=True, env=env, check=True)
+    changed, faults = map(int, out.stdout.split())
+    assert changed == kept
+    if kept:
+        assert faults < 100  # the 96 MB stayed: no page is faulted in again
+    else:
+        assert faults > 60_000  # mapped afresh at every allocation: 3 x 24,576 pages faulted in again
