@@ -19,6 +19,7 @@ on the fly (``decode_cache: false`` does that from the start). Delete the folder
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -33,23 +34,17 @@ from tqdm import tqdm
 
 from utils.data import init_worker, placeholder, read_or_placeholder
 from utils.io import atomic_path, atomic_write
+from utils.provenance import files_digest
 from utils.transforms import Preprocess
 
 LAYOUT = 1  # the files' own format: raised when it changes, so an older cache is rebuilt, not misread
 
 
 def cache_key(paths: list[str], prep: Preprocess) -> str:
-    """A hash of the decoding settings and of every image's path, size and modification time (a
-    ``stat`` each, no read)."""
-    h = hashlib.sha256(json.dumps({"layout": LAYOUT, "draft": prep.draft, "resize": prep.resize,
-                                   "size": prep.img_size if prep.draft else None}).encode())
-    for p in paths:
-        try:
-            st = os.stat(p)
-            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns};".encode())
-        except OSError:
-            h.update(f"{p}:missing;".encode())
-    return h.hexdigest()[:16]
+    """A hash of the decoding settings and of every image's path, size and modification time."""
+    settings = json.dumps({"layout": LAYOUT, "draft": prep.draft, "resize": prep.resize,
+                           "size": prep.img_size if prep.draft else None})
+    return hashlib.sha256((settings + files_digest(paths, key=str)).encode()).hexdigest()[:16]
 
 
 class _Decode(torch.utils.data.Dataset):
@@ -131,6 +126,7 @@ class DecodedImages:
         room = disk.free - max(2 << 30, disk.total // 20)  # leave 2 GB or 5 % of the disk free
         start = time.perf_counter()
         offsets, shapes, errors = [0], [], []
+        workers = workers if len(paths) >= 1000 else 0  # a few hundred images decode before workers start
         loader = torch.utils.data.DataLoader(_Decode(paths, prep), batch_size=16, num_workers=workers,
                                              collate_fn=list, worker_init_fn=init_worker)
         try:
@@ -145,7 +141,9 @@ class DecodedImages:
                         errors.append(error)
                     if offsets[-1] > room:
                         raise _NoRoom
-        except _NoRoom:
+        except (_NoRoom, OSError) as err:
+            if isinstance(err, OSError) and err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
             warnings.warn(f"the decode cache of {len(paths):,} images would leave less than 2 GB or 5 % of the disk "
                           f"of {index.parent} free; training decodes images on the fly instead "
                           f"(decode_cache: false says so from the start)", stacklevel=2)

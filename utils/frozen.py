@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -38,18 +37,6 @@ from utils.schema import CATEGORY, ID, IGNORE_INDEX, image_path
 from utils.trainer import FoldTrainer, row_paths
 
 
-def files_digest(paths: list[Path]) -> str:
-    """A hash of the files' names, sizes and modification times (a stat each, no read)."""
-    h = hashlib.sha256()
-    for p in paths:
-        try:
-            st = os.stat(p)
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-        except OSError:
-            h.update(f"{p.name}:missing;".encode())
-    return h.hexdigest()
-
-
 def cache_key(cfg, prep, paths: list[Path]) -> str:
     """A hash of everything the embeddings depend on (``layout``: the cache file's own format, raised
     when its arrays change so an older cache is rebuilt rather than misread)."""
@@ -57,7 +44,7 @@ def cache_key(cfg, prep, paths: list[Path]) -> str:
                else "hub" if cfg.pretrained else f"random-init seed {cfg.seed}")
     what = {"layout": 2, "model": cfg.model, "weights": weights, "keep_head": cfg.keep_head, "preprocess": prep.to_dict(),
             "views": cfg.frozen_views, "aug": [cfg.aug, cfg.category_aug] if cfg.frozen_views else None,
-            "images": files_digest(paths)}
+            "images": provenance.files_digest(paths)}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -8,6 +8,7 @@ stays valid:
     ensemble.json          <- every OOF logits file it read
     onnx/*.onnx, manifest  <- the checkpoints (and ensemble.json for the merged graph)
     embedding caches       <- the weights and the images they were computed from
+    the decode cache       <- the images and their decoding (utils/decoded.py)
 
 A consumer calls ``check`` before it uses the artifact: an input that is missing, or whose
 content changed since, stops it with a StaleError that names the artifact, the input, what
@@ -36,6 +37,19 @@ def sha256(path: Path) -> str:
                 h.update(chunk)
         _HASHES[key] = h.hexdigest()
     return _HASHES[key]
+
+
+def files_digest(paths, key=lambda p: Path(p).name) -> str:
+    """A hash of the files' ``key`` (their names by default), sizes and modification times: a
+    ``stat`` each, no read. Caches keyed by it are rebuilt when an input file changes."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{key(p)}:{st.st_size}:{st.st_mtime_ns};".encode())
+        except OSError:
+            h.update(f"{key(p)}:missing;".encode())
+    return h.hexdigest()
 
 
 def fingerprint(path: str | Path) -> dict:
