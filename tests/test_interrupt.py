@@ -26,6 +26,7 @@ from PIL import Image
 
 from tests.conftest import ROOT, run_script
 from utils import io as io_module
+from utils.decoded import DecodedImages
 from utils.io import atomic_write_text
 
 
@@ -119,6 +120,9 @@ def assert_complete(folder):
         elif suffix in (".png", ".jpg"):
             with Image.open(path) as im:
                 im.load()
+        elif suffix == ".bin":  # decode cache pixels: whole when an index names them; unused without one
+            if path.with_suffix(".npz").is_file():
+                assert path.stat().st_size == DecodedImages(path.with_suffix(".npz")).nbytes, path
         else:
             raise AssertionError(f"unexpected file {path}")
 
