@@ -5,24 +5,31 @@
     python -m utils.bench.train --sizes 128 --workers-sweep 2 --epoch false --compile
 
 For each model and size, images per second of:
-  loader            the data loader alone (decode, augment, collate), ``workers`` processes
+  decode cache      decoding every image once, with every core (utils/decoded.py)
+  loader            the data loader alone (augment, collate), ``workers`` processes: reading the
+                    decode cache, as training does, and decoding on the fly
   ceiling           the model-only step: the kit's own step (forward, head losses, backward,
                     clipping, AdamW) on batches already in memory; nothing can train faster
-  full step         the same step fed by the real loader (persistent workers)
+  full step         the same step fed by the real loader (persistent workers, decode cache)
   full / ceiling    what the loader and the pipeline cost
-  train.py epoch    one real epoch of the fold trainer on these images, first batch included
+  train.py epoch    train.py's first epoch (worker start and first batch included) and its
+                    second, in a process of its own: 2 folds of the data, half of it trained on
 and, to justify the defaults (utils/throughput.py): the ceiling in contiguous and channels_last
-memory format, the full step with each number of loader workers in ``--workers-sweep``, and bf16
-autocast, but only on a CPU with native bf16 (elsewhere it is emulated, and says so); with
-``--compile``, the ceiling under torch.compile and the seconds its compilation took.
+memory format, the full step with each number of loader workers in ``--workers-sweep`` and
+without the decode cache, and bf16 autocast, but only on a CPU with native bf16 (elsewhere it is
+emulated, and says so); with ``--compile``, the ceiling under torch.compile and the seconds its
+compilation took.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -30,14 +37,16 @@ import torch
 from utils.bench import machine
 from utils.config import DataConfig, option, run_command
 from utils.data import EpochSampler, ImageDataset, make_loader
+from utils.decoded import DecodedImages
 from utils.distributed import Dist
 from utils.engine import native_bf16, train_one_epoch
 from utils.model import AttributeModel, HeadLoss, build_optimizer, data_config, warmup_cosine
-from utils.run import RunDir
 from utils.schema import CATEGORY, Schema, read_dataset
-from utils.throughput import loader_workers, use_channels_last
-from utils.trainer import FoldTrainer, TrainConfig, model_args, row_paths
+from utils.throughput import keep_freed_memory, loader_workers, use_channels_last
+from utils.trainer import TrainConfig, model_args, row_paths
 from utils.transforms import Preprocess
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -50,8 +59,9 @@ class BenchTrainConfig(DataConfig):
     workers_sweep: list[int] = option(help="loader workers to compare for the full step (a,b,c)", factory=lambda: [0, 1, 2])
     repeats: int = option(3, "interleaved repetitions of every step measurement; the best is kept")
     epoch: bool = option(True, "also time one real train.py epoch (the fold trainer) per model and size")
-    epoch_images: int = option(2048, "rows of the real epoch's run (2 folds: half of them train)")
     compile: bool = option(False, "also time the ceiling under torch.compile, and its compile time (minutes)")
+    keep_freed_memory: bool = option(True, "malloc keeps the memory a step frees, as train.py sets it on CPU "
+                                           "(utils/throughput.py); false: glibc's default")
 
 
 class Case:
@@ -65,12 +75,18 @@ class Case:
         torch.manual_seed(0)
         self.model = AttributeModel(loss=HeadLoss(schema), **model_args(self.recipe, schema))  # as train.py builds it
         self.prep = Preprocess(size, *data_config(self.model.backbone))
+        self.paths = row_paths(self.rows, self.data.train_images)
+        self.tmp = tempfile.TemporaryDirectory()
+        start = time.perf_counter()
+        self.images = DecodedImages.build_or_load(self.tmp.name, self.paths, self.prep, os.cpu_count() or 1,
+                                                  progress=False, log=lambda text: None)
+        self.decode_rate = len(self.paths) / (time.perf_counter() - start)
 
-    def loader(self, workers: int):
+    def loader(self, workers: int, cached: bool = True):
         tf = self.prep.transform(train=True, aug=self.recipe.aug, category_aug=self.recipe.category_aug,
                                  categories=self.schema.categories)
-        ds = ImageDataset(row_paths(self.rows, self.data.train_images), self.rows[CATEGORY], self.targets, tf,
-                          self.prep, augment_seed=0)
+        ds = ImageDataset(self.paths, self.rows[CATEGORY], self.targets, tf, self.prep, augment_seed=0,
+                          images=self.images if cached else None)
         return make_loader(ds, self.cfg.batch_size, workers, EpochSampler(len(ds), 0), drop_last=True, persistent=True)
 
     def steps(self, batches, channels_last: bool, dtype=None, compiled: bool = False) -> float:
@@ -97,8 +113,8 @@ class Case:
                  "target": t[k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]} for k in range(n)]
 
 
-def loader_only(case: Case, workers: int) -> float:
-    loader = case.loader(workers)
+def loader_only(case: Case, workers: int, cached: bool = True) -> float:
+    loader = case.loader(workers, cached)
     next(iter(loader))  # worker start-up, not decode speed
     start, n = time.perf_counter(), 0
     for batch in loader:
@@ -106,18 +122,19 @@ def loader_only(case: Case, workers: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def real_epoch(case: Case, workers: int) -> float:
-    """images/s of the fold trainer's first epoch (first batch and worker start-up included), in
-    fp32 like the ceiling it is compared with (``amp: auto`` would take bf16 on a native-bf16 CPU)."""
+def real_epochs(case: Case) -> tuple[float, float]:
+    """images/s of train.py's first and second epochs (history.csv), run as a user runs it: a
+    process of its own, its decode cache built before the first epoch, the first epoch's worker
+    start-up and first batch included; fp32 like the ceiling it is compared with (``amp: auto``
+    would take bf16 on a native-bf16 CPU), and the Case's model (no drop path)."""
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(model=case.name, img_size=case.size, batch_size=case.cfg.batch_size, epochs=1,
-                          n_folds=2, workers=workers, out_dir=out, progress=False, patience=0, amp="off")
-        rows = case.data.train.iloc[: case.cfg.epoch_images].reset_index(drop=True)
-        data = dataclasses.replace(case.data, train=rows, test=case.data.test.iloc[:8])
-        schema, table = RunDir(out).prepare(data, 2, 0)
-        trainer = FoldTrainer(cfg, schema, table, data, 0, Dist(), RunDir(out))
-        stats, _ = trainer.train_epoch(0)
-    return stats["images_per_s"]
+        subprocess.run([sys.executable, "train.py", "--data-dir", str(case.cfg.data_dir), "--out-dir", out,
+                        "--model", case.name, "--img-size", str(case.size), "--batch-size", str(case.cfg.batch_size),
+                        "--epochs", "2", "--n-folds", "2", "--fold", "0", "--workers", "auto", "--amp", "off",
+                        "--drop-path-rate", "0", "--patience", "0", "--predict-test", "false", "--progress", "false"],
+                       cwd=ROOT, check=True, capture_output=True)
+        history = pd.read_csv(Path(out) / case.name / "fold0" / "history.csv")
+    return float(history["images_per_s"][0]), float(history["images_per_s"][1])
 
 
 def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
@@ -126,24 +143,31 @@ def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
     cl = use_channels_last("auto", case.model.backbone)
     label, memory = f"{case.name} {case.size}", case.in_memory()
     loaders = {w: case.loader(w) for w in cfg.workers_sweep}
+    decoding = case.loader(cfg.workers, cached=False)
     best: dict[str, float] = {}
     for _ in range(cfg.repeats):
-        runs = {"ceiling": (memory, cl), "other": (memory, not cl),
+        runs = {"ceiling": (memory, cl), "other": (memory, not cl), "decoding": (decoding, cl),
                 **{f"full{w}": (loader, cl) for w, loader in loaders.items()}}
         for key, (batches, fmt) in runs.items():
             best[key] = max(best.get(key, 0.0), case.steps(batches, fmt))
     ceiling = best["ceiling"]
-    rows = [{"case": label, "measure": "loader alone", "workers": cfg.workers, "img_per_s": loader_only(case, cfg.workers)},
+    cores = os.cpu_count() or 1
+    rows = [{"case": label, "measure": "decode cache, built once", "workers": cores, "img_per_s": case.decode_rate},
+            {"case": label, "measure": "loader alone", "workers": cfg.workers, "img_per_s": loader_only(case, cfg.workers)},
+            {"case": label, "measure": "loader alone, decoding on the fly", "workers": cfg.workers,
+             "img_per_s": loader_only(case, cfg.workers, cached=False)},
             {"case": label, "measure": f"ceiling, {'channels_last' if cl else 'contiguous'} (auto)", "img_per_s": ceiling},
             {"case": label, "measure": f"ceiling, {'contiguous' if cl else 'channels_last'}", "img_per_s": best["other"],
              "of_ceiling": best["other"] / ceiling}]
     rows += [{"case": label, "measure": "full step", "workers": w, "img_per_s": best[f"full{w}"],
               "of_ceiling": best[f"full{w}"] / ceiling} for w in cfg.workers_sweep]
+    rows.append({"case": label, "measure": "full step, decoding on the fly", "workers": cfg.workers,
+                 "img_per_s": best["decoding"], "of_ceiling": best["decoding"] / ceiling})
     if cfg.epoch:
         w = loader_workers("auto", Dist())
-        epoch = real_epoch(case, w)
-        rows.append({"case": label, "measure": "train.py epoch (auto workers, fp32)", "workers": w, "img_per_s": epoch,
-                     "of_ceiling": epoch / ceiling})
+        first, second = real_epochs(case)
+        rows += [{"case": label, "measure": f"train.py epoch {k} (auto workers, fp32)", "workers": w, "img_per_s": rate,
+                  "of_ceiling": rate / ceiling} for k, rate in ((1, first), (2, second))]
     if native_bf16():
         bf16 = max(case.steps(memory, cl, torch.bfloat16) for _ in range(cfg.repeats))
         rows.append({"case": label, "measure": "ceiling, bf16 autocast", "img_per_s": bf16, "of_ceiling": bf16 / ceiling})
@@ -157,6 +181,7 @@ def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
 
 
 def main(cfg: BenchTrainConfig) -> pd.DataFrame:
+    kept = keep_freed_memory() if cfg.keep_freed_memory else False
     data = read_dataset(cfg.data_dir)
     schema = Schema.fit(data.train, data.category_attrs)
     rows = []
@@ -167,7 +192,8 @@ def main(cfg: BenchTrainConfig) -> pd.DataFrame:
             print(pd.DataFrame(case_rows).to_string(index=False, float_format="{:.2f}".format, na_rep=""), flush=True)
     table = pd.DataFrame(rows)
     print(f"\ntraining throughput, batch {cfg.batch_size}, {cfg.images} images per measure, fp32 unless said; "
-          f"{torch.get_num_threads()} compute threads\nmachine: {machine()}")
+          f"{torch.get_num_threads()} compute threads; malloc {'keeps freed memory' if kept else 'as glibc sets it'}"
+          f"\nmachine: {machine()}")
     print(table.to_string(index=False, float_format="{:.2f}".format, na_rep=""))
     return table
 
