@@ -19,6 +19,7 @@ from tests.test_bad_images import UNUSABLE, break_images
 from utils import decoded
 from utils.data import ImageDataset, read_or_placeholder
 from utils.decoded import DecodedImages
+from utils.throughput import keep_freed_memory
 from utils.transforms import Preprocess
 
 PREP = Preprocess(48, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))  # draft decoding on: 1/8 to 1/2 scale
@@ -117,33 +118,30 @@ def test_seeded_augmentations_decide_independently_of_each_other():
 
 
 STEPS = textwrap.dedent("""
-    import ctypes, resource, sys, torch
+    import ctypes, resource, torch
     from utils.throughput import keep_freed_memory
     libc = ctypes.CDLL("libc.so.6")  # glibc's starting thresholds (128 KB), pinned: how far they adapted
     libc.mallopt(-3, 128 << 10), libc.mallopt(-1, 128 << 10)  # while torch was imported must not matter
-    print(int(keep_freed_memory()) if sys.argv[1] == "on" else 0)
     faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     def step():  # a step's working set: eight 12 MB activations, freed at its end
         xs = [torch.ones(3 << 20) for _ in range(8)]
         del xs
-    for _ in range(3):  # the heap grows to the step's working set
-        step()
-    before = faults()
-    for _ in range(3):
-        step()
-    print(faults() - before)
+    def faults_of_three_steps():
+        for _ in range(3):  # the heap grows to the step's working set
+            step()
+        before = faults()
+        for _ in range(3):
+            step()
+        return faults() - before
+    print(faults_of_three_steps(), int(keep_freed_memory()), faults_of_three_steps())
 """)
 
 
-@pytest.mark.parametrize("setting, env, kept", [("on", {}, True), ("off", {}, False),
-                                                ("on", {"MALLOC_ARENA_MAX": "2"}, False)],
-                         ids=["kept", "glibc-default", "user-set-malloc-variables-win"])
-def test_a_step_reuses_the_memory_the_step_before_freed(setting, env, kept):
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, "PYTHONPATH": str(ROOT), **env}
-    out = subprocess.run([sys.executable, "-c", STEPS, setting], capture_output=True, text=True, env=env, check=True)
-    changed, faults = map(int, out.stdout.split())
-    assert changed == kept
-    if kept:
-        assert faults < 100  # the 96 MB stayed: no page is faulted in again
-    else:
-        assert faults > 60_000  # mapped afresh at every allocation: 3 x 24,576 pages faulted in again
+def test_a_step_reuses_the_memory_the_step_before_freed(monkeypatch):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", STEPS], capture_output=True, text=True, env=env, check=True)
+    default, changed, kept = map(int, out.stdout.split())
+    assert default > 60_000  # mapped afresh at every allocation: 3 x 24,576 pages faulted in again
+    assert changed == 1 and kept < 100  # the 96 MB stayed: no page is faulted in again
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert keep_freed_memory() is False  # glibc variables the user set win
