@@ -38,8 +38,9 @@ def build(folder, paths, prep=PREP):
     return DecodedImages.build_or_load(folder, paths, prep, workers=2, progress=False, log=lambda text: None)
 
 
-def test_the_cache_holds_what_decoding_returns_and_the_dataset_gives_the_same_items(images, tmp_path):
+def test_the_cache_holds_what_decoding_returns_and_the_dataset_gives_the_same_items(images, tmp_path, monkeypatch):
     paths, kinds = images
+    monkeypatch.setattr(decoded, "IN_PROCESS_BELOW", 0)  # decoded by 2 worker processes, in order
     cache = build(tmp_path / "decoded", paths)
     reasons = []
     for path, slot in zip(paths, cache.slots(paths)):

@@ -38,6 +38,7 @@ from utils.provenance import files_digest
 from utils.transforms import Preprocess
 
 LAYOUT = 1  # the files' own format: raised when it changes, so an older cache is rebuilt, not misread
+IN_PROCESS_BELOW = 1000  # images: fewer decode in the calling process before workers would have started
 
 
 def cache_key(paths: list[str], prep: Preprocess) -> str:
@@ -126,7 +127,7 @@ class DecodedImages:
         room = disk.free - max(2 << 30, disk.total // 20)  # leave 2 GB or 5 % of the disk free
         start = time.perf_counter()
         offsets, shapes, errors = [0], [], []
-        workers = workers if len(paths) >= 1000 else 0  # a few hundred images decode before workers start
+        workers = workers if len(paths) >= IN_PROCESS_BELOW else 0
         loader = torch.utils.data.DataLoader(_Decode(paths, prep), batch_size=16, num_workers=workers,
                                              collate_fn=list, worker_init_fn=init_worker)
         try:

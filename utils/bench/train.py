@@ -58,7 +58,7 @@ class BenchTrainConfig(DataConfig):
     workers: int = option(2, "loader workers of the loader and full-step rows")
     workers_sweep: list[int] = option(help="loader workers to compare for the full step (a,b,c)", factory=lambda: [0, 1, 2])
     repeats: int = option(3, "interleaved repetitions of every step measurement; the best is kept")
-    epoch: bool = option(True, "also time one real train.py epoch (the fold trainer) per model and size")
+    epoch: bool = option(True, "also time train.py's first two epochs, run as train.py, per model and size")
     compile: bool = option(False, "also time the ceiling under torch.compile, and its compile time (minutes)")
     keep_freed_memory: bool = option(True, "malloc keeps the memory a step frees, as train.py sets it on CPU "
                                            "(utils/throughput.py); false: glibc's default")
