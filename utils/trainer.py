@@ -231,6 +231,8 @@ class FoldTrainer:
         self.trn_loader = make_loader(self.trn_ds, self.per_rank_batch, self.workers, self.sampler,
                                       drop_last=len(self.trn_ds) > self.per_rank_batch, persistent=True)
         self.val_loader = self._shard(self.val, self.data.train_images, self.csv_dir, persistent=True)
+        if self.workers and not cfg.frozen_backbone:  # fork the validation workers now, while this process is
+            iter(self.val_loader)  # small: forked after an epoch, every page the next step writes is copied (1-3 s)
 
     def decoded_images(self):
         """The run folder's decode cache of every train and test image (utils/decoded.py), or None
