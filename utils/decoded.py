@@ -41,6 +41,11 @@ LAYOUT = 1  # the files' own format: raised when it changes, so an older cache i
 IN_PROCESS_BELOW = 1000  # images: fewer decode in the calling process before workers would have started
 
 
+def decode_workers(n_images: int, workers: int) -> int:
+    """The worker processes that decode ``n_images`` when ``workers`` are offered."""
+    return workers if n_images >= IN_PROCESS_BELOW else 0
+
+
 def cache_key(paths: list[str], prep: Preprocess) -> str:
     """A hash of the decoding settings and of every image's path, size and modification time."""
     settings = json.dumps({"layout": LAYOUT, "draft": prep.draft, "resize": prep.resize,
@@ -127,7 +132,7 @@ class DecodedImages:
         room = disk.free - max(2 << 30, disk.total // 20)  # leave 2 GB or 5 % of the disk free
         start = time.perf_counter()
         offsets, shapes, errors = [0], [], []
-        workers = workers if len(paths) >= IN_PROCESS_BELOW else 0
+        workers = decode_workers(len(paths), workers)
         loader = torch.utils.data.DataLoader(_Decode(paths, prep), batch_size=16, num_workers=workers,
                                              collate_fn=list, worker_init_fn=init_worker)
         try:

@@ -37,7 +37,7 @@ import torch
 from utils.bench import machine
 from utils.config import DataConfig, option, run_command
 from utils.data import EpochSampler, ImageDataset, make_loader
-from utils.decoded import DecodedImages
+from utils.decoded import DecodedImages, decode_workers
 from utils.distributed import Dist
 from utils.engine import native_bf16, train_one_epoch
 from utils.model import AttributeModel, HeadLoss, build_optimizer, data_config, warmup_cosine
@@ -47,6 +47,7 @@ from utils.trainer import TrainConfig, model_args, row_paths
 from utils.transforms import Preprocess
 
 ROOT = Path(__file__).resolve().parents[2]
+CORES = os.cpu_count() or 1  # the decode cache is built with every core, as train.py builds it
 
 
 @dataclass
@@ -78,7 +79,7 @@ class Case:
         self.paths = row_paths(self.rows, self.data.train_images)
         self.tmp = tempfile.TemporaryDirectory()
         start = time.perf_counter()
-        self.images = DecodedImages.build_or_load(self.tmp.name, self.paths, self.prep, os.cpu_count() or 1,
+        self.images = DecodedImages.build_or_load(self.tmp.name, self.paths, self.prep, CORES,
                                                   progress=False, log=lambda text: None)
         self.decode_rate = len(self.paths) / (time.perf_counter() - start)
 
@@ -151,8 +152,8 @@ def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
         for key, (batches, fmt) in runs.items():
             best[key] = max(best.get(key, 0.0), case.steps(batches, fmt))
     ceiling = best["ceiling"]
-    cores = os.cpu_count() or 1
-    rows = [{"case": label, "measure": "decode cache, built once", "workers": cores, "img_per_s": case.decode_rate},
+    rows = [{"case": label, "measure": "decode cache, built once", "workers": decode_workers(len(case.paths), CORES),
+             "img_per_s": case.decode_rate},
             {"case": label, "measure": "loader alone", "workers": cfg.workers, "img_per_s": loader_only(case, cfg.workers)},
             {"case": label, "measure": "loader alone, decoding on the fly", "workers": cfg.workers,
              "img_per_s": loader_only(case, cfg.workers, cached=False)},
