@@ -60,7 +60,8 @@ class InferConfig(CommonConfig):
 
 class TestImages(torch.utils.data.Dataset):
     """Each test image decoded once per distinct preprocessing, exactly as its checkpoint's
-    training decoded and transformed its validation images."""
+    training decoded and transformed its validation images: uint8 pixels, normalised in the main
+    process by each ``Preprocess``."""
 
     def __init__(self, ids, images_dir: Path, preps: list[Preprocess]):
         self.ids, self.images_dir, self.preps = list(ids), images_dir, preps
@@ -95,7 +96,7 @@ def predict_images(cfg: InferConfig, run_dir: RunDir, test: pd.DataFrame, ens: d
     preds, bad = np.empty((len(test), len(schema.heads)), dtype=np.int16), {}
     with torch.inference_mode():
         for batch in tqdm(loader, desc="infer", disable=not cfg.progress, dynamic_ncols=True):
-            images = {p: batch["images"][k].numpy() for k, p in enumerate(preps)}
+            images = {p: p.normalize(batch["images"][k]).numpy() for k, p in enumerate(preps)}
             logits = run_members(members, images, cfg.tta_hflip)
             scores = logits["ensemble"][0] if merged else combine_members(logits, ens, schema)
             index = batch["index"].numpy()

@@ -148,8 +148,8 @@ def test_ema_weights_are_the_ones_scored_and_saved(tiny_data, tmp_path):
     ema, raw = trainer.ema.module.state_dict(), trainer.model.state_dict()
     assert all(torch.equal(best["state_dict"][k], ema[k]) for k in ema)
     assert any(not torch.equal(best["state_dict"][k], raw[k]) for k in raw)
-    idx, logits = predict(trainer.ema.module, trainer.val_loader, torch.device("cpu"), amp_dtype=trainer.dtype,
-                          progress=False)
+    idx, logits = predict(trainer.ema.module, trainer.val_loader, torch.device("cpu"), prep=trainer.prep,
+                          amp_dtype=trainer.dtype, progress=False)
     assert best["val_score"] == pytest.approx(score_logits(schema, trainer.val_targets[idx], logits)[0], abs=1e-12)
     d = schema.to_dict()
     d["vocabs"][schema.heads[0].name] = ["only-one"]

@@ -19,6 +19,7 @@ from tests.conftest import ROOT
 from tests.test_bad_images import UNUSABLE, break_images
 from utils import decoded
 from utils.data import ImageDataset, read_or_placeholder
+from utils.engine import model_input
 from utils.decoded import DecodedImages
 from utils.throughput import keep_freed_memory
 from utils.transforms import Preprocess
@@ -51,7 +52,7 @@ def test_the_cache_holds_what_decoding_returns_and_the_dataset_gives_the_same_it
         assert got.dtype == np.uint8 and got.flags.writeable and np.array_equal(got, want), path
         reasons.append(why)
     assert sum(bool(r) for r in reasons) == sum(k in UNUSABLE for k in kinds.values()) == 4
-    assert {got.shape for got in (cache.read(s)[0] for s in cache.slots(paths))} != {(48, 48, 3)}  # sizes kept
+    assert {got.shape for got in (cache.read(s)[0] for s in cache.slots(paths))} == {(48, 48, 3)}  # sized once
     # augmented and seeded items are the same, read from the cache or decoded, in any order of paths
     tf = PREP.transform(train=True)
     shuffled = paths[::-1]
@@ -72,7 +73,8 @@ def test_a_changed_image_or_other_decoding_gets_a_new_cache(images, tmp_path):
     first = build(folder, paths)
     assert DecodedImages.find(folder, paths, PREP).bin == first.bin
     assert DecodedImages.find(folder, list(reversed(paths)), PREP).bin == first.bin  # the order does not matter
-    assert DecodedImages.find(folder, paths, Preprocess(96, PREP.mean, PREP.std)) is None  # another draft scale
+    assert DecodedImages.find(folder, paths, Preprocess(96, PREP.mean, PREP.std)) is None  # another size
+    assert DecodedImages.find(folder, paths, Preprocess(48, PREP.mean, PREP.std, interpolation="linear")) is None
     old = first.read(first.slots(paths[:1])[0])[0]
     Image.open(paths[0]).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(paths[0], format="JPEG")
     os.utime(paths[0], ns=(1, 1))
@@ -102,17 +104,53 @@ def test_seeded_augmentations_decide_independently_of_each_other():
     tf = prep.transform(train=True, aug={**aug, "hflip": {"p": 0.5}, "gauss_noise": {"p": 0.5, "std": [0.1, 0.2]}})
     image = np.zeros((32, 32, 3), np.uint8)
     image[:, :16] = 200
-    plain = prep.transform()(image)
+    plain = prep.transform()(image).astype(np.float32)
     flipped = noisy = both = 0
     seeds = 400
     for seed in range(seeds):
-        out = tf(image, None, seed)
+        out = tf(image, None, seed).astype(np.float32)
         f = np.abs(out - plain[:, :, ::-1]).mean() < np.abs(out - plain).mean()
         n = np.abs(out - (plain[:, :, ::-1] if f else plain)).max() > 1e-3
         flipped, noisy, both = flipped + f, noisy + n, both + (f and n)
         np.testing.assert_array_equal(out, tf(image, None, seed))  # and a seed gives the same pixels again
     assert 0.4 < flipped / seeds < 0.6 and 0.4 < noisy / seeds < 0.6
     assert 0.17 < both / seeds < 0.33
+
+
+def test_the_neckline_crop_zooms_into_the_top_of_the_sized_image_for_its_category_only():
+    prep = Preprocess(64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    off = {name: {"p": 0.0} for name in ("random_resized_crop", "hflip", "perspective", "color_jitter",
+                                          "gauss_noise", "coarse_dropout")}
+    top_half = {"p": 1.0, "top": [0.0, 0.0], "height": [0.5, 0.5]}
+    tf = prep.transform(train=True, aug=off, category_aug={"Kurtis": {"neckline_crop": top_half}},
+                        categories=["Kurtis", "Sarees"])
+    image = np.full((64, 64, 3), 200, np.uint8)
+    image[:32] = 0  # the top half dark
+    for seed in range(5):
+        kurti = tf(image, "Kurtis", seed)
+        assert kurti.shape == (3, 64, 64) and kurti.max() == 0  # the dark half, sized again to 64 x 64
+        np.testing.assert_array_equal(tf(image, "Sarees", seed), image.transpose(2, 0, 1))
+
+
+def test_loaders_carry_uint8_pixels_that_the_step_normalises_once(images):
+    good = images[0][1]  # every third image is broken
+    prep = Preprocess(16, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    item = ImageDataset([good], ["x"], None, prep.transform(train=True), prep, augment_seed=0)[0]["image"]
+    assert item.dtype == torch.uint8 and item.shape == (3, 16, 16)
+    pixels = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(3, 1, 1) for v in (prep.mean, prep.std))
+    x = prep.normalize(pixels)
+    assert x.dtype == torch.float32
+    torch.testing.assert_close(x.double(), (pixels / 255.0 - mean) / std, atol=1e-5, rtol=0)
+    # the same numbers from an array (one image served) and in NHWC (the training step)
+    np.testing.assert_array_equal(prep.normalize(pixels.numpy()), x.numpy())
+    nhwc = model_input(pixels, prep, torch.device("cpu"), channels_last=True)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc, x)
+    np.testing.assert_array_equal(prep(good), prep.normalize(prep.transform()(prep.size(prep.decode(good)))))
+    with pytest.raises(ValueError, match="needs the Preprocess"):
+        model_input(pixels, None, torch.device("cpu"))
+    with pytest.raises(TypeError, match="uint8"):
+        prep.normalize(x)  # normalised twice would be silent garbage
 
 
 STEPS = textwrap.dedent("""

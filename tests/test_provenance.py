@@ -115,10 +115,12 @@ def test_a_draft_false_run_is_served_exactly_the_pixels_it_validated_on(tiny_dat
     data = read_dataset(tiny_data)
     row = rd.train_rows(data.train).query("fold == 0").iloc[0]
     path = image_path(data.train_images, row[ID])
-    validated = ImageDataset([path], [row.Category], None, trained.transform(), trained)[0]["image"].numpy()
+    pixels = ImageDataset([path], [row.Category], None, trained.transform(), trained)[0]["image"]
+    validated = trained.normalize(pixels).numpy()
     from infer import TestImages
     for prep in served:
-        np.testing.assert_array_equal(TestImages([row[ID]], data.train_images, [prep])[0]["images"][0].numpy(), validated)
+        np.testing.assert_array_equal(prep.normalize(TestImages([row[ID]], data.train_images, [prep])[0]["images"][0]).numpy(),
+                                      validated)
         np.testing.assert_array_equal(preprocess_batch([path], prep)[0], validated)
     drafted = preprocess_batch([path], type(trained)(**{**trained.to_dict(), "draft": True}))[0]
     assert np.abs(drafted - validated).mean() > 0.01  # draft decoding would have served other pixels

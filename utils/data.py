@@ -12,14 +12,14 @@ from utils.transforms import Preprocess, Transform
 
 
 def read_or_placeholder(path, prep: Preprocess) -> tuple[np.ndarray, str]:
-    """(image, "") for a usable image, decoded as ``prep`` says; (grey square, reason) for a
-    missing, empty, truncated, non-image or degenerate (under 2x2 pixels) file. Callers decide
-    what a bad image means."""
+    """(pixels, "") for a usable image, decoded and sized as ``prep`` says (uint8 [S, S, 3]);
+    (grey square, reason) for a missing, empty, truncated, non-image or degenerate (under 2x2
+    pixels) file. Callers decide what a bad image means."""
     try:
         image = prep.decode(path)
         if image.shape[0] < 2 or image.shape[1] < 2:
             raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} pixels")
-        return image, ""
+        return prep.size(image), ""
     except Exception as err:  # unreadable, truncated, missing, not an image, degenerate
         return placeholder(prep.img_size), f"{type(err).__name__}: {err}"
 

@@ -2,8 +2,8 @@
 
 Decoding a JPEG was half of a loader item's cost and the loader's work takes cores from the
 training step on a CPU (BENCHMARKS.md, "Training throughput"). So before its first fold the
-trainer decodes every train and test image once, with every core, exactly as ``Preprocess.decode``
-does (draft scale included), into
+trainer decodes every train and test image once, with every core, and sizes it to the model's
+input, exactly as ``read_or_placeholder`` does (draft scale, resize policy), into
 
     <out_dir>/decoded/<key>.bin    the pixels: uint8 RGB arrays one after the other
     <out_dir>/decoded/<key>.npz    paths, offsets, shapes and, for an unusable image, the reason
@@ -12,10 +12,11 @@ does (draft scale included), into
 Loader workers map the ``.bin`` into memory and augment from there. The arrays are the very ones
 ``read_or_placeholder`` returns, so a run trains to the same weights with the cache or without
 it; an unusable image keeps its reason and becomes the same grey placeholder. The key hashes the
-decoding settings (size, resize, draft) and every image's path, size and modification time: an
-image that changes gets a new cache, and folds, epochs and runs that decode alike share one. A
-cache that would leave the disk nearly full is abandoned with a warning, and training decodes
-on the fly (``decode_cache: false`` does that from the start). Delete the folder to reclaim it.
+decoding settings (size, resize, draft, interpolation) and every image's path, size and
+modification time: an image that changes gets a new cache, and folds, epochs and runs that
+decode alike share one. A cache that would leave the disk nearly full is abandoned with a
+warning, and training decodes on the fly (``decode_cache: false`` does that from the start).
+Delete the folder to reclaim it.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from utils.io import atomic_path, atomic_write
 from utils.provenance import files_digest
 from utils.transforms import Preprocess
 
-LAYOUT = 1  # the files' own format: raised when it changes, so an older cache is rebuilt, not misread
+LAYOUT = 2  # the files' own format: raised when it changes, so an older cache is rebuilt, not misread
 IN_PROCESS_BELOW = 1000  # images: fewer decode in the calling process before workers would have started
 
 
@@ -48,8 +49,8 @@ def decode_workers(n_images: int, workers: int) -> int:
 
 def cache_key(paths: list[str], prep: Preprocess) -> str:
     """A hash of the decoding settings and of every image's path, size and modification time."""
-    settings = json.dumps({"layout": LAYOUT, "draft": prep.draft, "resize": prep.resize,
-                           "size": prep.img_size if prep.draft else None})
+    settings = json.dumps({"layout": LAYOUT, "draft": prep.draft, "resize": prep.resize, "size": prep.img_size,
+                           "interpolation": prep.interpolation})
     return hashlib.sha256((settings + files_digest(paths, key=str)).encode()).hexdigest()[:16]
 
 

@@ -37,11 +37,19 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
-    """A batch on the device (non-blocking from pinned memory on CUDA), NHWC when asked."""
+def model_input(images: torch.Tensor, prep, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """A loader's batch as the model takes it: moved to the device as uint8 (non-blocking from
+    pinned memory on CUDA: a quarter of float32's bytes), NHWC when asked, then normalised there
+    by ``prep`` (``Preprocess.normalize``). A float batch is taken as already normalised (the
+    benchmark's in-memory batches)."""
+    x = images.to(device, non_blocking=True)
     if channels_last and x.ndim == 4:
-        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return x.to(device, non_blocking=True)
+        x = x.contiguous(memory_format=torch.channels_last)
+    if x.dtype != torch.uint8:
+        return x
+    if prep is None:
+        raise ValueError("a batch of uint8 pixels needs the Preprocess that normalises it")
+    return prep.normalize(x)
 
 
 def split(targets, k: int) -> list:
@@ -91,19 +99,20 @@ def train_step(model, images: torch.Tensor, targets, optimizer, *, amp_dtype=Non
     return total
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, device: torch.device, *, amp_dtype=None,
+def train_one_epoch(model, loader, optimizer, scheduler, device: torch.device, *, prep=None, amp_dtype=None,
                     scaler=None, clip_grad: float = 0.0, grad_accum: int = 1, ema=None,
                     channels_last: bool = False, ids=None, bad: dict | None = None,
                     desc: str = "train", progress: bool = True) -> dict:
-    """One pass over ``loader``; returns {"loss", "images_per_s", "seconds"} (the time counts
-    from the request of the first batch: worker start-up and loading included)."""
+    """One pass over ``loader`` (its pixels normalised by ``prep``); returns {"loss",
+    "images_per_s", "seconds"} (the time counts from the request of the first batch: worker
+    start-up and loading included)."""
     model.train()
     total, seen, start = 0.0, 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for batch in bar:
         if bad is not None:
             warn_bad(batch, ids, bad)
-        images = to_device(batch["image"], device, channels_last)
+        images = model_input(batch["image"], prep, device, channels_last)
         targets = targets_to(batch["target"], device)
         loss = train_step(model, images, targets, optimizer, amp_dtype=amp_dtype, scaler=scaler,
                           clip_grad=clip_grad, grad_accum=grad_accum)
@@ -118,7 +127,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, device: torch.device, *
 
 
 @torch.no_grad()
-def predict(model, loader, device: torch.device, *, amp_dtype=None, hflip: bool = False, channels_last: bool = False,
+def predict(model, loader, device: torch.device, *, prep=None, amp_dtype=None, hflip: bool = False,
+            channels_last: bool = False,
             desc: str = "predict", progress: bool = True, ids=None, bad: dict | None = None):
     """Logits of every row of the loader, in dataset order: (indices int64 [N], logits float32 [N, L]);
     with ``hflip``, the mean of the logits of the image and its mirror."""
@@ -127,7 +137,7 @@ def predict(model, loader, device: torch.device, *, amp_dtype=None, hflip: bool 
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         if bad is not None:
             warn_bad(batch, ids, bad)
-        images = to_device(batch["image"], device, channels_last)
+        images = model_input(batch["image"], prep, device, channels_last)
         with autocast(device, amp_dtype):
             logits = model(images)["logits"].float()
             if hflip:

@@ -29,7 +29,7 @@ import torch
 
 from utils import provenance
 from utils.data import ImageDataset, make_loader
-from utils.engine import autocast, to_device, train_step
+from utils.engine import autocast, model_input, train_step
 from utils.io import atomic_write
 from utils.metric import score_logits
 from utils.model import load_checkpoint, warmup_cosine
@@ -98,7 +98,7 @@ class FrozenFold(FoldTrainer):
         backbone, out, ok = self.model.backbone.eval(), [], []
         for batch in make_loader(ds, max(self.per_rank_batch, 64), self.workers):
             with autocast(self.d.device, self.dtype):
-                out.append(backbone(to_device(batch["image"], self.d.device, self.channels_last)).float().cpu())
+                out.append(backbone(model_input(batch["image"], self.prep, self.d.device, self.channels_last)).float().cpu())
             ok.append(batch["ok"])
         return torch.cat(out).numpy(), torch.cat(ok).numpy()
 

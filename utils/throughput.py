@@ -4,8 +4,10 @@ measured (``python -m utils.bench.train``; figures in BENCHMARKS.md) rather than
 - Threads. On CPU each process computes with its share of the cores (``torch.set_num_threads``);
   loader workers compute with one thread each and no OpenCV pool (``utils.data``).
 - Memory. On CPU, malloc keeps what a step frees for the next step (``keep_freed_memory``).
-- Decoding. Every image is decoded once per run folder, before the first fold, and read from
-  there at every epoch (``utils/decoded.py``): the loader does less than half the work.
+- Decoding. Every image is decoded and sized once per run folder, before the first fold, and
+  read from there at every epoch (``utils/decoded.py``): the loader does a third of the work.
+- Batches. Loaders carry uint8 pixels, normalised by the step on the device
+  (``engine.model_input``): a quarter of float32's bytes between processes and to a GPU.
 - Loader workers (``workers: auto``). On CUDA: enough to feed the GPU, one per core left after the
   training process, at most 8 (a draft-mode JPEG decode at 224 px runs at a few hundred images
   per second per core). On CPU the step, not the decode, is the bottleneck; 2 workers measured as

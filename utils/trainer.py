@@ -332,14 +332,14 @@ class FoldTrainer:
         self.sampler.set_epoch(epoch)  # the epoch reaches the workers with each row's key
         self.model.freeze_backbone(epoch < cfg.freeze_epochs)
         stats = train_one_epoch(self.net, self.trn_loader, self.optimizer, self.scheduler, self.d.device,
-                                amp_dtype=self.dtype, scaler=self.scaler, clip_grad=cfg.clip_grad,
+                                prep=self.prep, amp_dtype=self.dtype, scaler=self.scaler, clip_grad=cfg.clip_grad,
                                 grad_accum=cfg.grad_accum, ema=self.ema, channels_last=self.channels_last,
                                 ids=self.trn_ids, bad=self.bad,
                                 desc=f"fold {self.fold} epoch {epoch + 1}/{cfg.epochs}", progress=self.progress)
         self.check_bad(len(self.trn_ds))
-        idx, logits = gather_rows(*predict(self.scored, self.val_loader, self.d.device, amp_dtype=self.dtype,
-                                           channels_last=self.channels_last, desc="validate",
-                                           progress=self.progress), self.d)
+        idx, logits = gather_rows(*predict(self.scored, self.val_loader, self.d.device, prep=self.prep,
+                                           amp_dtype=self.dtype, channels_last=self.channels_last,
+                                           desc="validate", progress=self.progress), self.d)
         val_score, _ = score_logits(self.schema, self.val_targets[idx], logits)
         self.last_validation = (epoch, idx, logits)  # the OOF logits, when this epoch is the best
         return stats, val_score
@@ -415,7 +415,7 @@ class FoldTrainer:
         d.barrier()
         best, _ = load_checkpoint(self.dir / "best.pt", self.schema)
         best.to(d.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        run = lambda loader, desc: gather_rows(*predict(best, loader, d.device, amp_dtype=self.dtype,
+        run = lambda loader, desc: gather_rows(*predict(best, loader, d.device, prep=self.prep, amp_dtype=self.dtype,
                                                         hflip=cfg.tta_hflip, channels_last=self.channels_last,
                                                         desc=desc, progress=self.progress), d)
         last = getattr(self, "last_validation", None)

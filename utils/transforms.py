@@ -1,9 +1,14 @@
-"""Image decoding and the one transform factory used by training, validation, OOF and inference.
+"""Image decoding, sizing, the one transform factory, and normalisation: the pixels of training,
+validation, OOF and inference.
 
-``build_transform(...)`` returns a callable ``(image, category, seed) -> float32 [3, S, S]``:
-the resize policy (``squash`` to a square, as the seed did, or ``pad`` to a square keeping the
-aspect ratio), then, for training, the online augmentations, then normalisation with the
-backbone's own mean/std. Evaluation uses the same resize and normalisation, nothing else, so
+An image goes through four steps, each defined once here and chosen by a ``Preprocess``:
+``decode`` (a JPEG at a reduced DCT scale when the size allows), ``size`` (deterministic: the
+resize policy, ``squash`` to a square as the seed did, or ``pad`` to a square keeping the aspect
+ratio; a decoded and sized image is what the decode cache keeps), ``transform(...)`` (a callable
+``(pixels, category, seed) -> uint8 [3, S, S]``: for training the online augmentations, for
+evaluation nothing), and ``normalize`` (with the backbone's own mean/std, on a whole batch where
+it is used: loaders carry a quarter of float32's bytes between processes and to a GPU).
+Evaluation uses the same decoding, sizing and normalisation as training, nothing else, so
 preprocessing cannot drift between training and inference.
 
 Augmentations are named in the config (``aug``) with their parameters; ``p: 0`` switches one off.
@@ -12,6 +17,7 @@ small everywhere on purpose: a hue shift changes the colour label.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -20,6 +26,7 @@ from pathlib import Path
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 
 DEFAULT_AUG = {
@@ -54,7 +61,8 @@ RESIZES = ("squash", "pad")
 class Preprocess:
     """Every choice that changes the pixels a model sees. Training stores it in each checkpoint
     (and export in each ONNX file); validation, OOF, export parity and inference all rebuild
-    their decoding and transform from it, so they see exactly the pixels training validated on."""
+    their decoding, sizing, transform and normalisation from it, so they see exactly the pixels
+    training validated on."""
 
     img_size: int
     mean: tuple
@@ -78,15 +86,31 @@ class Preprocess:
         """The image as RGB uint8, decoded as training decoded it; raises when unreadable."""
         return load_image(path, self.img_size if self.draft else None, self.resize)
 
+    def size(self, image: np.ndarray) -> np.ndarray:
+        """A decoded image resized (and, with ``pad``, padded) to the model's S x S input."""
+        return sizer(self.img_size, self.resize, self.interpolation)(image=image)["image"]
+
+    def normalize(self, pixels):
+        """uint8 pixels [..., 3, H, W] (a tensor, on any device, or an array) -> the model's float32
+        input: ``(x - 255 mean) / (255 std)`` per channel. The one normalisation of the kit."""
+        if isinstance(pixels, np.ndarray):
+            return self.normalize(torch.from_numpy(pixels)).numpy()
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"normalize takes uint8 pixels, got {pixels.dtype}")
+        shape = (3, 1, 1)
+        mean = torch.tensor([255.0 * m for m in self.mean], dtype=torch.float32, device=pixels.device).view(shape)
+        inv = torch.tensor([1 / (255.0 * s) for s in self.std], dtype=torch.float32, device=pixels.device).view(shape)
+        return pixels.to(torch.float32).sub_(mean).mul_(inv)  # elementwise: the memory format is kept
+
     def transform(self, train: bool = False, aug: dict | None = None, category_aug: dict | None = None,
                   categories: list[str] | None = None) -> "Transform":
-        return build_transform(self.img_size, self.mean, self.std, self.resize, train=train, aug=aug,
+        return build_transform(self.img_size, self.resize, train=train, aug=aug,
                                category_aug=category_aug, categories=categories,
                                interpolation=self.interpolation)
 
     def __call__(self, path: str | Path) -> np.ndarray:
-        """Decode and apply the evaluation transform: float32 [3, S, S]."""
-        return self.transform()(self.decode(path))
+        """Decode, size, apply the evaluation transform and normalise: float32 [3, S, S]."""
+        return self.normalize(self.transform()(self.size(self.decode(path))))
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -192,7 +216,8 @@ def _merge_aug(base: dict, override: dict, where: str) -> dict:
 
 
 def _augmentations(aug: dict, size: int) -> tuple[list, list]:
-    """(transforms before the resize, transforms after it) for one category's settings."""
+    """(transforms that crop the sized image and size it again, transforms after them) for one
+    category's settings."""
     on = lambda name: aug[name]["p"] > 0
     before, after = [], []
     if on("neckline_crop"):
@@ -245,7 +270,8 @@ def reseed(pipeline: A.BaseCompose, seed: int) -> None:
 
 
 class Transform:
-    """``(image uint8 HWC, category, seed) -> float32 [3, S, S]``; picklable for loader workers."""
+    """``(sized pixels uint8 [S, S, 3], category, seed) -> uint8 [3, S, S]``; picklable for
+    loader workers."""
 
     def __init__(self, pipelines: dict, default):
         self.pipelines, self.default = pipelines, default
@@ -254,28 +280,39 @@ class Transform:
         pipeline = self.pipelines.get(category, self.default)
         if seed is not None:  # per-sample seeds make augmentation independent of worker layout
             reseed(pipeline, seed)
-        out = pipeline(image=image)["image"]
-        return np.ascontiguousarray(out.transpose(2, 0, 1))
+        if pipeline.transforms:  # evaluation has none
+            image = pipeline(image=image)["image"]
+        return np.ascontiguousarray(image.transpose(2, 0, 1))
 
 
-def build_transform(img_size: int, mean, std, resize: str = "squash", train: bool = False,
-                    aug: dict | None = None, category_aug: dict | None = None,
-                    categories: list[str] | None = None, interpolation: str = "area") -> Transform:
+def sizing(img_size: int, resize: str = "squash", interpolation: str = "area") -> list:
+    """The deterministic resize to S x S (``Preprocess.size``), as albumentations transforms."""
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
     inter = INTERPOLATIONS[interpolation]
     if resize == "squash":
-        sizing = [A.Resize(img_size, img_size, interpolation=inter)]
-    elif resize == "pad":
-        sizing = [A.LongestMaxSize(max_size=img_size, interpolation=inter),
-                  A.PadIfNeeded(img_size, img_size, border_mode=cv2.BORDER_CONSTANT, fill=0)]
-    else:
-        raise ValueError(f"resize must be 'squash' or 'pad', got {resize!r}")
-    normalize = A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)
+        return [A.Resize(img_size, img_size, interpolation=inter)]
+    if resize == "pad":
+        return [A.LongestMaxSize(max_size=img_size, interpolation=inter),
+                A.PadIfNeeded(img_size, img_size, border_mode=cv2.BORDER_CONSTANT, fill=0)]
+    raise ValueError(f"resize must be 'squash' or 'pad', got {resize!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def sizer(img_size: int, resize: str, interpolation: str) -> A.Compose:
+    return A.Compose(sizing(img_size, resize, interpolation))
+
+
+def build_transform(img_size: int, resize: str = "squash", train: bool = False,
+                    aug: dict | None = None, category_aug: dict | None = None,
+                    categories: list[str] | None = None, interpolation: str = "area") -> Transform:
+    """The transform of sized pixels: for training, the augmentations (a crop taken before the
+    sizing, ``neckline_crop``, is sized again after it); for evaluation, none."""
+    resized = sizing(img_size, resize, interpolation)
 
     def compose(settings: dict | None):
         before, after = _augmentations(settings, img_size) if settings else ([], [])
-        return A.Compose(before + sizing + after + [normalize])
+        return A.Compose(before + (resized if before else []) + after)
 
     if not train:
         return Transform({}, compose(None))

@@ -98,7 +98,7 @@ class Case:
         net = torch.compile(self.model) if compiled else self.model
         opt = build_optimizer(self.model, 1e-4, 1e-3, 0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(10_000, 0))
-        run = lambda b: train_one_epoch(net, b, opt, sched, torch.device("cpu"), amp_dtype=dtype,
+        run = lambda b: train_one_epoch(net, b, opt, sched, torch.device("cpu"), prep=self.prep, amp_dtype=dtype,
                                         clip_grad=1.0, channels_last=channels_last, progress=False)
         start = time.perf_counter()
         run(itertools.islice(iter(batches), 2))
