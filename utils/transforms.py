@@ -97,9 +97,7 @@ class Preprocess:
             return self.normalize(torch.from_numpy(pixels)).numpy()
         if pixels.dtype != torch.uint8:
             raise TypeError(f"normalize takes uint8 pixels, got {pixels.dtype}")
-        shape = (3, 1, 1)
-        mean = torch.tensor([255.0 * m for m in self.mean], dtype=torch.float32, device=pixels.device).view(shape)
-        inv = torch.tensor([1 / (255.0 * s) for s in self.std], dtype=torch.float32, device=pixels.device).view(shape)
+        mean, inv = normalizer(self.mean, self.std, pixels.device)
         return pixels.to(torch.float32).sub_(mean).mul_(inv)  # elementwise: the memory format is kept
 
     def transform(self, train: bool = False, aug: dict | None = None, category_aug: dict | None = None,
@@ -111,6 +109,15 @@ class Preprocess:
     def __call__(self, path: str | Path) -> np.ndarray:
         """Decode, size, apply the evaluation transform and normalise: float32 [3, S, S]."""
         return self.normalize(self.transform()(self.size(self.decode(path))))
+
+
+@functools.lru_cache(maxsize=None)
+def normalizer(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(255 mean, 1 / (255 std)) as [3, 1, 1] float32 on ``device``: made once per device, so a
+    CUDA step does not copy (and wait for) them at every batch."""
+    shape = (3, 1, 1)
+    return (torch.tensor([255.0 * m for m in mean], dtype=torch.float32, device=device).view(shape),
+            torch.tensor([1 / (255.0 * s) for s in std], dtype=torch.float32, device=device).view(shape))
 
 
 # ----------------------------------------------------------------------------- decoding
