@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections import namedtuple
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from PIL import Image
 from tests.conftest import ROOT
 from tests.test_bad_images import UNUSABLE, break_images
 from utils import decoded
-from utils.data import ImageDataset, read_or_placeholder
+from utils.data import ImageDataset, make_loader, read_or_placeholder
 from utils.engine import model_input
 from utils.decoded import DecodedImages
 from utils.throughput import keep_freed_memory
@@ -130,6 +131,24 @@ def test_the_neckline_crop_zooms_into_the_top_of_the_sized_image_for_its_categor
         kurti = tf(image, "Kurtis", seed)
         assert kurti.shape == (3, 64, 64) and kurti.max() == 0  # the dark half, sized again to 64 x 64
         np.testing.assert_array_equal(tf(image, "Sarees", seed), image.transpose(2, 0, 1))
+
+
+class SchedulingClass(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return os.sched_getscheduler(0)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling classes")
+def test_loader_workers_yield_the_cores_to_a_cpu_step_only():
+    classes = lambda device: {int(c) for c in make_loader(SchedulingClass(), 1, 1, device=torch.device(device))}
+    assert classes("cpu") == {os.SCHED_IDLE}
+    with warnings.catch_warnings():  # without a GPU, pinning is skipped with a warning: the class is what counts
+        warnings.simplefilter("ignore")
+        assert classes("cuda") == {os.SCHED_OTHER}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the training process itself is untouched
 
 
 def test_loaders_carry_uint8_pixels_that_the_step_normalises_once(images):

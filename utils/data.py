@@ -1,6 +1,8 @@
 """The image dataset and samplers shared by training, OOF prediction and inference."""
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 
 import numpy as np
@@ -113,29 +115,42 @@ def balanced_weights(targets: np.ndarray, schema: Schema, power: float = 0.5, ca
     return w
 
 
-def init_worker(worker_id: int) -> None:
+def init_worker(worker_id: int, background: bool = False) -> None:
     """A loader worker decodes and augments: one compute thread, no OpenCV thread pool, so that
-    workers and the training step do not oversubscribe the cores."""
+    workers and the training step do not oversubscribe the cores. With ``background`` (training
+    on CPU, whose step keeps every core busy) the worker runs in Linux's idle scheduling class:
+    it takes the cores the step leaves idle (waits, the Python between kernels, a drained queue)
+    instead of preempting a compute thread mid-kernel, which stalls its partners at the next
+    barrier. Nothing is lost when no core is idle: the step then waits for a batch, and the
+    workers run."""
     import random
 
     import cv2
 
     torch.set_num_threads(1)
     cv2.setNumThreads(0)
+    if background and hasattr(os, "sched_setscheduler"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:  # not allowed here: the worker keeps the default class
+            pass
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, workers: int, sampler: Sampler | None = None,
-                drop_last: bool = False, persistent: bool = False) -> DataLoader:
+                drop_last: bool = False, persistent: bool = False, device: torch.device | None = None) -> DataLoader:
     """A DataLoader with its own random generator (it never draws from the global one, which
-    drives dropout: resume gives the same result), pinned memory on CUDA and, with
-    ``persistent``, workers that live across epochs (no restart cost per epoch)."""
+    drives dropout: resume gives the same result) and, with ``persistent``, workers that live
+    across epochs (no restart cost per epoch). ``device``, where the batches go: pinned memory
+    for CUDA; for the CPU, workers in the background (``init_worker``)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-                      num_workers=workers, drop_last=drop_last, worker_init_fn=init_worker,
+                      num_workers=workers, drop_last=drop_last,
+                      worker_init_fn=functools.partial(init_worker, background=device.type == "cpu"),
                       generator=torch.Generator().manual_seed(0), persistent_workers=persistent and workers > 0,
-                      pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
+                      pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
 
 
 def warn_bad(batch: dict, ids, bad: dict) -> None:

@@ -96,7 +96,7 @@ class FrozenFold(FoldTrainer):
         """(embeddings [N, F], usable [N]): an unusable image is embedded as the grey placeholder."""
         ds = ImageDataset(paths, categories, None, transform, self.prep, augment_seed=seed)
         backbone, out, ok = self.model.backbone.eval(), [], []
-        for batch in make_loader(ds, max(self.per_rank_batch, 64), self.workers):
+        for batch in make_loader(ds, max(self.per_rank_batch, 64), self.workers, device=self.d.device):
             with autocast(self.d.device, self.dtype):
                 out.append(backbone(model_input(batch["image"], self.prep, self.d.device, self.channels_last)).float().cpu())
             ok.append(batch["ok"])

@@ -12,6 +12,8 @@ measured (``python -m utils.bench.train``; figures in BENCHMARKS.md) rather than
   training process, at most 8 (a draft-mode JPEG decode at 224 px runs at a few hundred images
   per second per core). On CPU the step, not the decode, is the bottleneck; 2 workers measured as
   fast as 0 or 1 on 2 cores or faster, so ``auto`` is 2 (one per 4 cores beyond 8).
+  Training on CPU, workers run in Linux's idle scheduling class (``utils.data.init_worker``):
+  they use the cores the step leaves idle rather than preempt its compute threads.
 - channels_last (``channels_last: auto``): on for every convolutional backbone, off for
   transformers (a ViT's only convolution is its patch embedding). oneDNN's NHWC kernels measured
   faster for the training step on CPU (resnet18 1.19x, efficientnet_b0 1.48x at 128 px), and on

@@ -229,7 +229,8 @@ class FoldTrainer:
         self.per_rank_batch = max(1, cfg.batch_size // d.world)
         self.workers = loader_workers(cfg.workers, d)
         self.trn_loader = make_loader(self.trn_ds, self.per_rank_batch, self.workers, self.sampler,
-                                      drop_last=len(self.trn_ds) > self.per_rank_batch, persistent=True)
+                                      drop_last=len(self.trn_ds) > self.per_rank_batch, persistent=True,
+                                      device=d.device)
         self.val_loader = self._shard(self.val, self.data.train_images, self.csv_dir, persistent=True)
         if self.workers and not cfg.frozen_backbone:  # fork the validation workers now, while this process is
             iter(self.val_loader)  # small: forked after an epoch, every page the next step writes is copied (1-3 s)
@@ -266,7 +267,7 @@ class FoldTrainer:
         ds = ImageDataset(row_paths(table, images_dir, base), table[CATEGORY], None, self.prep.transform(), self.prep,
                           images=self.images)
         part = torch.utils.data.Subset(ds, list(range(self.d.rank, len(ds), self.d.world)))
-        return make_loader(part, self.per_rank_batch, self.workers, persistent=persistent)
+        return make_loader(part, self.per_rank_batch, self.workers, persistent=persistent, device=self.d.device)
 
     @property
     def progress(self) -> bool:

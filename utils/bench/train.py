@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -58,7 +59,7 @@ class BenchTrainConfig(DataConfig):
     images: int = option(256, "images per measurement")
     workers: int = option(2, "loader workers of the loader and full-step rows")
     workers_sweep: list[int] = option(help="loader workers to compare for the full step (a,b,c)", factory=lambda: [0, 1, 2])
-    repeats: int = option(3, "interleaved repetitions of every step measurement; the best is kept")
+    repeats: int = option(3, "interleaved repetitions of every step measurement; medians are kept")
     epoch: bool = option(True, "also time train.py's first two epochs, run as train.py, per model and size")
     compile: bool = option(False, "also time the ceiling under torch.compile, and its compile time (minutes)")
     keep_freed_memory: bool = option(True, "malloc keeps the memory a step frees, as train.py sets it on CPU "
@@ -88,7 +89,8 @@ class Case:
                                  categories=self.schema.categories)
         ds = ImageDataset(self.paths, self.rows[CATEGORY], self.targets, tf, self.prep, augment_seed=0,
                           images=self.images if cached else None)
-        return make_loader(ds, self.cfg.batch_size, workers, EpochSampler(len(ds), 0), drop_last=True, persistent=True)
+        return make_loader(ds, self.cfg.batch_size, workers, EpochSampler(len(ds), 0), drop_last=True, persistent=True,
+                           device=torch.device("cpu"))
 
     def steps(self, batches, channels_last: bool, dtype=None, compiled: bool = False) -> float:
         """images/s of the kit's training step over ``batches`` (after two untimed warm-up steps,
@@ -139,38 +141,41 @@ def real_epochs(case: Case) -> tuple[float, float]:
 
 
 def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
-    """The rows of one case. Step rates are the best of ``repeats`` interleaved measurements (the
-    machine's noise only ever slows a run down)."""
+    """The rows of one case. Every step measurement is repeated ``repeats`` times, interleaved:
+    a rate is the median of its repeats, and a ratio to the ceiling the median of the ratios
+    within each repeat, whose measurements ran minutes apart at most (a shared machine's speed
+    drifts by 10-20 % over a run; paired ratios cancel most of that)."""
     cl = use_channels_last("auto", case.model.backbone)
     label, memory = f"{case.name} {case.size}", case.in_memory()
     loaders = {w: case.loader(w) for w in cfg.workers_sweep}
     decoding = case.loader(cfg.workers, cached=False)
-    best: dict[str, float] = {}
-    for _ in range(cfg.repeats):
-        runs = {"ceiling": (memory, cl), "other": (memory, not cl), "decoding": (decoding, cl),
-                **{f"full{w}": (loader, cl) for w, loader in loaders.items()}}
-        for key, (batches, fmt) in runs.items():
-            best[key] = max(best.get(key, 0.0), case.steps(batches, fmt))
-    ceiling = best["ceiling"]
+    runs = {"ceiling": (memory, cl), "other": (memory, not cl), "decoding": (decoding, cl),
+            **{f"full{w}": (loader, cl) for w, loader in loaders.items()}}
+    rates = pd.DataFrame([{key: case.steps(batches, fmt) for key, (batches, fmt) in runs.items()}
+                          for _ in range(cfg.repeats)])
+    median = lambda key: float(rates[key].median())
+    of = lambda key: float((rates[key] / rates["ceiling"]).median())
     rows = [{"case": label, "measure": "decode cache, built once", "workers": decode_workers(len(case.paths), CORES),
              "img_per_s": case.decode_rate},
             {"case": label, "measure": "loader alone", "workers": cfg.workers, "img_per_s": loader_only(case, cfg.workers)},
             {"case": label, "measure": "loader alone, decoding on the fly", "workers": cfg.workers,
              "img_per_s": loader_only(case, cfg.workers, cached=False)},
-            {"case": label, "measure": f"ceiling, {'channels_last' if cl else 'contiguous'} (auto)", "img_per_s": ceiling},
-            {"case": label, "measure": f"ceiling, {'contiguous' if cl else 'channels_last'}", "img_per_s": best["other"],
-             "of_ceiling": best["other"] / ceiling}]
-    rows += [{"case": label, "measure": "full step", "workers": w, "img_per_s": best[f"full{w}"],
-              "of_ceiling": best[f"full{w}"] / ceiling} for w in cfg.workers_sweep]
+            {"case": label, "measure": f"ceiling, {'channels_last' if cl else 'contiguous'} (auto)",
+             "img_per_s": median("ceiling")},
+            {"case": label, "measure": f"ceiling, {'contiguous' if cl else 'channels_last'}", "img_per_s": median("other"),
+             "of_ceiling": of("other")}]
+    rows += [{"case": label, "measure": "full step", "workers": w, "img_per_s": median(f"full{w}"),
+              "of_ceiling": of(f"full{w}")} for w in cfg.workers_sweep]
     rows.append({"case": label, "measure": "full step, decoding on the fly", "workers": cfg.workers,
-                 "img_per_s": best["decoding"], "of_ceiling": best["decoding"] / ceiling})
+                 "img_per_s": median("decoding"), "of_ceiling": of("decoding")})
+    ceiling = median("ceiling")
     if cfg.epoch:
         w = loader_workers("auto", Dist())
         first, second = real_epochs(case)
         rows += [{"case": label, "measure": f"train.py epoch {k} (auto workers, fp32)", "workers": w, "img_per_s": rate,
                   "of_ceiling": rate / ceiling} for k, rate in ((1, first), (2, second))]
     if native_bf16():
-        bf16 = max(case.steps(memory, cl, torch.bfloat16) for _ in range(cfg.repeats))
+        bf16 = float(np.median([case.steps(memory, cl, torch.bfloat16) for _ in range(cfg.repeats)]))
         rows.append({"case": label, "measure": "ceiling, bf16 autocast", "img_per_s": bf16, "of_ceiling": bf16 / ceiling})
     else:
         rows.append({"case": label, "measure": "ceiling, bf16 autocast: not measured (emulated on this CPU)"})
