@@ -104,16 +104,19 @@ def train_one_epoch(model, loader, optimizer, scheduler, device: torch.device, *
                     channels_last: bool = False, ids=None, bad: dict | None = None,
                     desc: str = "train", progress: bool = True) -> dict:
     """One pass over ``loader`` (its pixels normalised by ``prep``); returns {"loss",
-    "images_per_s", "seconds"} (the time counts from the request of the first batch: worker
-    start-up and loading included)."""
+    "images_per_s", "seconds", "data_wait"}: the time counts from the request of the first batch
+    (worker start-up and loading included), and ``data_wait`` is the share of it the step spent
+    waiting for its batch and moving it to the device (what the input pipeline costs the step)."""
     model.train()
-    total, seen, start = 0.0, 0, time.perf_counter()
+    total, seen, waited, start = 0.0, 0, 0.0, time.perf_counter()
+    ready = start
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for batch in bar:
         if bad is not None:
             warn_bad(batch, ids, bad)
         images = model_input(batch["image"], prep, device, channels_last)
         targets = targets_to(batch["target"], device)
+        waited += time.perf_counter() - ready
         loss = train_step(model, images, targets, optimizer, amp_dtype=amp_dtype, scaler=scaler,
                           clip_grad=clip_grad, grad_accum=grad_accum)
         scheduler.step()
@@ -122,8 +125,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, device: torch.device, *
         total += loss * len(images)
         seen += len(images)
         bar.set_postfix(loss=f"{total / seen:.4f}")
+        ready = time.perf_counter()
     seconds = time.perf_counter() - start
-    return {"loss": total / max(seen, 1), "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
+    return {"loss": total / max(seen, 1), "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds,
+            "data_wait": waited / max(seconds, 1e-9)}
 
 
 @torch.no_grad()

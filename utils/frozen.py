@@ -204,7 +204,8 @@ class FrozenFold(FoldTrainer):
                 if self.ema is not None:
                     self.ema.update(self.model)
         seconds = time.perf_counter() - start
-        stats = {"loss": total / len(self.trn_x), "images_per_s": len(self.trn_x) / max(seconds, 1e-9), "seconds": seconds}
+        stats = {"loss": total / len(self.trn_x), "images_per_s": len(self.trn_x) / max(seconds, 1e-9),
+                 "seconds": seconds, "data_wait": 0.0}  # embeddings already in memory
         return stats, score_logits(self.schema, self.val_targets, self.head_logits(self.val_x))[0]
 
     @torch.no_grad()

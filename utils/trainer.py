@@ -11,7 +11,7 @@ Writes, in <out_dir>/<name>/fold<k>/ (name defaults to the model; see utils/run.
   last.pt            the latest epoch's full state, for --resume
   oof_logits.npz     logits of the fold's validation rows, with their ids (utils/io.py)
   test_logits.npz    logits of every test row, with their ids
-  history.csv/.png   one row per epoch: loss, val score, learning rates, images/s
+  history.csv/.png   one row per epoch: loss, val score, learning rates, images/s, data wait
   metrics.json       best epoch, val score, per-head table, bad images (written last)
   config.yaml        the resolved config
 """
@@ -308,7 +308,8 @@ class FoldTrainer:
             improved = self.record(epoch, stats, val_score)
             self.checkpoint(improved, epoch, val_score)
             self.log(f"fold {self.fold} epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f}  val "
-                     f"{val_score:.4f}{' *' if improved else ''}  {stats['images_per_s'] * self.d.world:.1f} img/s")
+                     f"{val_score:.4f}{' *' if improved else ''}  {stats['images_per_s'] * self.d.world:.1f} img/s "
+                     f"(waiting for data {stats['data_wait']:.0%})")
             if report is not None:
                 report(epoch, val_score)
             epochs_this_run += 1
@@ -356,7 +357,8 @@ class FoldTrainer:
         self.state["history"].append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_score": val_score,
                                       "lr_backbone": lrs.get("backbone", 0.0), "lr_head": lrs["head"],
                                       "images_per_s": stats["images_per_s"] * self.d.world,
-                                      "seconds": stats["seconds"], "frozen": epoch < self.cfg.freeze_epochs})
+                                      "seconds": stats["seconds"], "data_wait": stats["data_wait"],
+                                      "frozen": epoch < self.cfg.freeze_epochs})
         improved = val_score > self.state["best_score"]
         if improved:
             self.state.update(best_score=val_score, best_epoch=epoch + 1, bad_epochs=0)

@@ -11,7 +11,10 @@ For each model and size, images per second of:
   ceiling           the model-only step: the kit's own step (forward, head losses, backward,
                     clipping, AdamW) on batches already in memory; nothing can train faster
   full step         the same step fed by the real loader (persistent workers, decode cache)
-  full / ceiling    what the loader and the pipeline cost
+  full / ceiling    what the loader and the pipeline cost (the median of the ratios within each
+                    interleaved repeat)
+  data wait         the share of a full step's time spent waiting for the batch and moving it
+                    to the device: the loader's cost without the noise of the step's own speed
   train.py epoch    train.py's first epoch (worker start and first batch included) and its
                     second, in a process of its own: 2 folds of the data, half of it trained on
 and, to justify the defaults (utils/throughput.py): the ceiling in contiguous and channels_last
@@ -92,9 +95,10 @@ class Case:
         return make_loader(ds, self.cfg.batch_size, workers, EpochSampler(len(ds), 0), drop_last=True, persistent=True,
                            device=torch.device("cpu"))
 
-    def steps(self, batches, channels_last: bool, dtype=None, compiled: bool = False) -> float:
+    def steps(self, batches, channels_last: bool, dtype=None, compiled: bool = False, wait: bool = False):
         """images/s of the kit's training step over ``batches`` (after two untimed warm-up steps,
-        whose seconds are kept in ``warmup_s``: with ``compiled``, the compile time)."""
+        whose seconds are kept in ``warmup_s``: with ``compiled``, the compile time); with
+        ``wait``, (images/s, the share of the time spent waiting for data)."""
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=fmt)
         net = torch.compile(self.model) if compiled else self.model
@@ -105,7 +109,8 @@ class Case:
         start = time.perf_counter()
         run(itertools.islice(iter(batches), 2))
         self.warmup_s = time.perf_counter() - start
-        return run(batches)["images_per_s"]
+        stats = run(batches)
+        return (stats["images_per_s"], stats["data_wait"]) if wait else stats["images_per_s"]
 
     def in_memory(self) -> list[dict]:
         """Batches of random images with real targets, already in memory."""
@@ -125,11 +130,11 @@ def loader_only(case: Case, workers: int, cached: bool = True) -> float:
     return n / (time.perf_counter() - start)
 
 
-def real_epochs(case: Case) -> tuple[float, float]:
-    """images/s of train.py's first and second epochs (history.csv), run as a user runs it: a
-    process of its own, its decode cache built before the first epoch, the first epoch's worker
-    start-up and first batch included; fp32 like the ceiling it is compared with (``amp: auto``
-    would take bf16 on a native-bf16 CPU), and the Case's model (no drop path)."""
+def real_epochs(case: Case) -> list[dict]:
+    """train.py's first and second epochs (images/s and data wait, from history.csv), run as a
+    user runs it: a process of its own, its decode cache built before the first epoch, the first
+    epoch's worker start-up and first batch included; fp32 like the ceiling it is compared with
+    (``amp: auto`` would take bf16 on a native-bf16 CPU), and the Case's model (no drop path)."""
     with tempfile.TemporaryDirectory() as out:
         subprocess.run([sys.executable, "train.py", "--data-dir", str(case.cfg.data_dir), "--out-dir", out,
                         "--model", case.name, "--img-size", str(case.size), "--batch-size", str(case.cfg.batch_size),
@@ -137,7 +142,7 @@ def real_epochs(case: Case) -> tuple[float, float]:
                         "--drop-path-rate", "0", "--patience", "0", "--predict-test", "false", "--progress", "false"],
                        cwd=ROOT, check=True, capture_output=True)
         history = pd.read_csv(Path(out) / case.name / "fold0" / "history.csv")
-    return float(history["images_per_s"][0]), float(history["images_per_s"][1])
+    return history[["images_per_s", "data_wait"]].to_dict("records")
 
 
 def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
@@ -151,10 +156,13 @@ def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
     decoding = case.loader(cfg.workers, cached=False)
     runs = {"ceiling": (memory, cl), "other": (memory, not cl), "decoding": (decoding, cl),
             **{f"full{w}": (loader, cl) for w, loader in loaders.items()}}
-    rates = pd.DataFrame([{key: case.steps(batches, fmt) for key, (batches, fmt) in runs.items()}
-                          for _ in range(cfg.repeats)])
+    repeats = [{key: case.steps(batches, fmt, wait=True) for key, (batches, fmt) in runs.items()}
+               for _ in range(cfg.repeats)]
+    rates = pd.DataFrame([{key: rate for key, (rate, _) in r.items()} for r in repeats])
+    waits = pd.DataFrame([{key: wait for key, (_, wait) in r.items()} for r in repeats])
     median = lambda key: float(rates[key].median())
     of = lambda key: float((rates[key] / rates["ceiling"]).median())
+    waiting = lambda key: float(waits[key].median())
     rows = [{"case": label, "measure": "decode cache, built once", "workers": decode_workers(len(case.paths), CORES),
              "img_per_s": case.decode_rate},
             {"case": label, "measure": "loader alone", "workers": cfg.workers, "img_per_s": loader_only(case, cfg.workers)},
@@ -165,15 +173,15 @@ def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
             {"case": label, "measure": f"ceiling, {'contiguous' if cl else 'channels_last'}", "img_per_s": median("other"),
              "of_ceiling": of("other")}]
     rows += [{"case": label, "measure": "full step", "workers": w, "img_per_s": median(f"full{w}"),
-              "of_ceiling": of(f"full{w}")} for w in cfg.workers_sweep]
+              "of_ceiling": of(f"full{w}"), "data_wait": waiting(f"full{w}")} for w in cfg.workers_sweep]
     rows.append({"case": label, "measure": "full step, decoding on the fly", "workers": cfg.workers,
-                 "img_per_s": median("decoding"), "of_ceiling": of("decoding")})
+                 "img_per_s": median("decoding"), "of_ceiling": of("decoding"), "data_wait": waiting("decoding")})
     ceiling = median("ceiling")
     if cfg.epoch:
         w = loader_workers("auto", Dist())
-        first, second = real_epochs(case)
-        rows += [{"case": label, "measure": f"train.py epoch {k} (auto workers, fp32)", "workers": w, "img_per_s": rate,
-                  "of_ceiling": rate / ceiling} for k, rate in ((1, first), (2, second))]
+        rows += [{"case": label, "measure": f"train.py epoch {k} (auto workers, fp32)", "workers": w,
+                  "img_per_s": epoch["images_per_s"], "of_ceiling": epoch["images_per_s"] / ceiling,
+                  "data_wait": epoch["data_wait"]} for k, epoch in enumerate(real_epochs(case), 1)]
     if native_bf16():
         bf16 = float(np.median([case.steps(memory, cl, torch.bfloat16) for _ in range(cfg.repeats)]))
         rows.append({"case": label, "measure": "ceiling, bf16 autocast", "img_per_s": bf16, "of_ceiling": bf16 / ceiling})
