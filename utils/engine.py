@@ -133,10 +133,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, device: torch.device, *
 
 @torch.no_grad()
 def predict(model, loader, device: torch.device, *, prep=None, amp_dtype=None, hflip: bool = False,
-            channels_last: bool = False,
-            desc: str = "predict", progress: bool = True, ids=None, bad: dict | None = None):
-    """Logits of every row of the loader, in dataset order: (indices int64 [N], logits float32 [N, L]);
-    with ``hflip``, the mean of the logits of the image and its mirror."""
+            channels_last: bool = False, desc: str = "predict", progress: bool = True, ids=None,
+            bad: dict | None = None):
+    """Logits of every row of the loader (its pixels normalised by ``prep``), in dataset order:
+    (indices int64 [N], logits float32 [N, L]); with ``hflip``, the mean of the logits of the
+    image and its mirror."""
     model.eval()
     indices, outputs = [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):

@@ -98,7 +98,8 @@ class FrozenFold(FoldTrainer):
         backbone, out, ok = self.model.backbone.eval(), [], []
         for batch in make_loader(ds, max(self.per_rank_batch, 64), self.workers, device=self.d.device):
             with autocast(self.d.device, self.dtype):
-                out.append(backbone(model_input(batch["image"], self.prep, self.d.device, self.channels_last)).float().cpu())
+                x = model_input(batch["image"], self.prep, self.d.device, self.channels_last)
+                out.append(backbone(x).float().cpu())
             ok.append(batch["ok"])
         return torch.cat(out).numpy(), torch.cat(ok).numpy()
 
