@@ -19,6 +19,7 @@ from PIL import Image
 from tests.conftest import ROOT
 from tests.test_bad_images import UNUSABLE, break_images
 from utils import decoded
+from utils.config import parse_config
 from utils.data import ImageDataset, make_loader, read_or_placeholder
 from utils.engine import model_input
 from utils.decoded import DecodedImages
@@ -170,6 +171,22 @@ def test_loaders_carry_uint8_pixels_that_the_step_normalises_once(images):
         model_input(pixels, None, torch.device("cpu"))
     with pytest.raises(TypeError, match="uint8"):
         prep.normalize(x)  # normalised twice would be silent garbage
+
+
+def test_the_training_benchmark_measures_what_it_documents(tiny_data):
+    """``python -m utils.bench.train`` on a few images: every row, each rate measured, the full
+    step fed by the real loader (uint8 batches normalised in the step) with its data wait."""
+    from utils.bench.train import BenchTrainConfig, main
+    args = ["--data-dir", str(tiny_data), "--models", "resnet18", "--sizes", "32", "--images", "64",
+            "--batch-size", "16", "--repeats", "1", "--workers", "0", "--workers-sweep", "0", "--epoch", "false"]
+    table = main(parse_config(BenchTrainConfig, args))
+    measured = table.dropna(subset=["img_per_s"]).set_index("measure")
+    assert {"decode cache, built once", "loader alone", "loader alone, decoding on the fly",
+            "ceiling, channels_last (auto)", "ceiling, contiguous", "full step",
+            "full step, decoding on the fly"} <= set(measured.index)
+    assert (measured.img_per_s > 0).all()
+    for row in ("full step", "full step, decoding on the fly"):
+        assert 0 < measured.loc[row, "of_ceiling"] and 0 <= measured.loc[row, "data_wait"] < 1
 
 
 STEPS = textwrap.dedent("""
