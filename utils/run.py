@@ -5,7 +5,7 @@
       <run>/fold<k>/                     one fold of one trained run (see utils/trainer.py)
         best.pt, last.pt, oof_logits.npz, test_logits.npz, history.csv, metrics.json, config.yaml
       <run>/oof_score.json               when every fold is done
-      decoded/<key>.bin, .npz            every image decoded once, for training (utils/decoded.py)
+      decoded/<key>.bin, .npz            every image decoded and sized once, for training (utils/decoded.py)
       ensemble.json, ensemble_heads.png  ensemble.py
       onnx/manifest.json, onnx/*.onnx    export.py
 

@@ -95,10 +95,10 @@ class Case:
         return make_loader(ds, self.cfg.batch_size, workers, EpochSampler(len(ds), 0), drop_last=True, persistent=True,
                            device=torch.device("cpu"))
 
-    def steps(self, batches, channels_last: bool, dtype=None, compiled: bool = False, wait: bool = False):
-        """images/s of the kit's training step over ``batches`` (after two untimed warm-up steps,
-        whose seconds are kept in ``warmup_s``: with ``compiled``, the compile time); with
-        ``wait``, (images/s, the share of the time spent waiting for data)."""
+    def steps(self, batches, channels_last: bool, dtype=None, compiled: bool = False) -> dict:
+        """``train_one_epoch``'s stats (images/s, data wait) of the kit's training step over
+        ``batches``, after two untimed warm-up steps, whose seconds are kept in ``warmup_s``
+        (with ``compiled``, the compile time)."""
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=fmt)
         net = torch.compile(self.model) if compiled else self.model
@@ -109,8 +109,7 @@ class Case:
         start = time.perf_counter()
         run(itertools.islice(iter(batches), 2))
         self.warmup_s = time.perf_counter() - start
-        stats = run(batches)
-        return (stats["images_per_s"], stats["data_wait"]) if wait else stats["images_per_s"]
+        return run(batches)
 
     def in_memory(self) -> list[dict]:
         """Batches of random images with real targets, already in memory."""
@@ -156,10 +155,9 @@ def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
     decoding = case.loader(cfg.workers, cached=False)
     runs = {"ceiling": (memory, cl), "other": (memory, not cl), "decoding": (decoding, cl),
             **{f"full{w}": (loader, cl) for w, loader in loaders.items()}}
-    repeats = [{key: case.steps(batches, fmt, wait=True) for key, (batches, fmt) in runs.items()}
-               for _ in range(cfg.repeats)]
-    rates = pd.DataFrame([{key: rate for key, (rate, _) in r.items()} for r in repeats])
-    waits = pd.DataFrame([{key: wait for key, (_, wait) in r.items()} for r in repeats])
+    repeats = [{key: case.steps(batches, fmt) for key, (batches, fmt) in runs.items()} for _ in range(cfg.repeats)]
+    rates = pd.DataFrame([{key: stats["images_per_s"] for key, stats in r.items()} for r in repeats])
+    waits = pd.DataFrame([{key: stats["data_wait"] for key, stats in r.items()} for r in repeats])
     median = lambda key: float(rates[key].median())
     of = lambda key: float((rates[key] / rates["ceiling"]).median())
     waiting = lambda key: float(waits[key].median())
@@ -170,8 +168,8 @@ def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
              "img_per_s": loader_only(case, cfg.workers, cached=False)},
             {"case": label, "measure": f"ceiling, {'channels_last' if cl else 'contiguous'} (auto)",
              "img_per_s": median("ceiling")},
-            {"case": label, "measure": f"ceiling, {'contiguous' if cl else 'channels_last'}", "img_per_s": median("other"),
-             "of_ceiling": of("other")}]
+            {"case": label, "measure": f"ceiling, {'contiguous' if cl else 'channels_last'}",
+             "img_per_s": median("other"), "of_ceiling": of("other")}]
     rows += [{"case": label, "measure": "full step", "workers": w, "img_per_s": median(f"full{w}"),
               "of_ceiling": of(f"full{w}"), "data_wait": waiting(f"full{w}")} for w in cfg.workers_sweep]
     rows.append({"case": label, "measure": "full step, decoding on the fly", "workers": cfg.workers,
@@ -183,12 +181,13 @@ def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
                   "img_per_s": epoch["images_per_s"], "of_ceiling": epoch["images_per_s"] / ceiling,
                   "data_wait": epoch["data_wait"]} for k, epoch in enumerate(real_epochs(case), 1)]
     if native_bf16():
-        bf16 = float(np.median([case.steps(memory, cl, torch.bfloat16) for _ in range(cfg.repeats)]))
+        bf16 = float(np.median([case.steps(memory, cl, torch.bfloat16)["images_per_s"]
+                                for _ in range(cfg.repeats)]))
         rows.append({"case": label, "measure": "ceiling, bf16 autocast", "img_per_s": bf16, "of_ceiling": bf16 / ceiling})
     else:
         rows.append({"case": label, "measure": "ceiling, bf16 autocast: not measured (emulated on this CPU)"})
     if cfg.compile:
-        rate = case.steps(memory, cl, compiled=True)
+        rate = case.steps(memory, cl, compiled=True)["images_per_s"]
         rows.append({"case": label, "measure": f"ceiling, torch.compile (compiled in {case.warmup_s:.0f} s)",
                      "img_per_s": rate, "of_ceiling": rate / ceiling})
     return rows
