@@ -48,9 +48,11 @@ def decode_workers(n_images: int, workers: int) -> int:
 
 
 def cache_key(paths: list[str], prep: Preprocess) -> str:
-    """A hash of the decoding settings and of every image's path, size and modification time."""
-    settings = json.dumps({"layout": LAYOUT, "draft": prep.draft, "resize": prep.resize, "size": prep.img_size,
-                           "interpolation": prep.interpolation})
+    """A hash of the decoding settings (every ``Preprocess`` field but the normalisation's mean and
+    std, which the cached pixels do not depend on) and of every image's path, size and
+    modification time."""
+    decoding = {k: v for k, v in prep.to_dict().items() if k not in ("mean", "std")}
+    settings = json.dumps({"layout": LAYOUT, **decoding}, sort_keys=True)
     return hashlib.sha256((settings + files_digest(paths, key=str)).encode()).hexdigest()[:16]
 
 
