@@ -173,6 +173,7 @@ def test_loaders_carry_uint8_pixels_that_the_step_normalises_once(images):
         prep.normalize(x)  # normalised twice would be silent garbage
 
 
+@pytest.mark.slow
 def test_the_training_benchmark_measures_what_it_documents(tiny_data):
     """``python -m utils.bench.train`` on a few images: every row, each rate measured, the full
     step fed by the real loader (uint8 batches normalised in the step) with its data wait."""
