@@ -182,6 +182,7 @@ def objective_for(cfg: TuneConfig, space: dict, study_dir: Path, fold: int):
     import optuna
 
     data = read_dataset(cfg.data_dir, cfg.train_csv)
+    cfg.check_data(data)  # before any trial decodes an image
     schema, table = RunDir(cfg.out_dir).prepare(data, cfg.n_folds, cfg.seed)
     base = {k: v for k, v in dataclasses.asdict(cfg).items() if k in TRAIN_KEYS}
 

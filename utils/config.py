@@ -15,8 +15,10 @@ applies, in order,
 A key that the dataclass does not declare, a value of the wrong type, or a value outside the
 option's choices is a ConfigError naming the key, the value and where it came from. Flag values
 are parsed as YAML, so ``--betas "[0.9, 0.99]"`` and ``--aug "{hflip: {p: 0}}"`` work; a list of
-strings also takes ``a,b,c``; a boolean flag alone (``--resume``) means true; dict values merge
-into the default dict instead of replacing it, so one transform can be tuned alone.
+strings also takes ``a,b,c``; a boolean flag alone (``--resume``) means true. A dict value merges
+into the dict before it (the default, or an earlier file's), so one transform can be tuned alone;
+tagged ``!replace`` it replaces it whole, in a file (``category_aug: !replace {}``) as on the
+command line (``--category-aug '!replace {}'``), at any depth.
 ``--help`` lists every option with its help text, choices and default.
 """
 from __future__ import annotations
@@ -60,6 +62,28 @@ class CommonConfig(DataConfig):
 
     out_dir: str = option("runs/demo", "run folder: schema, folds, runs, logits, ensemble, onnx/")
     seed: int = option(42, "random seed (folds, initialisation, augmentation, searches)")
+
+
+class Replace(dict):
+    """A dict value tagged ``!replace``: it replaces the value before it instead of merging into it."""
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load's loader (plain YAML: a Python tag is an error, never run) plus ``!replace``."""
+
+
+_Loader.add_constructor("!replace", lambda loader, node: Replace(loader.construct_mapping(node, deep=True)))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every Replace turned into a plain dict (the resolved config is plain YAML)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _type_name(tp: Any) -> str:
@@ -124,12 +148,10 @@ def _check_choices(key: str, value: Any, choices: tuple | None, source: str) -> 
 
 
 def _merge(base: Any, update: Any) -> Any:
-    if isinstance(base, dict) and isinstance(update, dict):
-        merged = dict(base)
-        for k, v in update.items():
-            merged[k] = _merge(base.get(k), v) if isinstance(base.get(k), dict) else v
-        return merged
-    return update
+    """``update`` merged into ``base``, dict by dict; a Replace (``!replace``) is taken as it is."""
+    if isinstance(base, dict) and isinstance(update, dict) and not isinstance(update, Replace):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in update.items()}}
+    return _plain(update)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -138,7 +160,7 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file not found: {path}")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}  # plain YAML only: a Python tag is an error, never run
+            data = parse_yaml(f) or {}  # plain YAML (and !replace) only: a Python tag is an error, never run
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not a plain YAML config ({' '.join(str(err).split())})") from None
     if not isinstance(data, dict):
@@ -156,7 +178,7 @@ def _apply(values: dict, updates: dict, fields: dict, source: str) -> None:
         tp, choices = fields[key]
         checked = _check(key, value, tp, source)
         _check_choices(key, checked, choices, source)
-        values[key] = _merge(values[key], checked) if isinstance(values[key], dict) else checked
+        values[key] = _merge(values[key], checked)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -223,7 +245,7 @@ def parse_config(cls: type, argv: list[str] | None = None, *, model_config: bool
     flags = {}
     for key, raw in args.items():
         try:
-            flags[key] = yaml.safe_load(raw) if raw.strip() else raw
+            flags[key] = parse_yaml(raw) if raw.strip() else raw
         except yaml.YAMLError:
             flags[key] = raw
         if fields[key][0] is str and not isinstance(flags[key], str) and flags[key] is not None:

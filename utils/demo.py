@@ -7,7 +7,8 @@ saves each stage's imports), timed when it ends:
   data       python -m utils.demo_data --out data/demo                    (when the data is missing)
   baseline   python -m utils.baseline                                    (majority class per head)
   teacher    python train.py --model resnet10t --config configs/demo.yaml --fold all
-             (a CNN fine-tuned end to end)
+             (a CNN fine-tuned end to end; every train.py stage adds --config configs/visual_taxonomy.yaml,
+             the competition's profile, since the demo data has its categories)
   teacher    python train.py --model resnet18 --config configs/demo_frozen.yaml --name resnet18_frozen
              (the frozen-feature route: embeddings cached once, MLP heads trained on them)
   ensemble   python ensemble.py                                          (weights and biases, nested CV)
@@ -71,6 +72,7 @@ class Stages:
 def main(cfg: DemoConfig) -> dict:
     data, out = Path(cfg.data_dir), Path(cfg.out_dir)
     dirs, quiet = ["--data-dir", str(data), "--out-dir", str(out)], ["--progress", "false"]
+    profile = ["--config", "configs/visual_taxonomy.yaml"]  # the demo data has the competition's categories
     stages, start = Stages(), time.perf_counter()
     if not (data / "train.csv").is_file():
         stages.run("data", "-m", "utils.demo_data", "--out", str(data))
@@ -79,13 +81,13 @@ def main(cfg: DemoConfig) -> dict:
     baseline = out / "baseline_submission.csv"
     stages.run("baseline", "-m", "utils.baseline", "--data-dir", str(data), "--out", str(baseline))
     stages.run("teacher resnet10t (fine-tuned)", "train.py", "--model", "resnet10t", "--config", "configs/demo.yaml",
-               *dirs, "--fold", "all", "--resume", *quiet)
+               *profile, *dirs, "--fold", "all", "--resume", *quiet)
     stages.run("teacher resnet18 (frozen)", "train.py", "--model", "resnet18", "--config", "configs/demo_frozen.yaml",
-               "--name", "resnet18_frozen", *dirs, "--fold", "all", "--resume", *quiet)
+               *profile, "--name", "resnet18_frozen", *dirs, "--fold", "all", "--resume", *quiet)
     stages.run("ensemble", "ensemble.py", *dirs, "--models", "resnet10t,resnet18_frozen", "--sto-population", "8",
                "--sto-iterations", "4", *quiet)
     stages.run("student (distilled)", "train.py", "--model", "resnet18", "--config", "configs/demo_frozen.yaml",
-               "--name", "student", "--teacher", str(out / "ensemble.json"), *dirs, "--fold", "all", "--resume", *quiet)
+               *profile, "--name", "student", "--teacher", str(out / "ensemble.json"), *dirs, "--fold", "all", "--resume", *quiet)
     stages.run("export", "export.py", *dirs, "--budget-ms", str(cfg.budget_ms), "--latency-images", "20",
                "--parity-images", "16", *quiet)
     stages.run("infer", "infer.py", *dirs, "--output", cfg.output, *quiet)

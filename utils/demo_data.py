@@ -478,6 +478,24 @@ def _render_row(job) -> None:
         img.save(tmp, format="JPEG", quality=90)
 
 
+def write_tables(out: Path, category_attrs: dict, train: pd.DataFrame, solution: pd.DataFrame) -> None:
+    """The tables of a dataset folder in the competition layout, from its labelled train rows and
+    test rows (``id, Category, len, attr_1 .. attr_10``, empty = missing): train.csv, test.csv,
+    test_solution.csv (the test labels, for scoring), sample_submission.csv and
+    category_attributes.parquet (``category_attrs``: {category: [attribute names]})."""
+    atomic_write_csv(out / "train.csv", train)
+    atomic_write_csv(out / "test.csv", solution[[ID, CATEGORY]])
+    atomic_write_csv(out / "test_solution.csv", solution)
+    sample = solution[[ID, CATEGORY, LEN]].copy()
+    for slot, col in enumerate(ATTR_COLS, start=1):
+        sample[col] = np.where(slot <= sample[LEN], "default", DUMMY)
+    atomic_write_csv(out / "sample_submission.csv", sample)
+    parquet = pd.DataFrame({"Category": list(category_attrs),
+                            "Attribute_list": [list(a) for a in category_attrs.values()],
+                            "No_of_attribute": [len(a) for a in category_attrs.values()]})
+    atomic_write(out / "category_attributes.parquet", lambda f: parquet.to_parquet(f, index=False))
+
+
 def generate(out: str | Path, n_train: int = 2000, n_test: int = 400, seed: int = 0,
              workers: int = 2, progress: bool = True) -> Path:
     out = Path(out)
@@ -507,19 +525,8 @@ def generate(out: str | Path, n_train: int = 2000, n_test: int = 400, seed: int 
         frame.insert(0, ID, id_values)
         return frame
 
-    train = table(noisy[is_train], ids[is_train])
-    solution = table(noisy[~is_train], ids[~is_train])  # the test labels carry the same noise
-    atomic_write_csv(out / "train.csv", train)
-    atomic_write_csv(out / "test.csv", solution[[ID, CATEGORY]])
-    atomic_write_csv(out / "test_solution.csv", solution)
-    sample = solution[[ID, CATEGORY, LEN]].copy()
-    for slot, col in enumerate(ATTR_COLS, start=1):
-        sample[col] = np.where(slot <= sample[LEN], "default", DUMMY)
-    atomic_write_csv(out / "sample_submission.csv", sample)
-    parquet = pd.DataFrame({"Category": list(COUNTS),
-                            "Attribute_list": [list(a) for a in COUNTS.values()],
-                            "No_of_attribute": [len(a) for a in COUNTS.values()]})
-    atomic_write(out / "category_attributes.parquet", lambda f: parquet.to_parquet(f, index=False))
+    # the test labels carry the same noise
+    write_tables(out, COUNTS, table(noisy[is_train], ids[is_train]), table(noisy[~is_train], ids[~is_train]))
     return out
 
 

@@ -80,6 +80,7 @@ def train(cfg: TrainConfig) -> dict:
     configure_device(d)
     folds = folds_to_train(cfg)
     data = read_dataset(cfg.data_dir, cfg.train_csv)
+    cfg.check_data(data)
     run_dir = RunDir(cfg.out_dir)
     if d.main:  # rank 0 fits and writes schema.json and folds.csv; the others read them
         schema, table = run_dir.prepare(data, cfg.n_folds, cfg.seed)

@@ -19,6 +19,7 @@ from utils.errors import DataError
 from utils.io import load_torch
 from utils.schema import IGNORE_INDEX, Schema
 from utils.transforms import Preprocess
+from utils.weights import is_lukemelas_efficientnet, lukemelas_to_timm, read_state_dict
 
 LOSSES = ("ce", "weighted_ce", "focal", "logit_adjusted")
 
@@ -59,12 +60,18 @@ def _create(name: str, **kwargs) -> nn.Module:
 
 
 def load_from_file(name: str, path: str, **kwargs) -> nn.Module:
-    """A timm model with weights from a local file, through timm's own pretrained loading, which
+    """A timm model with weights from a local file: a lukemelas EfficientNet-PyTorch checkpoint
+    converted by ``utils/weights.py``, anything else through timm's own pretrained loading, which
     converts other layouts to timm's (an OpenCLIP ``open_clip_pytorch_model.bin`` with keys
     ``visual.*``, for one). A file that does not fit the model, in either direction, is an error
     naming the keys."""
     if not Path(path).is_file():
         raise DataError(f"pretrained_file {path}: file not found")
+    state = read_state_dict(path)
+    if is_lukemelas_efficientnet(state):
+        model = _create(name, pretrained=False, **kwargs)
+        model.load_state_dict(lukemelas_to_timm(state, model, path))  # strict: every key was checked
+        return model
     overlay = {"file": str(path)}
     if kwargs.get("num_classes"):  # a head of another size than the pretrained config's is kept: it is in the file
         overlay["num_classes"] = kwargs["num_classes"]

@@ -44,7 +44,7 @@ from utils.plots import history_plot
 from utils.run import RunDir
 from utils.throughput import loader_workers, use_channels_last
 from utils.schema import CATEGORY, ID, Dataset, Schema, image_path
-from utils.transforms import DEFAULT_AUG, DEFAULT_CATEGORY_AUG, INTERPOLATIONS, RESIZES, Preprocess
+from utils.transforms import DEFAULT_AUG, INTERPOLATIONS, RESIZES, Preprocess, check_aug, check_category_aug
 
 
 @dataclass
@@ -81,8 +81,8 @@ class TrainConfig(CommonConfig):
     interpolation: str = option("area", "resize interpolation", choices=tuple(INTERPOLATIONS))
     aug: dict = option(help="online augmentations: {name: {p, params}}; p: 0 switches one off "
                             "(see utils/transforms.py)", factory=lambda: dict(DEFAULT_AUG))
-    category_aug: dict = option(help="per-category overrides of aug (the seed's category-aware augmentations)",
-                                factory=lambda: dict(DEFAULT_CATEGORY_AUG))
+    category_aug: dict = option(help="per-category overrides of aug, {category: {name: {p, params}}} (the seed's "
+                                     "category-aware augmentations: configs/visual_taxonomy.yaml)", factory=dict)
     # optimisation
     epochs: int = option(10, "epochs per fold")
     batch_size: int = option(32, "images per optimiser step, over all processes")
@@ -135,6 +135,15 @@ class TrainConfig(CommonConfig):
             raise ConfigError("key 'head': knn votes over cached embeddings; it needs frozen_backbone: true")
         if self.teacher and self.head == "knn":
             raise ConfigError("key 'teacher': a kNN head has nothing to train; use head linear or mlp for a student")
+        check_aug(self.aug)
+        for category, rules in self.category_aug.items():
+            check_aug(rules, f"category_aug[{category}]")
+
+    def check_data(self, data: Dataset) -> None:
+        """Every value that names something in the data names what ``data`` has: checked right after
+        the tables are read, before decoding, model building or weights (a ConfigError)."""
+        check_category_aug(self.category_aug, sorted(data.train[CATEGORY].unique()),
+                           f"{data.root} (its train.csv)")
 
     @property
     def run_name(self) -> str:

@@ -12,8 +12,10 @@ Evaluation uses the same decoding, sizing and normalisation as training, nothing
 preprocessing cannot drift between training and inference.
 
 Augmentations are named in the config (``aug``) with their parameters; ``p: 0`` switches one off.
-``category_aug`` overrides them per category (the seed's category-aware augmentations). Hue is kept
-small everywhere on purpose: a hue shift changes the colour label.
+``category_aug`` overrides them per category (the seed's category-aware augmentations): empty by
+default, since category names belong to a dataset; the competition's rules are in its profile,
+``configs/visual_taxonomy.yaml``. Hue is kept small everywhere on purpose: a hue shift changes the
+colour label.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from utils.errors import ConfigError
+
 DEFAULT_AUG = {
     "random_resized_crop": {"p": 1.0, "scale": [0.75, 1.0], "ratio": [0.8, 1.25]},
     "hflip": {"p": 0.5},
@@ -43,14 +47,30 @@ DEFAULT_AUG = {
     "coarse_dropout": {"p": 0.3, "holes": [1, 4], "size": [0.05, 0.15]},
     "neckline_crop": {"p": 0.0, "top": [0.0, 0.1], "height": [0.55, 0.8]},
 }
-# The seed's category-aware augmentations (overrides of DEFAULT_AUG per category).
-DEFAULT_CATEGORY_AUG = {
-    "Sarees": {"color_jitter": {"p": 0.8, "brightness": 0.3, "contrast": 0.3, "saturation": 0.4},
-               "shear": {"p": 0.3}},
-    "Men Tshirts": {"rotate": {"p": 0.3}, "distort": {"p": 0.2}, "sharpen_blur": {"p": 0.3}},
-    "Women Tshirts": {"rotate": {"p": 0.3}, "distort": {"p": 0.2}},
-    "Kurtis": {"neckline_crop": {"p": 0.25}},
-}
+
+
+def check_aug(aug: dict, where: str = "aug") -> None:
+    """``aug`` names only known augmentations and parameters (a misspelt one would be ignored)."""
+    if not isinstance(aug, dict):
+        raise ConfigError(f"key '{where}' must map augmentation names to their settings, got {aug!r}")
+    for name, params in aug.items():
+        if name not in DEFAULT_AUG:
+            raise ConfigError(f"key '{where}': unknown augmentation '{name}'; known: {', '.join(DEFAULT_AUG)}")
+        unknown = set(params or {}) - set(DEFAULT_AUG[name]) if isinstance(params, dict) else None
+        if unknown is None or unknown:
+            raise ConfigError(f"key '{where}': {name} takes a mapping of {', '.join(DEFAULT_AUG[name])}; "
+                              f"got {params!r}")
+
+
+def check_category_aug(category_aug: dict, categories: list[str], source: str = "the data") -> None:
+    """Every category that ``category_aug`` names is one of ``categories`` (a rule for a category the
+    data lacks is a profile meant for another dataset)."""
+    unknown = [c for c in category_aug if c not in categories]
+    if unknown:
+        raise ConfigError(f"key 'category_aug' has rules for categories {unknown} that {source} does not have; "
+                          f"it has {list(categories)}. A profile made for another dataset (e.g. "
+                          f"configs/visual_taxonomy.yaml) does not fit this one; drop it, or replace the rules "
+                          f"whole: --category-aug '!replace {{}}'")
 
 
 INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
@@ -213,11 +233,9 @@ class NecklineCrop(A.ImageOnlyTransform):
 
 # ----------------------------------------------------------------------------- the factory
 
-def _merge_aug(base: dict, override: dict, where: str) -> dict:
+def _merge_aug(base: dict, override: dict) -> dict:
     out = {k: dict(v) for k, v in base.items()}
     for name, params in (override or {}).items():
-        if name not in DEFAULT_AUG:
-            raise ValueError(f"{where}: unknown augmentation '{name}'; known: {sorted(DEFAULT_AUG)}")
         out[name] = {**out.get(name, DEFAULT_AUG[name]), **(params or {})}
     return out
 
@@ -323,11 +341,11 @@ def build_transform(img_size: int, resize: str = "squash", train: bool = False,
 
     if not train:
         return Transform({}, compose(None))
-    base = _merge_aug(DEFAULT_AUG, aug or {}, "aug")
+    check_aug(aug or {})
+    check_category_aug(category_aug or {}, categories or [])
+    base = _merge_aug(DEFAULT_AUG, aug or {})
     per_cat = {}
     for cat in categories or []:
-        per_cat[cat] = compose(_merge_aug(base, (category_aug or {}).get(cat, {}), f"category_aug[{cat}]"))
-    unknown = set(category_aug or {}) - set(categories or [])
-    if unknown:
-        raise ValueError(f"category_aug names unknown categories {sorted(unknown)}; known: {categories}")
+        check_aug((category_aug or {}).get(cat, {}), f"category_aug[{cat}]")
+        per_cat[cat] = compose(_merge_aug(base, (category_aug or {}).get(cat, {})))
     return Transform(per_cat, compose(base))
