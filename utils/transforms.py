@@ -56,10 +56,12 @@ def check_aug(aug: dict, where: str = "aug") -> None:
     for name, params in aug.items():
         if name not in DEFAULT_AUG:
             raise ConfigError(f"key '{where}': unknown augmentation '{name}'; known: {', '.join(DEFAULT_AUG)}")
-        unknown = set(params or {}) - set(DEFAULT_AUG[name]) if isinstance(params, dict) else None
-        if unknown is None or unknown:
-            raise ConfigError(f"key '{where}': {name} takes a mapping of {', '.join(DEFAULT_AUG[name])}; "
-                              f"got {params!r}")
+        if params is not None and not isinstance(params, dict):
+            raise ConfigError(f"key '{where}': {name} takes a mapping of {', '.join(DEFAULT_AUG[name])}; got {params!r}")
+        unknown = sorted(set(params or {}) - set(DEFAULT_AUG[name]))
+        if unknown:
+            raise ConfigError(f"key '{where}': {name} has no parameter {', '.join(unknown)}; it takes "
+                              f"{', '.join(DEFAULT_AUG[name])}")
 
 
 def check_category_aug(category_aug: dict, categories: list[str], source: str = "the data") -> None:
