@@ -16,10 +16,19 @@ Training throughput: python -m utils.bench.train.
 import warnings
 
 from utils.config import run_command
-from utils.kfold import train
-from utils.trainer import TrainConfig
+from utils.schema import read_dataset
+from utils.train_config import TrainConfig
+
+
+def main(cfg: TrainConfig) -> dict:
+    data = read_dataset(cfg.data_dir, cfg.train_csv)
+    cfg.check_data(data)  # a config naming what the data lacks is refused here, before torch is imported
+    from utils.kfold import train
+
+    return train(cfg, data)
+
 
 if __name__ == "__main__":
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ShiftScaleRotate.*")
-        run_command(train, TrainConfig, __doc__, model_config=True)
+        run_command(main, TrainConfig, __doc__, model_config=True)

@@ -49,6 +49,13 @@ def test_a_category_rule_for_a_category_the_data_lacks_is_refused_before_any_wor
                                   "'Women Tshirts', 'Kurtis'] that ")
     assert "it has ['Bags', 'Hats & Caps', 'Shoes']" in proc.stderr
     assert not (tmp_path / "run").exists()  # (a model named no_such_model would fail if it were built)
+    # in a process of its own: refused before torch is even imported (in well under a second)
+    code = ("import runpy, sys; sys.argv = ['train.py', '--config', 'configs/visual_taxonomy.yaml', '--data-dir', "
+            f"{str(other_data)!r}, '--out-dir', {str(tmp_path / 'run')!r}]\n"
+            "try:\n    runpy.run_path('train.py', run_name='__main__')\n"
+            "except SystemExit as end:\n    print('exit', end.code, 'torch imported:', 'torch' in sys.modules)")
+    alone = run_script("-c", code)
+    assert alone.stdout.strip() == "exit 2 torch imported: False" and "error: key 'category_aug'" in alone.stderr
     # replaced whole, the same profile trains: one documented syntax
     rules = "!replace {Bags: {hflip: {p: 1.0}}}"
     run_script("train.py", "--model", "test_byobnet", "--config", "configs/visual_taxonomy.yaml",
@@ -69,3 +76,48 @@ def test_augment_balances_the_data_s_own_slots_and_refuses_one_past_them(other_d
     table = pd.read_csv(tmp_path / "augmented_train.csv")
     copies = table[table["source_id"] != table[ID]]
     assert len(copies) and set(copies[CATEGORY]) == {"Shoes"}  # only Shoes has a third attribute
+
+
+def _idx_files(folder, n: int, seed: int) -> None:
+    """The four Fashion-MNIST idx files (gzipped), with ``n`` random 28 x 28 photos per split."""
+    import gzip
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for images, labels in (("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                           ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")):
+        y = np.arange(n, dtype=np.uint8) % 10
+        x = (y[:, None, None] * 25 + rng.integers(0, 5, (n, 28, 28))).astype(np.uint8)  # brightness = class
+        with gzip.open(folder / f"{images}.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (n, 28, 28)) + x.tobytes())
+        with gzip.open(folder / f"{labels}.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + y.tobytes())
+
+
+def test_the_real_photo_dataset_is_written_in_the_competition_layout(tmp_path):
+    """utils.real_data on idx files: three categories of its own, one attribute each, labels from the
+    photos' classes (held-out test labels only in test_solution.csv), a share missing."""
+    import numpy as np
+    from PIL import Image
+
+    from utils.errors import DataError
+    from utils.real_data import CLASSES, build
+
+    _idx_files(tmp_path / "idx", 60, seed=0)
+    out = build(tmp_path / "real", source=str(tmp_path / "idx"), n_train=50, n_test=20, missing=0.2, progress=False)
+    data = read_dataset(out)
+    assert data.category_attrs == {"Tops": ["garment"], "Footwear": ["style"], "Trousers & Bags": ["item"]}
+    assert len(data.train) == 50 and len(data.test) == 20 and "attr_1" not in data.test
+    assert data.train.groupby(CATEGORY).size().to_dict() == {"Tops": 25, "Footwear": 15, "Trousers & Bags": 10}
+    given = data.train[data.train["attr_1"].notna()]
+    assert 0.05 < 1 - len(given) / 50 < 0.4
+    for _, row in given.iterrows():  # each label is its photo's class: the brightness the idx files gave it
+        level = np.asarray(Image.open(out / "train_images" / f"{row[ID]:06d}.jpg")).mean()
+        assert CLASSES[int(round(level / 25))] == (row[CATEGORY], row["attr_1"])
+    solution = read_submission(out / "test_solution.csv")
+    assert solution["attr_1"].notna().all() and (solution[LEN] == 1).all()
+    (tmp_path / "idx" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match=r"idx files .* are not all there"):
+        build(tmp_path / "again", source=str(tmp_path / "idx"), n_train=5, n_test=5, progress=False)

@@ -10,9 +10,9 @@ import torch
 from tqdm import tqdm
 
 from utils.data import warn_bad
+from utils.train_config import AMP
 from utils.errors import NonFiniteLoss
 
-AMP = ("auto", "bf16", "fp16", "off")
 
 
 def amp_dtype(amp: str, device: torch.device):

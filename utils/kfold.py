@@ -73,14 +73,15 @@ def folds_to_train(cfg: TrainConfig) -> list[int]:
     return folds
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     """What ``python train.py`` does: prepare the run folder, train the folds asked for, print the
-    per-fold table and, once every fold is done, the run's OOF score."""
+    per-fold table and, once every fold is done, the run's OOF score. ``data``: the dataset, when
+    the caller has read it already."""
+    data = read_dataset(cfg.data_dir, cfg.train_csv) if data is None else data
+    cfg.check_data(data)
     d = setup_distributed(cfg.device)
     configure_device(d)
     folds = folds_to_train(cfg)
-    data = read_dataset(cfg.data_dir, cfg.train_csv)
-    cfg.check_data(data)
     run_dir = RunDir(cfg.out_dir)
     if d.main:  # rank 0 fits and writes schema.json and folds.csv; the others read them
         schema, table = run_dir.prepare(data, cfg.n_folds, cfg.seed)

@@ -18,13 +18,12 @@ import torch.nn.functional as F
 from utils.errors import DataError
 from utils.io import load_torch
 from utils.schema import IGNORE_INDEX, Schema
+from utils.train_config import HEADS, LOSSES
 from utils.transforms import Preprocess
 from utils.weights import is_lukemelas_efficientnet, lukemelas_to_timm, read_state_dict
 
-LOSSES = ("ce", "weighted_ce", "focal", "logit_adjusted")
 
 
-HEADS = ("linear", "mlp", "knn")
 
 
 @contextlib.contextmanager
