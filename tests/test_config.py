@@ -46,9 +46,14 @@ def test_unknown_key_and_wrong_type_name_the_key(tmp_path):
         parse_config(Demo, ["--no-such-flag", "1"])
 
 
-def test_int_accepted_as_float_and_str_keeps_text():
+def test_int_accepted_as_float_and_str_keeps_text(tmp_path):
     cfg = parse_config(Demo, ["--lr", "1", "--model", "0"])
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.model == "0"
+    # 1e-3 without a dot is text to YAML 1.1; a float key takes it, from a flag as from a file
+    assert parse_config(Demo, ["--lr", "3e-4"]).lr == 3e-4
+    assert parse_config(Demo, ["--config", str(_write(tmp_path / "lr.yaml", "lr: 5E-5\n"))]).lr == 5e-5
+    with pytest.raises(ConfigError, match=r"key 'lr' expects float, got 'nan-ish'"):
+        parse_config(Demo, ["--lr", "nan-ish"])
 
 
 def test_resolved_config_is_saved_and_reloads(tmp_path):
