@@ -54,15 +54,47 @@ def test_training_skips_unusable_images_and_repairs_odd_ones(broken, tmp_path, r
     proc = run_script("train.py", "--data-dir", str(broken), "--out-dir", str(out), *TRAIN, "--max-bad-images", "0.05",
                       *route)
     metrics = json.loads((out / "test_resnet" / "fold0" / "metrics.json").read_text())
-    bad = {int(k) for k in metrics["bad_images"]}
+    bad = {int(k) for k in metrics["bad_images"]["train"]}
+    assert metrics["bad_images"]["test"] == {}
     unusable = {i for i, k in kinds.items() if k in UNUSABLE}
     repaired = set(kinds) - unusable
     assert bad == unusable  # skipped and counted; the others decode after conversion to RGB
     assert not bad & repaired
     if not route:  # (the frozen route finds them in its one embedding pass, and says so only in the count)
         for i in unusable:
-            assert f"image of id {i} could not be used" in proc.stderr
+            assert f"train image of id {i} could not be used" in proc.stderr
     assert f"{len(unusable)} unreadable image(s) skipped" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_students_unusable_test_image_is_named_as_a_test_image_and_learns_nothing(tiny_data, tiny_run, tmp_path):
+    """Train and test ids overlap: a student's broken test image is reported under test, not as the
+    train row of the same id, on both routes; and the frozen route gives it no teacher targets, as
+    fine-tuning does not."""
+    from utils.distributed import Dist
+    from utils.frozen import FrozenFold
+    from utils.trainer import TrainConfig
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(tiny_data, data)
+    shutil.copytree(tiny_run, out)  # the teacher: the shared pipeline's ensemble
+    train_ids, test_ids = set(read_dataset(data).train["id"]), read_dataset(data).test["id"].tolist()
+    broken = next(i for i in test_ids if i in train_ids)  # a test id that is also a train image's id
+    (data / "test_images" / f"{broken:06d}.jpg").write_bytes(b"")
+    student = [*TRAIN, "--workers", "0", "--teacher", str(out / "ensemble.json"), "--data-dir", str(data),
+               "--out-dir", str(out)]
+    for route, extra in (("finetuned", []), ("frozen", ["--frozen-backbone"])):
+        run_script("train.py", *student, *extra, "--name", f"student_{route}")
+        metrics = json.loads((out / f"student_{route}" / "fold0" / "metrics.json").read_text())
+        assert metrics["bad_images"]["train"] == {} and list(metrics["bad_images"]["test"]) == [str(broken)], route
+    cfg = TrainConfig(model="test_resnet", n_folds=3, img_size=32, fold="0", frozen_backbone=True, progress=False,
+                      teacher=str(out / "ensemble.json"), data_dir=str(data), out_dir=str(out), workers=0)
+    schema, table = RunDir(out).prepare(read_dataset(data), 3, 42)
+    fold = FrozenFold(cfg, schema, table, read_dataset(data), 0, Dist(), RunDir(out))
+    n, k = len(fold.trn), test_ids.index(broken)
+    soft_heads = fold.trn_t["soft_heads"].numpy()
+    assert not soft_heads[n + k].any()  # the unusable test image: no head learns from its teacher targets
+    assert soft_heads[n + (k + 1) % len(test_ids)].any()  # a usable one does
 
 
 @pytest.mark.slow

@@ -52,8 +52,9 @@ def test_test_rows_join_training_without_hard_labels(run, tiny_data):
     trn, _ = split_fold(table, 0)
     cfg = type("Cfg", (), {"teacher": str(run / "ensemble.json"), "distill_t": 2.0, "distill_test": True})()
     base = {"paths": list(range(len(trn))), "categories": trn["Category"].tolist(), "targets": rd.schema.encode(trn),
-            "ids": trn[ID].to_numpy()}
+            "ids": trn[ID].to_numpy(), "splits": ["train"] * len(trn)}
     rows = student_rows(base, trn, data, rd, cfg)
+    assert rows["splits"] == ["train"] * len(trn) + ["test"] * len(data.test)  # train and test ids overlap
     n, t = len(trn), len(data.test)
     assert len(rows["paths"]) == n + t and (rows["targets"][n:] == IGNORE_INDEX).all()
     assert (rows["targets"][:n] == base["targets"]).all()

@@ -192,6 +192,11 @@ def test_the_frozen_route_caches_embeddings_reuses_them_and_runs_through_the_pip
     third = run_script("train.py", *common, "--head", "knn", "--img-size", "40", "--name", "frozen_knn40")
     assert "embedded 240 train images" in third.stdout  # another preprocessing is another cache
     assert len(list((tmp_path / "embeddings").glob("*.npz"))) == 2
+    # another architecture argument (the same weights) is another cache too
+    pooled = run_script("train.py", *common, "--head", "knn", "--model-kwargs", "{global_pool: max}", "--fold", "0",
+                        "--name", "frozen_knn_max")
+    assert "embedded 240 train images" in pooled.stdout
+    assert len(list((tmp_path / "embeddings").glob("*.npz"))) == 3
     for run in ("frozen_mlp", "frozen_knn"):
         assert json.loads((tmp_path / run / "oof_score.json").read_text())["oof_score"] > 0.3
     assert len(pipeline_takes(tiny_data, tmp_path, "frozen_mlp")) == len(read_dataset(tiny_data).test)
@@ -220,3 +225,29 @@ def test_tracking_logs_the_history_to_local_tensorboard_and_mlflow_files(tiny_da
             assert run.data.params["head"] == "linear" and run.data.params["frozen_backbone"] == "True"
         assert [s for s, _ in logged] == list(history.epoch)
         np.testing.assert_allclose([v for _, v in logged], history.val_score, rtol=1e-6)
+
+
+def test_the_frozen_cache_key_changes_with_everything_an_embedding_depends_on(tiny_data):
+    """Architecture arguments, weights, autocast dtype and, with views, the seed: each a new key."""
+    import dataclasses
+
+    from utils.frozen import cache_key
+    from utils.model import create_backbone
+    from utils.trainer import TrainConfig
+    from utils.transforms import Preprocess
+
+    cfg, prep = TrainConfig(model="test_resnet", img_size=32), Preprocess(32, (0.5,) * 3, (0.5,) * 3)
+    paths = sorted((tiny_data / "train_images").glob("*.jpg"))[:4]
+
+    def key(cfg, dtype=None, seed=0):
+        torch.manual_seed(seed)
+        return cache_key(cfg, prep, paths, create_backbone(cfg.model, model_kwargs=cfg.model_kwargs), dtype)
+
+    base = key(cfg)
+    assert key(cfg) == base  # the same everything: the same key (the cache is found again)
+    assert key(dataclasses.replace(cfg, model_kwargs={"global_pool": "max"})) != base  # same weights, other pooling
+    assert key(cfg, seed=1) != base  # other weights
+    assert key(cfg, dtype=torch.bfloat16) != base
+    assert key(dataclasses.replace(cfg, seed=7)) == base  # without views the seed changes no embedding
+    views = dataclasses.replace(cfg, frozen_views=1)
+    assert key(views) != key(dataclasses.replace(views, seed=7))

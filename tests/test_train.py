@@ -138,6 +138,23 @@ def test_resume_matches_an_uninterrupted_run_that_decodes_on_the_fly(tiny_data, 
     np.testing.assert_allclose(ha.val_score, hb.val_score, atol=1e-6)
 
 
+def test_resume_refuses_a_changed_config_and_takes_a_safe_change(tiny_data, tmp_path):
+    """--resume continues the run it started: a changed learning rate is refused, naming the key, and
+    config.yaml is left as it was; more epochs or other workers (keys safe on resume) are taken."""
+    from utils.errors import ConfigError
+
+    args = ["--model", "test_resnet", "--epochs", "2", "--fold", "0", "--decode-cache", "false"]
+    kfold.train(cfg_for(tiny_data, tmp_path, *args, "--stop-after", "1"))
+    saved = tmp_path / "test_resnet" / "fold0" / "config.yaml"
+    before = saved.read_text()
+    with pytest.raises(ConfigError, match=r"another config \(lr_head: 0\.001 then, 0\.002 now\)\. Only epochs, "):
+        kfold.train(cfg_for(tiny_data, tmp_path, *args, "--resume", "--lr-head", "0.002"))
+    assert saved.read_text() == before and not (saved.parent / "metrics.json").exists()
+    kfold.train(cfg_for(tiny_data, tmp_path, *args[:2], "--epochs", "3", *args[4:], "--resume", "--workers", "0"))
+    history = pd.read_csv(saved.parent / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3] and (saved.parent / "metrics.json").is_file()
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",

@@ -96,3 +96,21 @@ def test_conversion_keeps_the_classifier_only_where_the_model_has_one():
     backbone = lukemelas_to_timm(state, timm.create_model("tf_efficientnet_lite0", num_classes=0))
     assert torch.equal(with_head["classifier.weight"], state["_fc.weight"])
     assert set(with_head) - set(backbone) == {"classifier.weight", "classifier.bias"}
+
+
+def test_weights_that_timm_would_resample_are_refused_unless_asked(tmp_path):
+    """A patch-8 ViT's file into a patch-16 model: timm's filter resizes the patch and position
+    embeddings without a word. The kit refuses, naming them; --pretrained-resample accepts."""
+    import timm
+
+    path = tmp_path / "vit_patch8.pth"
+    torch.save(timm.create_model("test_vit", patch_size=8, num_classes=0).state_dict(), path)
+    with pytest.raises(DataError, match=r"would be resampled to fit test_vit: position embedding \[1, 401, 64\] -> "
+                                        r"\[1, 101, 64\]; patch embedding \[64, 3, 8, 8\] -> \[64, 3, 16, 16\]\. .*"
+                                        r"pretrained_resample: true"):
+        create_backbone("test_vit", pretrained_file=str(path))
+    model = AttributeModel("test_vit", [2], pretrained_file=str(path), pretrained_resample=True)
+    assert model.backbone.patch_embed.proj.weight.shape == (64, 3, 16, 16)
+    same = tmp_path / "vit_patch16.pth"  # a file made for the model loads as before, nothing resampled
+    torch.save(timm.create_model("test_vit", num_classes=0).state_dict(), same)
+    assert create_backbone("test_vit", pretrained_file=str(same)).pos_embed.shape == (1, 101, 64)

@@ -153,11 +153,12 @@ def make_loader(dataset: ImageDataset, batch_size: int, workers: int, sampler: S
                       pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
 
 
-def warn_bad(batch: dict, ids, bad: dict) -> None:
-    """Record (and warn once per id about) the unreadable images of a batch."""
+def warn_bad(batch: dict, keys, bad: dict) -> None:
+    """Record (and warn once about) the unreadable images of a batch: ``keys[row]`` is the row's
+    (split, id), since train and test ids overlap."""
     for k in np.flatnonzero(~batch["ok"].numpy()):
-        row_id = int(ids[int(batch["index"][k])])
-        if row_id not in bad:
-            bad[row_id] = batch["error"][k]
-            warnings.warn(f"image of id {row_id} could not be used ({batch['error'][k]}); "
+        split, row_id = keys[int(batch["index"][k])]
+        if (split, row_id) not in bad:
+            bad[(split, row_id)] = batch["error"][k]
+            warnings.warn(f"{split} image of id {row_id} could not be used ({batch['error'][k]}); "
                           f"it is skipped", stacklevel=2)

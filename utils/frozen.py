@@ -5,9 +5,10 @@ heads train on them: many epochs in seconds. ``head: knn`` trains nothing at all
 neighbour vote over the fold's train embeddings.
 
 The cache is ``<out_dir>/embeddings/<key>.npz``. The key hashes everything an embedding depends
-on: the model, its weights (the content of ``pretrained_file``, the hub's, or the seed of a random
-initialisation), keep_head, the preprocessing, the views with their augmentation, and every image
-file embedded (name, size, modification time). A change to any of them is another key, so the
+on: the model and its arguments (``model_kwargs``, keep_head, the image size), its weights as
+loaded (a digest of the backbone's state, whether they came from ``pretrained_file``, the hub or
+a seed), the autocast dtype, timm's and torch's versions, the preprocessing, the views with their
+augmentation and seed, and every image file embedded (name, size, modification time). A change to any of them is another key, so the
 embeddings are computed again, and the run says so; folds and heads on the same backbone share one
 file.
 
@@ -37,13 +38,32 @@ from utils.schema import CATEGORY, ID, IGNORE_INDEX, image_path
 from utils.trainer import FoldTrainer, row_paths
 
 
-def cache_key(cfg, prep, paths: list[Path]) -> str:
-    """A hash of everything the embeddings depend on (``layout``: the cache file's own format, raised
-    when its arrays change so an older cache is rebuilt rather than misread)."""
-    weights = (provenance.sha256(Path(cfg.pretrained_file)) if cfg.pretrained_file
-               else "hub" if cfg.pretrained else f"random-init seed {cfg.seed}")
-    what = {"layout": 2, "model": cfg.model, "weights": weights, "keep_head": cfg.keep_head, "preprocess": prep.to_dict(),
-            "views": cfg.frozen_views, "aug": [cfg.aug, cfg.category_aug] if cfg.frozen_views else None,
+UNUSABLE = "unusable image (embedded as a grey placeholder)"
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state (every tensor's name, dtype, shape and bytes): whatever decided the
+    weights (a file, the hub, a seed, a conversion), the same weights give the same digest."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(cfg, prep, paths: list[Path], backbone: torch.nn.Module, dtype) -> str:
+    """A hash of everything the embeddings depend on: the backbone's architecture arguments and its
+    weights as loaded (``state_digest``), the autocast dtype, timm's and torch's versions, the
+    preprocessing, the views with their augmentation and seed, and every image file. (``layout``: the
+    cache file's own format, raised when its arrays change so an older cache is rebuilt, not misread.)"""
+    import timm
+
+    what = {"layout": 3, "model": cfg.model, "model_kwargs": cfg.model_kwargs, "keep_head": cfg.keep_head,
+            "img_size": cfg.img_size, "weights": state_digest(backbone), "dtype": str(dtype),
+            "timm": timm.__version__, "torch": torch.__version__, "preprocess": prep.to_dict(),
+            "views": cfg.frozen_views,
+            "aug": [cfg.aug, cfg.category_aug, cfg.seed] if cfg.frozen_views else None,
             "images": provenance.files_digest(paths)}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -79,7 +99,8 @@ class FrozenFold(FoldTrainer):
         and of test.csv: from the cache when its key matches, else computed (by rank 0) and cached."""
         originals = train[train["source_id"] == train[ID]] if "source_id" in train else train
         train_paths, test_paths = self.image_paths(originals)
-        path = self.run_dir.path / "embeddings" / f"{cache_key(self.cfg, self.prep, train_paths + test_paths)}.npz"
+        key = cache_key(self.cfg, self.prep, train_paths + test_paths, self.model.backbone, self.dtype)
+        path = self.run_dir.path / "embeddings" / f"{key}.npz"
         if self.d.main:
             if path.is_file():
                 print(f"fold {self.fold}: embeddings reused from {path}")
@@ -110,9 +131,9 @@ class FrozenFold(FoldTrainer):
                                        categories=self.schema.categories)
         views = [self.embed(train_paths, cats, train_tf, seed=self.cfg.seed + 1000 * (v + 1))[0]
                  for v in range(self.cfg.frozen_views)]
-        test, _ = self.embed(test_paths, self.data.test[CATEGORY].tolist(), self.prep.transform())
+        test, test_usable = self.embed(test_paths, self.data.test[CATEGORY].tolist(), self.prep.transform())
         arrays = {"train_ids": originals[ID].to_numpy(), "train": plain, "train_usable": usable,
-                  "test_ids": self.data.test[ID].to_numpy(), "test": test,
+                  "test_ids": self.data.test[ID].to_numpy(), "test": test, "test_usable": test_usable,
                   "views": np.stack(views) if views else np.zeros((0,) + plain.shape, np.float32)}
         atomic_write(path, lambda f: np.savez(f, **arrays))
         print(f"fold {self.fold}: embedded {len(plain)} train images ({self.cfg.frozen_views} augmented view(s) each) "
@@ -136,7 +157,7 @@ class FrozenFold(FoldTrainer):
         counted in ``bad``, and past ``max_bad_images`` an error."""
         n, targets = len(self.trn), self.rows["targets"][: len(self.trn)].copy()
         targets[~usable] = IGNORE_INDEX
-        self.bad = {int(i): "unusable image (embedded as a grey placeholder)" for i in self.trn[ID][~usable]}
+        self.bad = {("train", int(i)): UNUSABLE for i in self.trn[ID][~usable]}
         self.check_bad(n)
         return targets
 
@@ -153,8 +174,10 @@ class FrozenFold(FoldTrainer):
         targets = {"hard": hard, "soft": repeat(self.rows["soft"][:n]), "soft_heads": repeat(heads)}
         if len(self.rows["ids"]) > n:  # distill_test: the test rows, in test.csv order, as student_rows appends them
             x = torch.cat([x, torch.from_numpy(self.cache["test"])])
+            test_usable = self.cache["test_usable"]  # an unusable test image learns nothing either, as fine-tuning
+            self.bad.update({("test", int(i)): UNUSABLE for i in self.cache["test_ids"][~test_usable]})
             for key, extra in (("hard", self.rows["targets"][n:]), ("soft", self.rows["soft"][n:]),
-                               ("soft_heads", self.rows["soft_heads"][n:])):
+                               ("soft_heads", self.rows["soft_heads"][n:] & test_usable[:, None])):
                 targets[key] = torch.cat([targets[key], torch.as_tensor(extra).to(targets[key].dtype)])
         return x, targets
 

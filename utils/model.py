@@ -45,6 +45,49 @@ def _recorded_loads():
         nn.Module.load_state_dict = original
 
 
+RESAMPLERS = {"resample_patch_embed": "patch embedding", "resample_abs_pos_embed": "position embedding",
+              "resample_abs_pos_embed_nhwc": "position embedding"}
+
+
+@contextlib.contextmanager
+def _recorded_resamples():
+    """Record every resampling timm's checkpoint filters do inside the block (a patch-8 ViT's weights
+    resized into a patch-16 model, a position embedding to another grid): (tensor, shape before,
+    shape after). timm does it silently; the caller decides whether it was asked for."""
+    import sys
+
+    import timm  # noqa: F401  (its model modules, whose filters call the resamplers, are loaded with it)
+
+    calls, patched = [], []
+
+    def recording(fn, what):
+        def resample(tensor, *args, **kwargs):
+            out = fn(tensor, *args, **kwargs)
+            calls.append((what, tuple(tensor.shape), tuple(out.shape)))
+            return out
+        return resample
+
+    for module in [m for n, m in list(sys.modules.items()) if n.startswith("timm") and m is not None]:
+        for name, what in RESAMPLERS.items():
+            fn = getattr(module, name, None)
+            if callable(fn):
+                patched.append((module, name, fn))
+                setattr(module, name, recording(fn, what))
+    try:
+        yield calls
+    finally:
+        for module, name, fn in patched:
+            setattr(module, name, fn)
+
+
+def _refuse_resamples(calls: list, source: str, name: str) -> None:
+    if calls:
+        shapes = "; ".join(f"{what} {list(a)} -> {list(b)}" for what, a, b in calls)
+        raise DataError(f"{source} would be resampled to fit {name}: {shapes}. The weights were made for another "
+                        f"patch size or image size: choose the model and img_size they were made for, or set "
+                        f"pretrained_resample: true to accept the resampled weights")
+
+
 def _create(name: str, **kwargs) -> nn.Module:
     """timm.create_model, with ``img_size`` passed only to architectures that take it (a ViT's
     position embedding is sized for it; a CNN has no such argument)."""
@@ -58,7 +101,7 @@ def _create(name: str, **kwargs) -> nn.Module:
         return timm.create_model(name, **{k: v for k, v in kwargs.items() if k != "img_size"})
 
 
-def load_from_file(name: str, path: str, **kwargs) -> nn.Module:
+def load_from_file(name: str, path: str, resample: bool = False, **kwargs) -> nn.Module:
     """A timm model with weights from a local file: a lukemelas EfficientNet-PyTorch checkpoint
     converted by ``utils/weights.py``, anything else through timm's own pretrained loading, which
     converts other layouts to timm's (an OpenCLIP ``open_clip_pytorch_model.bin`` with keys
@@ -74,11 +117,13 @@ def load_from_file(name: str, path: str, **kwargs) -> nn.Module:
     overlay = {"file": str(path)}
     if kwargs.get("num_classes"):  # a head of another size than the pretrained config's is kept: it is in the file
         overlay["num_classes"] = kwargs["num_classes"]
-    with _recorded_loads() as loads:
+    with _recorded_loads() as loads, _recorded_resamples() as resamples:
         try:
             model = _create(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
         except RuntimeError as err:  # a shape mismatch, or a file timm cannot read
             raise DataError(f"pretrained_file {path} does not fit {name}: {' '.join(str(err).split())[:600]}") from None
+    if not resample:
+        _refuse_resamples(resamples, f"pretrained_file {path}", name)
     if not loads:
         raise DataError(f"pretrained_file {path}: timm loaded nothing from it for {name}")
     _, result = loads[-1]
@@ -91,22 +136,25 @@ def load_from_file(name: str, path: str, **kwargs) -> nn.Module:
 
 def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | None = None,
                     drop_path_rate: float = 0.0, img_size: int | None = None, keep_head: bool = False,
-                    model_kwargs: dict | None = None) -> nn.Module:
+                    model_kwargs: dict | None = None, pretrained_resample: bool = False) -> nn.Module:
     """A timm model whose output feeds the attribute heads: its pooled features (``num_classes=0``)
     or, with ``keep_head``, its own pretrained head's output (a CLIP image tower's projection, the
     embedding the winning entries put their heads on). Weights from the Hugging Face hub
-    (``pretrained``) or a local file (``pretrained_file``); ``model_kwargs`` go to timm as they are."""
+    (``pretrained``) or a local file (``pretrained_file``); ``model_kwargs`` go to timm as they are.
+    Weights that timm would resample to fit (another patch size or position grid) are refused, naming
+    the tensors and shapes, unless ``pretrained_resample``."""
     kwargs = {**({} if keep_head else {"num_classes": 0}), **(model_kwargs or {})}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
     if img_size:
         kwargs["img_size"] = img_size
     if pretrained_file:
-        return load_from_file(name, pretrained_file, **kwargs)
+        return load_from_file(name, pretrained_file, pretrained_resample, **kwargs)
     if not pretrained:
         return _create(name, pretrained=False, **kwargs)
     try:
-        return _create(name, pretrained=True, **kwargs)
+        with _recorded_resamples() as resamples:
+            model = _create(name, pretrained=True, **kwargs)
     except Exception as err:  # network errors surface as many types (OSError, hub errors, ...)
         raise RuntimeError(
             f"could not load pretrained weights for '{name}' from the Hugging Face hub ({type(err).__name__}: "
@@ -114,6 +162,9 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | 
             f"elsewhere and set `pretrained_file: PATH` (a .pth or .safetensors state dict for "
             f"this timm model, or an OpenCLIP open_clip_pytorch_model.bin), or train from scratch with "
             f"`pretrained: false`.") from err
+    if not pretrained_resample:
+        _refuse_resamples(resamples, f"the hub's weights for {name}", name)
+    return model
 
 
 def feature_width(backbone: nn.Module) -> int:
@@ -194,12 +245,12 @@ class AttributeModel(nn.Module):
                  pretrained: bool = False, pretrained_file: str | None = None,
                  drop_path_rate: float = 0.0, loss: nn.Module | None = None, img_size: int | None = None,
                  keep_head: bool = False, head: str = "linear", head_hidden: int = 512, knn_bank: int = 0,
-                 knn_k: int = 10, model_kwargs: dict | None = None):
+                 knn_k: int = 10, model_kwargs: dict | None = None, pretrained_resample: bool = False):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.backbone = create_backbone(backbone, pretrained, pretrained_file, drop_path_rate, img_size, keep_head,
-                                        model_kwargs)
+                                        model_kwargs, pretrained_resample)
         features = self.backbone.num_classes if keep_head else feature_width(self.backbone)
         self.dropout = nn.Dropout(dropout)
         if head == "mlp":

@@ -70,7 +70,10 @@ class TrainConfig(CommonConfig):
     train_csv: Optional[str] = option(None, "replaces <data_dir>/train.csv, e.g. augment.py's augmented_train.csv")
     # model
     pretrained: bool = option(False, "timm weights from the Hugging Face hub (needs network)")
-    pretrained_file: Optional[str] = option(None, "or a local weights file (.pth / .safetensors state dict)")
+    pretrained_file: Optional[str] = option(None, "or a local weights file (a timm .pth / .safetensors state dict, an "
+                                                  "OpenCLIP file, a lukemelas EfficientNet; utils/weights.py)")
+    pretrained_resample: bool = option(False, "accept weights that timm resamples to fit (another patch size or "
+                                              "position grid); refused by default, naming the tensors")
     dropout: float = option(0.2, "dropout before the heads")
     drop_path_rate: float = option(0.0, "stochastic depth rate of the backbone (where timm supports it)")
     model_kwargs: dict = option(help="more arguments for timm.create_model (e.g. {embed_dim: 64, depth: 2}); "

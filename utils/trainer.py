@@ -12,7 +12,7 @@ Writes, in <out_dir>/<name>/fold<k>/ (name defaults to the model; see utils/run.
   oof_logits.npz     logits of the fold's validation rows, with their ids (utils/io.py)
   test_logits.npz    logits of every test row, with their ids
   history.csv/.png   one row per epoch: loss, val score, learning rates, images/s, data wait
-  metrics.json       best epoch, val score, per-head table, bad images (written last)
+  metrics.json       best epoch, val score, per-head table, bad images by split and id (written last)
   config.yaml        the resolved config
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from utils.decoded import DecodedImages
 from utils.distributed import Dist, gather_rows
 from utils.distill import DistillLoss, student_rows
 from utils.engine import amp_dtype, predict, train_one_epoch
-from utils.errors import DataError
+from utils.errors import ConfigError, DataError
 from utils.io import atomic_torch_save, atomic_write_csv, atomic_write_json, load_torch, save_logits
 from utils.metric import score_logits
 from utils.model import (AttributeModel, HeadLoss, build_optimizer, data_config, group_lrs, load_checkpoint,
@@ -54,6 +54,32 @@ def model_args(cfg: TrainConfig, schema: Schema, knn_bank: int = 0) -> dict:
             "drop_path_rate": cfg.drop_path_rate, "img_size": cfg.img_size, "keep_head": cfg.keep_head,
             "head": cfg.head, "head_hidden": cfg.head_hidden, "model_kwargs": dict(cfg.model_kwargs)}
     return {**args, "knn_bank": knn_bank, "knn_k": cfg.knn_k} if cfg.head == "knn" else args
+
+
+# keys a resumed fold may take anew: how long and where it runs, not what it learns
+SAFE_ON_RESUME = ("epochs", "fold", "resume", "stop_after", "patience", "workers", "device", "progress", "log",
+                  "compile", "decode_cache", "predict_test", "max_bad_images", "data_dir", "out_dir")
+
+
+def check_resumable(cfg: TrainConfig, saved: Path) -> None:
+    """``--resume`` continues the run that ``saved`` (its fold's config.yaml) records: a key outside
+    SAFE_ON_RESUME that differs is an error naming it, before config.yaml is overwritten."""
+    if not saved.is_file():
+        return
+    import yaml
+
+    before, now = yaml.safe_load(saved.read_text()) or {}, dataclasses.asdict(cfg)
+    changed = [k for k in now if k not in SAFE_ON_RESUME and k in before and before[k] != now[k]]
+    if changed:
+        diffs = "; ".join(f"{k}: {before[k]!r} then, {now[k]!r} now" for k in changed[:6])
+        raise ConfigError(f"--resume would continue {saved.parent} with another config ({diffs}). Only "
+                          f"{', '.join(SAFE_ON_RESUME)} may change on resume; start a new run (--name) "
+                          f"or train this one anew (no --resume)")
+
+
+def named(keys) -> str:
+    """'train id 5, test id 7' for (split, id) keys."""
+    return ", ".join(f"{split} id {i}" for split, i in keys)
 
 
 def row_paths(table: pd.DataFrame, images_dir: Path, csv_dir: Path | None = None) -> list[Path]:
@@ -95,7 +121,7 @@ class FoldTrainer:
             loss = DistillLoss(loss, schema, cfg.distill_alpha, cfg.distill_t)
         self.model_args = model_args(cfg, schema, knn_bank=len(self.trn))
         self.model = AttributeModel(pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file, loss=loss,
-                                    **self.model_args)
+                                    pretrained_resample=cfg.pretrained_resample, **self.model_args)
         mean, std = data_config(self.model.backbone)
         self.prep = Preprocess(cfg.img_size, mean, std, cfg.resize, cfg.draft, cfg.interpolation)
         self.channels_last = use_channels_last(cfg.channels_last, self.model.backbone)
@@ -126,7 +152,7 @@ class FoldTrainer:
         train_tf = self.prep.transform(train=True, aug=cfg.aug, category_aug=cfg.category_aug,
                                        categories=self.schema.categories)
         self.rows = rows = self.training_rows()
-        self.trn_ids = rows["ids"]
+        self.trn_keys = list(zip(rows["splits"], rows["ids"].tolist()))  # (split, id): train and test ids overlap
         self.trn_ds = ImageDataset(rows["paths"], rows["categories"], rows["targets"], train_tf, self.prep,
                                    augment_seed=cfg.seed + self.fold, soft=rows.get("soft"),
                                    soft_heads=rows.get("soft_heads"), images=self.images)
@@ -160,7 +186,7 @@ class FoldTrainer:
         student also the teacher's probabilities, and the test images as unlabelled rows."""
         rows = {"paths": row_paths(self.trn, self.data.train_images, self.csv_dir),
                 "categories": self.trn[CATEGORY].tolist(), "targets": self.schema.encode(self.trn),
-                "ids": self.trn[ID].to_numpy()}
+                "ids": self.trn[ID].to_numpy(), "splits": ["train"] * len(self.trn)}
         if self.cfg.teacher:
             rows = student_rows(rows, self.trn, self.data, self.run_dir, self.cfg)
             if self.d.main:
@@ -188,6 +214,7 @@ class FoldTrainer:
         """Continue from ``last.pt`` (model, optimiser, scheduler, scaler, history)."""
         last_path = self.dir / "last.pt"
         if self.cfg.resume and last_path.is_file():
+            check_resumable(self.cfg, self.dir / "config.yaml")
             last = load_torch(last_path)
             self.schema.check_same(Schema.from_dict(last["schema"]), f"checkpoint {last_path}")
             self.model.load_state_dict(last["state_dict"])
@@ -231,7 +258,7 @@ class FoldTrainer:
         """Stop when more than ``max_bad_images`` of the fold's ``n_train`` train images were unusable."""
         if len(self.bad) > self.cfg.max_bad_images * n_train:
             raise DataError(f"{len(self.bad)} of {n_train} train images are unreadable (more than "
-                            f"max_bad_images={self.cfg.max_bad_images}), e.g. ids {sorted(self.bad)[:5]}")
+                            f"max_bad_images={self.cfg.max_bad_images}), e.g. {named(sorted(self.bad)[:5])}")
 
     def train_epoch(self, epoch: int) -> tuple[dict, float]:
         """One epoch of training, then the validation score."""
@@ -242,7 +269,7 @@ class FoldTrainer:
         stats = train_one_epoch(self.net, self.trn_loader, self.optimizer, self.scheduler, self.d.device,
                                 prep=self.prep, amp_dtype=self.dtype, scaler=self.scaler, clip_grad=cfg.clip_grad,
                                 grad_accum=cfg.grad_accum, ema=self.ema, channels_last=self.channels_last,
-                                ids=self.trn_ids, bad=self.bad,
+                                keys=self.trn_keys, bad=self.bad,
                                 desc=f"fold {self.fold} epoch {epoch + 1}/{cfg.epochs}", progress=self.progress)
         self.check_bad(len(self.trn_ds))
         idx, logits = gather_rows(*predict(self.scored, self.val_loader, self.d.device, prep=self.prep,
@@ -344,7 +371,8 @@ class FoldTrainer:
         final, table = score_logits(self.schema, self.val_targets[idx], oof)
         metrics = {"fold": self.fold, "val_score": final, "best_epoch": self.state["best_epoch"],
                    "epochs_run": self.state["epoch"] + 1,
-                   "bad_images": {str(k): v for k, v in sorted(self.bad.items())},
+                   "bad_images": {split: {str(i): e for (s, i), e in sorted(self.bad.items()) if s == split}
+                                  for split in ("train", "test")},
                    "per_head": table.to_dict(orient="records")}
         if self.d.main:
             fp, made_from = self.schema.fingerprint, self.made_from()
@@ -353,5 +381,5 @@ class FoldTrainer:
                 save_logits(self.dir / "test_logits.npz", *test, fp, self.fold, made_from)
             atomic_write_json(self.dir / "metrics.json", metrics)  # written last: marks the fold complete
             if self.bad:
-                print(f"fold {self.fold}: {len(self.bad)} unreadable image(s) skipped: ids {sorted(self.bad)[:10]}")
+                print(f"fold {self.fold}: {len(self.bad)} unreadable image(s) skipped: {named(sorted(self.bad)[:10])}")
         return metrics

@@ -13,7 +13,7 @@ careful user picks for a short fine-tune. Its best checkpoint then predicts the 
 each row's argmax taken among its own category's classes, and is scored with the kit's metric,
 as are the kit's folds (their saved test logits). Prints one row per fold and system (validation
 and held-out score, training images per second) and the folds averaged; writes
-``<out-dir>/timm/vs_timm.csv``.
+``<out-dir>/timm/lr<timm-lr>/vs_timm.csv``.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from utils.submission import make_submission
 from utils.transforms import Preprocess
 
 # a short fine-tune from ImageNet weights, as a careful timm user sets it (besides size, batch, epochs)
-TIMM_ARGS = ["--opt", "adamw", "--lr", "5e-4", "--weight-decay", "0.01", "--sched", "cosine", "--sched-on-updates",
+TIMM_ARGS = ["--opt", "adamw", "--weight-decay", "0.01", "--sched", "cosine", "--sched-on-updates",
              "--warmup-epochs", "0", "--smoothing", "0.1", "--drop", "0.2", "--scale", "0.75", "1.0",
              "--hflip", "0.5", "--train-interpolation", "bicubic", "--interpolation", "bicubic", "--crop-pct", "1.0",
              "--workers", "2", "--no-prefetcher", "--device", "cpu", "--log-interval", "10", "--seed", "42",
@@ -53,6 +53,7 @@ class VsTimmConfig(DataConfig):
     run: str = option("baseline", "the kit's run to compare, trained on every fold")
     timm_train: str = option("", "timm's train.py (from timm's repository)")
     pretrained_file: str = option("", "the weights file both start from (converted for timm)")
+    timm_lr: float = option(1e-3, "timm's --lr (one rate for the whole network, AdamW)")
 
 
 def class_of(row) -> str:
@@ -86,7 +87,7 @@ def run_timm(cfg: VsTimmConfig, kit: dict, folder: Path, weights: Path) -> float
         args = [sys.executable, cfg.timm_train, "--data-dir", str(folder), "--train-split", "train",
                 "--val-split", "validation", "--model", kit["model"], "--pretrained", "--pretrained-path", str(weights),
                 "--num-classes", str(len(list((folder / "train").iterdir()))), "--img-size", str(kit["img_size"]),
-                "--batch-size", str(kit["batch_size"]), "--epochs", str(kit["epochs"]), *TIMM_ARGS,
+                "--batch-size", str(kit["batch_size"]), "--epochs", str(kit["epochs"]), "--lr", str(cfg.timm_lr), *TIMM_ARGS,
                 "--output", str(folder / "out"), "--experiment", "run"]
         print("python " + " ".join(args[1:]), flush=True)
         with open(log, "w") as f:
@@ -133,9 +134,9 @@ def main(cfg: VsTimmConfig) -> pd.DataFrame:
     data, schema = read_dataset(data_dir), run_dir.schema
     table = run_dir.train_rows(data.train)
     kit = yaml.safe_load(run_dir.fold_file(cfg.run, 0, "config.yaml").read_text())
-    root = run_dir.path / "timm"
-    root.mkdir(exist_ok=True)
-    weights = timm_weights(cfg, kit["model"], root)
+    root = run_dir.path / "timm" / f"lr{cfg.timm_lr:g}"
+    root.mkdir(parents=True, exist_ok=True)
+    weights = timm_weights(cfg, kit["model"], root.parent)
     test = data.test
     rows, timm_folds, kit_folds = [], [], load_test_logits(run_dir, cfg.run, test[ID].to_numpy())
     for k in range(run_dir.n_folds):
@@ -154,17 +155,17 @@ def main(cfg: VsTimmConfig) -> pd.DataFrame:
         rows += [{"fold": k, "system": "kit train.py", "val_top1": None, "val_score": round(metrics["val_score"], 4),
                   "held_out": round(held_out_score(data_dir, test, kit_folds[k], schema), 4),
                   "train_img_per_s": round(history["images_per_s"].mean(), 1)},
-                 {"fold": k, "system": "timm train.py", "val_top1": round(summary["eval_top1"].max(), 2),
+                 {"fold": k, "system": f"timm train.py, lr {cfg.timm_lr:g}", "val_top1": round(summary["eval_top1"].max(), 2),
                   "val_score": round(timm_val, 4), "held_out": round(held_out_score(data_dir, test, timm_test, schema), 4),
                   "train_img_per_s": round(rate, 1)}]
     averaged = {"kit train.py": combine_members({cfg.run: kit_folds}, load_ensemble(run_dir, [cfg.run]), schema),
-                "timm train.py": np.mean([head_log_softmax(z, schema) for z in timm_folds], axis=0)}
+                f"timm train.py, lr {cfg.timm_lr:g}": np.mean([head_log_softmax(z, schema) for z in timm_folds], axis=0)}
     for system, logits in averaged.items():
         rows.append({"fold": "all (averaged)", "system": system, "val_top1": None, "val_score": None,
                      "held_out": round(held_out_score(data_dir, test, logits, schema), 4), "train_img_per_s": None})
     result = pd.DataFrame(rows)
     atomic_write_csv(root / "vs_timm.csv", result)
-    print(f"\n{machine()}\ntimm's settings: {' '.join(TIMM_ARGS)}\n{result.to_string(index=False)}")
+    print(f"\n{machine()}\ntimm's settings: --lr {cfg.timm_lr:g} {' '.join(TIMM_ARGS)}\n{result.to_string(index=False)}")
     return result
 
 
