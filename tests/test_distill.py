@@ -85,6 +85,18 @@ def test_the_kl_term_is_zero_when_the_student_equals_the_teacher(run, tiny_data)
     assert DistillLoss(HeadLoss(schema), schema, 1.0, t)(other, targets).item() == pytest.approx(ce.item(), rel=1e-5)
     kl = loss.kl(other, targets) / heads.sum()
     assert DistillLoss(HeadLoss(schema), schema, 0.0, t)(other, targets).item() == pytest.approx(kl.item(), rel=1e-5)
+    # against torch's own KL, head by head, T^2 included: a missing T^2 or a wrong direction fails here
+    import torch.nn.functional as F
+
+    other.requires_grad_(True)
+    reference = sum(t ** 2 * F.kl_div(F.log_softmax(other[heads[:, j]][:, h.logits] / t, dim=1),
+                                      soft[heads[:, j]][:, h.logits], reduction="sum")
+                    for j, h in enumerate(schema.heads) if heads[:, j].any())
+    ours = loss.kl(other, targets)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-4)
+    (grad_ours,) = torch.autograd.grad(ours, other, retain_graph=True)
+    (grad_ref,) = torch.autograd.grad(reference, other)
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-4, atol=1e-6)
 
 
 def test_a_teacher_from_another_run_folder_is_refused(run, tiny_data, tmp_path):

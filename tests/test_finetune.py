@@ -251,3 +251,23 @@ def test_the_frozen_cache_key_changes_with_everything_an_embedding_depends_on(ti
     assert key(dataclasses.replace(cfg, seed=7)) == base  # without views the seed changes no embedding
     views = dataclasses.replace(cfg, frozen_views=1)
     assert key(views) != key(dataclasses.replace(views, seed=7))
+
+
+def test_a_knn_vote_never_finds_the_row_itself_or_its_own_fold(tiny_data, tmp_path):
+    """The kNN bank of fold k holds the embeddings of the rows outside fold k and nothing else, so a
+    validation row (its OOF logits) is voted on by other folds' rows only, never by itself."""
+    import torch.nn.functional as F
+
+    from utils.frozen import FrozenFold
+    from utils.run import RunDir
+    from utils.trainer import TrainConfig
+
+    cfg = TrainConfig(model="test_resnet", n_folds=3, img_size=32, fold="1", frozen_backbone=True, head="knn",
+                      knn_k=1, progress=False, data_dir=str(tiny_data), out_dir=str(tmp_path), workers=0)
+    data, run_dir = read_dataset(tiny_data), RunDir(tmp_path)
+    schema, table = run_dir.prepare(data, 3, 42)
+    fold = FrozenFold(cfg, schema, table, data, 1, Dist(), run_dir)
+    assert not set(fold.trn["id"]) & set(fold.val["id"]) and set(fold.trn["fold"]) == {0, 2}
+    torch.testing.assert_close(fold.model.heads.bank, F.normalize(fold.trn_x[: len(fold.trn)], dim=1))
+    nearest = (F.normalize(fold.val_x, dim=1) @ fold.model.heads.bank.T).max(1).values
+    assert (nearest < 1 - 1e-4).all()  # no validation row finds its own embedding in the bank

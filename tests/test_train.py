@@ -187,8 +187,14 @@ def test_pretrained_hub_unreachable_names_both_options(monkeypatch):
 
 
 def test_unknown_config_key_is_an_error(tiny_data, tmp_path):
-    proc = run_script("train.py", "--data-dir", str(tiny_data), "--epoch", "3", check=False)
-    assert proc.returncode != 0
+    proc = run_script("train.py", "--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "run"), "--epoch", "3",
+                      check=False)
+    assert proc.returncode == 2 and "unrecognized arguments: --epoch 3" in proc.stderr  # not taken as --epochs
+    assert not (tmp_path / "run").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr_backbon: 0.001\n")
+    proc = run_script("train.py", "--data-dir", str(tiny_data), "--config", str(bad), check=False)
+    assert proc.returncode == 2 and "bad.yaml: unknown config key 'lr_backbon' (did you mean lr_backbone?)" in proc.stderr
 
 
 def test_a_poisoned_checkpoint_is_refused_and_nothing_in_it_runs(tmp_path):
