@@ -107,11 +107,13 @@ def print_tables(singles: dict, table: pd.DataFrame, n_folds: int) -> None:
 
 
 def made_from(cfg: EnsembleConfig, run_dir: RunDir, runs: list[str]) -> dict:
-    """ensemble.json is made from every OOF logits file it read (and the folds that split them)."""
+    """ensemble.json is made from every OOF logits file it read (and the folds that split them, the
+    labels it was fitted to)."""
     files = [run_dir.fold_file(r, k, "oof_logits.npz") for r in runs for k in range(run_dir.n_folds)]
     options = f" --method {cfg.method} --bias {cfg.bias}" + (" --per-head" if cfg.per_head else "") + \
         (f" --models {','.join(cfg.models)}" if cfg.models else "")
-    return provenance.record(files + [run_dir.schema_path, run_dir.folds_path], run_dir.path,
+    inputs = [p for p in (run_dir.schema_path, run_dir.folds_path, run_dir.labels_path) if p.is_file()]
+    return provenance.record(files + inputs, run_dir.path,
                              rebuild=f"python ensemble.py --data-dir {cfg.data_dir} --out-dir {{root}}{options}")
 
 

@@ -67,6 +67,28 @@ def test_ensemble_rerun_after_export_makes_infer_refuse_naming_ensemble_json(run
     assert infer(tiny_data, run, tmp_path / "sub.csv").returncode == 0  # re-exported: served again
 
 
+def test_a_relabelled_train_csv_with_the_same_vocabularies_is_refused(run, tiny_data, tmp_path):
+    """The schema sees vocabularies, not labels: one label changed to another value of the same head
+    leaves schema.json and folds.csv agreeing, so labels.json records the labels themselves, and
+    every reader of the train labels (ensemble.py, export.py, a student, train.py) refuses."""
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    train = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)
+    head = train.groupby(["Category", "attr_1"]).size()
+    cat, value = head[head >= 2].index[0]  # a value that stays in the vocabulary after one row changes
+    other = next(v for (c, v), n in head.items() if c == cat and v not in (value, ""))
+    train.loc[train.index[(train["Category"] == cat) & (train["attr_1"] == value)][0], "attr_1"] = other
+    train.to_csv(data / "train.csv", index=False)
+    for script in ("ensemble.py", "export.py"):
+        proc = run_script(script, "--data-dir", str(data), "--out-dir", str(run), "--progress", "false", check=False)
+        assert proc.returncode == 2 and f"the train labels differ from those {run} was made with" in proc.stderr
+    proc = run_script("train.py", "--model", "test_byobnet", "--data-dir", str(data), "--out-dir", str(run),
+                      "--n-folds", "3", "--fold", "0", "--resume", check=False)
+    assert proc.returncode == 2 and "labels.json" in proc.stderr
+    # the original labels pass the same check
+    run_script("ensemble.py", "--data-dir", str(tiny_data), "--out-dir", str(run), "--progress", "false",
+               "--sto-population", "4", "--sto-iterations", "1", "--compare", "equal,sto")
+
+
 @pytest.mark.slow
 def test_a_checkpoint_replaced_after_export_is_refused(run, tiny_data, tmp_path):
     path = run / "test_byobnet" / "fold1" / "best.pt"

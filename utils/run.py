@@ -2,6 +2,7 @@
 
     runs/<name>/
       schema.json, folds.csv             fitted once by the first script, then only read
+      labels.json                        a digest of the train labels they were made with; checked by every reader
       <run>/fold<k>/                     one fold of one trained run (see utils/trainer.py)
         best.pt, last.pt, oof_logits.npz, test_logits.npz, history.csv, metrics.json, config.yaml
       <run>/oof_score.json               when every fold is done
@@ -15,6 +16,8 @@ object for paths, the schema, the folds and the complete runs; none re-derives t
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from functools import cached_property
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import pandas as pd
 
 from utils.errors import DataError
 from utils.folds import make_folds
-from utils.io import atomic_write_csv
+from utils.io import atomic_write_csv, atomic_write_json
 from utils.schema import ID, Dataset, Schema
 
 
@@ -121,14 +124,40 @@ class RunDir:
             raise DataError(f"{bad[ID].iloc[0]}: augmented row whose source id "
                             f"{source[train['fold'].isna()].iloc[0]} has no fold")
         train["fold"] = train["fold"].astype(np.int64)
+        if self.labels_path.is_file():
+            self.check_labels(originals)
+        else:
+            atomic_write_json(self.labels_path, {"rows": len(originals), "digest": self.labels_digest(originals)})
         return schema, train
 
     def train_rows(self, train: pd.DataFrame) -> pd.DataFrame:
         """The original train rows this folder's folds cover, with their ``fold``, in train order
-        (the rows OOF logits are about)."""
+        (the rows OOF logits are about); their labels must be the ones the folder was made with."""
         rows = train[train[ID].isin(self.folds[ID])].reset_index(drop=True)
         rows["fold"] = rows[ID].map(dict(zip(self.folds[ID], self.folds["fold"]))).astype(np.int64)
+        if self.labels_path.is_file():
+            self.check_labels(rows)
         return rows
+
+    # -- the labels the folds and runs were made with
+    @property
+    def labels_path(self) -> Path:
+        return self.path / "labels.json"
+
+    def labels_digest(self, rows: pd.DataFrame) -> str:
+        """SHA-256 of the rows' ids and encoded targets, in id order: a relabelled train.csv with the
+        same vocabularies (which the schema does not see) gives another digest."""
+        rows = rows.sort_values(ID)
+        h = hashlib.sha256(rows[ID].to_numpy(np.int64).tobytes())
+        h.update(self.schema.encode(rows).astype(np.int64).tobytes())
+        return h.hexdigest()
+
+    def check_labels(self, rows: pd.DataFrame) -> None:
+        recorded = json.loads(self.labels_path.read_text())
+        if self.labels_digest(rows) != recorded["digest"]:
+            raise DataError(f"the train labels differ from those {self.path} was made with ({self.labels_path}): "
+                            f"its folds, OOF logits, ensemble and exports were fitted on the old labels. Train on "
+                            f"the new labels in a new --out-dir, or restore the train.csv this folder was made from")
 
     # -- complete runs
     def fold_complete(self, run: str, fold: int) -> bool:

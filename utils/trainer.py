@@ -337,9 +337,10 @@ class FoldTrainer:
 
     # -- finalise
     def made_from(self) -> dict:
-        """The fold's logits are made from its best checkpoint, the schema and the folds."""
+        """The fold's logits are made from its best checkpoint, the schema, the folds and the labels."""
         root = self.run_dir.path  # (a tune.py trial's folder holds no schema.json or folds.csv of its own)
-        made_from = [p for p in (self.dir / "best.pt", root / "schema.json", root / "folds.csv") if p.is_file()]
+        made_from = [p for p in (self.dir / "best.pt", root / "schema.json", root / "folds.csv", root / "labels.json")
+                     if p.is_file()]
         return provenance.record(made_from, root,
                                  rebuild=f"python train.py --config {{root}}/{self.cfg.run_name}/fold{self.fold}/config.yaml "
                                          f"--out-dir {{root}} --fold {self.fold}")
