@@ -232,7 +232,8 @@ def test_ensemble_killed_then_rerun_chooses_the_same_weights(tiny_data, tiny_run
     def copy_oof(dst):
         """What ensemble.py reads from the run folder, and nothing it writes."""
         shutil.rmtree(dst, ignore_errors=True)
-        for src in [tiny_run / "schema.json", tiny_run / "folds.csv", *tiny_run.glob("*/fold*/oof_logits.npz"),
+        for src in [tiny_run / "schema.json", tiny_run / "folds.csv", tiny_run / "labels.json",
+                    *tiny_run.glob("*/fold*/oof_logits.npz"),
                     *tiny_run.glob("*/fold*/metrics.json"), *tiny_run.glob("*/fold*/best.pt")]:
             (dst / src.relative_to(tiny_run)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dst / src.relative_to(tiny_run))

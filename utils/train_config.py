@@ -13,6 +13,7 @@ from typing import Optional, Union
 
 from utils.config import CommonConfig, option
 from utils.errors import ConfigError
+from utils.schema import CATEGORY
 
 AMP = ("auto", "bf16", "fp16", "off")
 LOSSES = ("ce", "weighted_ce", "focal", "logit_adjusted")
@@ -82,7 +83,7 @@ class TrainConfig(CommonConfig):
                                     "image embedding) instead of its pooled features")
     head: str = option("linear", "one linear layer per (category, attribute), one MLP per head "
                                  "(Linear, LayerNorm, ReLU, Dropout 0.1, Linear), or a kNN vote (frozen_backbone only)",
-                       choices=("linear", "mlp", "knn"))
+                       choices=HEADS)
     head_hidden: int = option(512, "mlp: hidden width of each head")
     frozen_backbone: bool = option(False, "embed every image once with the backbone, cache the embeddings, and "
                                           "train only the heads on them (see utils/frozen.py)")
@@ -159,7 +160,7 @@ class TrainConfig(CommonConfig):
     def check_data(self, data) -> None:
         """Every value that names something in the data names what ``data`` has: checked right after
         the tables are read, before decoding, model building or weights (a ConfigError)."""
-        check_category_aug(self.category_aug, sorted(data.train["Category"].unique()),
+        check_category_aug(self.category_aug, sorted(data.train[CATEGORY].unique()),
                            f"{data.root} (its train.csv)")
 
     @property
