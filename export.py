@@ -42,7 +42,9 @@ from utils.model import checkpoint_preprocess, load_checkpoint
 from utils.onnx_utils import EnsembleGraph, LogitsOnly, export_onnx, quantize_int8
 from utils.run import RunDir
 from utils.schema import CATEGORY, ID, Schema, image_path, read_dataset
-from utils.serving import fold_members, onnx_runner, parity, preprocess_batch, run_members, single_stream_ms
+from utils.data import read_or_placeholder
+from utils.serving import (MERGED_PARITY, fold_members, onnx_runner, parity, placeholder_batch, run_members,
+                           single_stream_ms, usable_batch)
 from utils.transforms import Preprocess
 
 
@@ -64,6 +66,12 @@ class ExportConfig(CommonConfig):
     progress: bool = option(True, "progress bars")
 
 
+def report_skipped(skipped: list, what: str) -> None:
+    if skipped:
+        print(f"{what}: {len(skipped)} unreadable image(s) skipped: "
+              + ", ".join(f"{p.name} ({reason.split(':')[0]})" for p, reason in skipped[:5]))
+
+
 def metadata(schema: Schema, run: str, prep, **extra) -> dict:
     """What an ONNX file says about itself (utils.onnx_utils.read_metadata reads it back)."""
     return {"fingerprint": schema.fingerprint, "schema": schema.to_dict(), "run": run,
@@ -80,7 +88,10 @@ def export_fold(cfg: ExportConfig, run: str, k: int, path: Path, schema: Schema,
     export_onnx(LogitsOnly(model), target, prep.img_size, metadata(schema, run, prep, fold=k, model=ckpt["model"]))
     val = train[train["fold"] == k]
     val_paths = [image_path(data.train_images, i) for i in val[ID]]
-    x = preprocess_batch(val_paths[: cfg.parity_images], prep)
+    x, skipped = usable_batch(val_paths, prep, cfg.parity_images)
+    report_skipped(skipped, f"{run} fold {k}: parity")
+    if not len(x):
+        raise DataError(f"run {run} fold {k}: none of its validation images can be read for the parity check")
     with torch.no_grad():
         expected = model.logits(torch.from_numpy(x)).numpy()
     fp32 = onnx_runner(target, cfg.threads, schema)
@@ -93,12 +104,13 @@ def export_fold(cfg: ExportConfig, run: str, k: int, path: Path, schema: Schema,
     if not cfg.int8:
         return entry, {}
     calib_ids = train[train["fold"] != k][ID].to_numpy()[: cfg.calib_images]
-    calib = preprocess_batch([image_path(data.train_images, i) for i in calib_ids], prep)
+    calib, skipped = usable_batch([image_path(data.train_images, i) for i in calib_ids], prep)
+    report_skipped(skipped, f"{run} fold {k}: int8 calibration")
     int8_path = onnx_dir / f"{run}_fold{k}.int8.onnx"
     quantize_int8(target, int8_path, [calib[i:i + 16] for i in range(0, len(calib), 16)])
     entry["int8_path"] = int8_path.name
     int8 = onnx_runner(int8_path, cfg.threads, schema)
-    batches = [preprocess_batch(val_paths[i:i + 64], prep) for i in range(0, len(val_paths), 64)]
+    batches = [placeholder_batch(val_paths[i:i + 64], prep) for i in range(0, len(val_paths), 64)]
     oof = {"fp32": np.concatenate([fp32(b) for b in batches]), "int8": np.concatenate([int8(b) for b in batches]),
            "targets": schema.encode(val), "ids": val[ID].to_numpy()}
     return entry, oof
@@ -143,16 +155,19 @@ def export_merged(cfg: ExportConfig, ens: dict, entries: list[dict], schema: Sch
     prep = Preprocess.from_dict(entries[0]["preprocess"])
     merged_path = onnx_dir / "ensemble.onnx"
     export_graph([ens["folds"][run] for run in ens["models"]], ens["weights"], ens["biases"], schema, prep, merged_path)
-    ids = data.test[ID].to_numpy()[: cfg.timing_images]
-    images = [preprocess_batch([image_path(data.test_images, i)], prep) for i in ids]
+    batch, skipped = usable_batch([image_path(data.test_images, i) for i in data.test[ID]], prep,
+                                  max(cfg.timing_images, cfg.parity_images))
+    report_skipped(skipped, "merged graph: parity and timing")
+    images = [batch[i:i + 1] for i in range(min(cfg.timing_images, len(batch)))]
     merged = onnx_runner(merged_path, cfg.threads, schema)
     sessions = {e["run"]: [onnx_runner(onnx_dir / f["path"], cfg.threads, schema) for f in e["folds"]]
                 for e in entries}
     separate = lambda x: combine_members({r: [s(x) for s in ss] for r, ss in sessions.items()}, ens, schema)
-    diff, same = parity(separate(images[0]), merged(images[0]), schema)
+    diff, same = parity(separate(batch[: cfg.parity_images]), merged(batch[: cfg.parity_images]), schema)
     keys = {"merged": {"path": merged_path.name, "preprocess": prep.to_dict(), "parity_max_abs_diff": diff,
-                       "parity_same_decoding": same, "ensemble": ensemble_digest(ens)},
-            "use": "merged" if same else "separate"}
+                       "parity_same_decoding": same, "parity_images": min(cfg.parity_images, len(batch)),
+                       "ensemble": ensemble_digest(ens)},
+            "use": "merged" if same and diff <= MERGED_PARITY else "separate"}
     if cfg.budget_ms:
         print(f"merged graph: max |diff| {diff:.1e} against separate sessions; timed with the budget's candidates")
         return keys
@@ -188,9 +203,16 @@ def choose_serving(cfg: ExportConfig, run_dir: RunDir, exported: dict, data) -> 
     for models in budget.candidates(scorer, spec["models"], runs):
         mergeable = cfg.merge and len({preps[r] for r in models}) == 1
         variants += budget.variants_of(scorer, models, int8_ok, mergeable)
-    items = list(zip([image_path(data.test_images, i) for i in data.test[ID]], data.test[CATEGORY]))[: cfg.latency_images]
+    items, skipped, any_prep = [], [], next(iter(preps.values()))  # usable test images: timed, and the parity's
+    for path, category in zip((image_path(data.test_images, i) for i in data.test[ID]), data.test[CATEGORY]):
+        if len(items) >= max(cfg.latency_images, cfg.parity_images):
+            break
+        error = read_or_placeholder(path, any_prep)[1]
+        skipped.append((path, error)) if error else items.append((path, category))
+    report_skipped(skipped, "budget: timing")
+    parity_paths, items = [p for p, _ in items[: cfg.parity_images]], items[: cfg.latency_images]
     for k, v in enumerate(tqdm(variants, desc="budget", disable=not cfg.progress)):
-        v.p50, v.p99 = budget.time_variant(serving_fn(cfg, run_dir, v, preps, exported, k), items)
+        v.p50, v.p99 = budget.time_variant(serving_fn(cfg, run_dir, v, preps, exported, k, parity_paths), items)
     table = budget.table(variants, cfg.budget_ms)
     atomic_write_csv(run_dir.onnx_dir / "budget.csv", table)
     with pd.option_context("display.width", 160, "display.max_colwidth", 40):
@@ -212,8 +234,10 @@ def choose_serving(cfg: ExportConfig, run_dir: RunDir, exported: dict, data) -> 
             "images": len(items)}
 
 
-def serving_fn(cfg: ExportConfig, run_dir: RunDir, v, preps: dict, exported: dict, k: int):
-    """One image end to end (decode, preprocess, members, blend, decode) as variant ``v`` serves it."""
+def serving_fn(cfg: ExportConfig, run_dir: RunDir, v, preps: dict, exported: dict, k: int, parity_paths: list):
+    """One image end to end (decode, preprocess, members, blend, decode) as variant ``v`` serves it. A
+    merged graph is first checked against the separate sessions it replaces, on ``parity_paths``, as
+    the main merged graph is: a graph that differs by more than MERGED_PARITY is an error."""
     schema = run_dir.schema
     ens = {"models": v.models, "weights": v.weights, "biases": v.biases}
     if v.format == "merged":
@@ -222,6 +246,13 @@ def serving_fn(cfg: ExportConfig, run_dir: RunDir, v, preps: dict, exported: dic
         export_graph([[run_dir.fold_file(r, f, "best.pt") for f in range(run_dir.n_folds)] for r in v.models],
                      v.weights, v.biases, schema, prep, run_dir.onnx_dir / v.path)
         session = onnx_runner(run_dir.onnx_dir / v.path, cfg.threads, schema)
+        separate = fold_members(run_dir.onnx_dir, {r: e for r, (e, _) in exported.items()}, v.models, (),
+                                False, cfg.threads, schema)  # fp32, every fold: what the graph bakes in
+        x = usable_batch(parity_paths, prep)[0]
+        diff, same = parity(combine_members(run_members(separate, {prep: x}), ens, schema), session(x), schema)
+        if diff > MERGED_PARITY or not same:
+            raise RuntimeError(f"{v.path} ({v.name}): the merged graph differs from its separate sessions on "
+                               f"{len(x)} images (max |diff| {diff:.2e}, same decoding {same})")
         return lambda item: schema.predict(session(prep(item[0])[None]))
     members = fold_members(run_dir.onnx_dir, {r: e for r, (e, _) in exported.items()}, v.models, v.int8,
                            v.folds == "one", cfg.threads, schema)

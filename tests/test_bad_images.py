@@ -129,3 +129,25 @@ def test_inference_writes_every_row_whatever_the_image(tiny_data, tiny_run, tmp_
         for h in schema.heads:
             if h.category == row.Category:
                 assert row[h.column] == h.vocab[int(np.argmax(schema.counts[h.name]))]
+
+
+@pytest.mark.slow
+def test_export_skips_and_reports_bad_parity_calibration_and_timing_images(tiny_data, tiny_run, tmp_path):
+    """An unreadable image among export's parity (validation), int8 calibration (train) and timing
+    (test) images is skipped and named, as training and infer.py tolerate it; every merged graph,
+    the budget's too, is checked against its separate sessions on several images."""
+    data, run = shutil.copytree(tiny_data, tmp_path / "data"), shutil.copytree(tiny_run, tmp_path / "run")
+    rows = RunDir(run).train_rows(read_dataset(data).train)
+    first_val, first_calib = rows[rows.fold == 0].id.iloc[0], rows[rows.fold != 0].id.iloc[0]
+    first_test = read_dataset(data).test.id.iloc[0]
+    for folder, i in (("train_images", first_val), ("train_images", first_calib), ("test_images", first_test)):
+        (data / folder / f"{i:06d}.jpg").write_bytes(b"")
+    proc = run_script("export.py", "--data-dir", str(data), "--out-dir", str(run), "--int8", "--int8-max-drop", "1",
+                      "--budget-ms", "100000", "--parity-images", "4", "--timing-images", "4", "--latency-images", "6",
+                      "--calib-images", "16", "--progress", "false")
+    assert f"fold 0: parity: 1 unreadable image(s) skipped: {first_val:06d}.jpg" in proc.stdout
+    assert f"fold 0: int8 calibration: 1 unreadable image(s) skipped: {first_calib:06d}.jpg" in proc.stdout
+    assert f"budget: timing: 1 unreadable image(s) skipped: {first_test:06d}.jpg" in proc.stdout
+    manifest = json.loads((run / "onnx" / "manifest.json").read_text())
+    assert manifest["merged"]["parity_images"] == 4 and manifest["merged"]["parity_max_abs_diff"] <= 1e-3
+    assert manifest["serve"]["images"] == 6  # timed on six usable images

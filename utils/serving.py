@@ -13,6 +13,7 @@ import torch
 
 from utils import provenance
 from utils.blend import ensemble_digest
+from utils.data import read_or_placeholder
 from utils.errors import DataError
 from utils.model import checkpoint_preprocess, load_checkpoint
 from utils.onnx_utils import make_session
@@ -130,6 +131,32 @@ def run_members(members: list[Member], images: dict, tta_hflip: bool = False) ->
 def preprocess_batch(paths, prep: Preprocess) -> np.ndarray:
     """Images decoded and transformed as for evaluation: float32 [N, 3, S, S]."""
     return np.stack([prep(p) for p in paths]).astype(np.float32)
+
+
+def usable_batch(paths, prep: Preprocess, n: int | None = None) -> tuple[np.ndarray, list[tuple[Path, str]]]:
+    """Evaluation inputs (float32 [k, 3, S, S]) of the first ``n`` usable images among ``paths`` (all
+    of them by default), and (path, reason) of each unusable one passed over: export's parity,
+    calibration and timing images skip a bad file, as training and infer.py tolerate it."""
+    images, skipped = [], []
+    for path in paths:
+        if n is not None and len(images) >= n:
+            break
+        pixels, error = read_or_placeholder(path, prep)
+        if error:
+            skipped.append((Path(path), error))
+        else:
+            images.append(prep.normalize(prep.transform()(pixels)))
+    empty = np.zeros((0, 3, prep.img_size, prep.img_size), np.float32)
+    return (np.stack(images).astype(np.float32) if images else empty), skipped
+
+
+def placeholder_batch(paths, prep: Preprocess) -> np.ndarray:
+    """Evaluation inputs of every image, an unusable one as the grey placeholder: the inputs
+    training's OOF logits were computed on."""
+    return np.stack([prep.normalize(prep.transform()(read_or_placeholder(p, prep)[0])) for p in paths])
+
+
+MERGED_PARITY = 1e-3  # the largest |logit difference| a merged graph may show against separate sessions
 
 
 def parity(a: np.ndarray, b: np.ndarray, schema: Schema) -> tuple[float, bool]:
