@@ -98,7 +98,8 @@ class TrainConfig(CommonConfig):
                                       "it from there at every epoch (see utils/decoded.py); false: decode on the fly")
     interpolation: str = option("area", "resize interpolation", choices=INTERPOLATIONS)
     aug: dict = option(help="online augmentations: {name: {p, params}}; p: 0 switches one off "
-                            "(see utils/transforms.py)", factory=lambda: dict(DEFAULT_AUG))
+                            "(every one and its parameters: DEFAULT_AUG in utils/train_config.py)",
+                      factory=lambda: dict(DEFAULT_AUG))
     category_aug: dict = option(help="per-category overrides of aug, {category: {name: {p, params}}} (the seed's "
                                      "category-aware augmentations: configs/visual_taxonomy.yaml)", factory=dict)
     # optimisation
