@@ -31,7 +31,7 @@ from utils.config import DataConfig, option, parse_config, run_command
 from utils.io import atomic_write_csv
 from utils.kfold import train
 from utils.run import RunDir
-from utils.schema import CATEGORY, ID, read_category_attributes, read_test
+from utils.schema import CATEGORY, ID, read_test
 from utils.submission import make_submission
 from utils.trainer import TrainConfig
 
@@ -67,13 +67,17 @@ class RegimeConfig(DataConfig):
     variants: list[str] = option(help="variants to run (a,b,c)", choices=tuple(VARIANTS), factory=lambda: list(VARIANTS))
 
 
+def held_out_score(data_dir: Path, test: pd.DataFrame, logits, schema) -> float | None:
+    """The score of these test logits' submission against ``<data_dir>/test_solution.csv``."""
+    return solution_score(data_dir, make_submission(test[ID], test[CATEGORY], logits, schema), schema.category_attrs)
+
+
 def held_out(run_dir: RunDir, run: str, data_dir: Path) -> float | None:
-    """The run's score on the test photos: its folds' test logits averaged, against test_solution.csv."""
+    """The run's score on the test photos: its folds' test logits averaged, as infer.py blends them."""
     test = read_test(data_dir / "test.csv", run_dir.schema.categories)
     logits = combine_members({run: load_test_logits(run_dir, run, test[ID].to_numpy())},
                              load_ensemble(run_dir, [run]), run_dir.schema)
-    sub = make_submission(test[ID], test[CATEGORY], logits, run_dir.schema)
-    return solution_score(data_dir, sub, read_category_attributes(data_dir / "category_attributes.parquet"))
+    return held_out_score(data_dir, test, logits, run_dir.schema)
 
 
 def run_variant(cfg: RegimeConfig, name: str) -> dict:

@@ -3,23 +3,26 @@
     python -m utils.bench.regime --variants baseline ...          # the kit's run, every fold
     python -m utils.bench.vs_timm --timm-train PATH/TO/timm/train.py --data-dir data/real \\
         --out-dir runs/regime --run baseline --pretrained-file efficientnet-lite0-57934424.pth
+    bash runs/regime/timm/lr0.001/run_timm.sh                    # timm's train.py, each fold
+    python -m utils.bench.vs_timm ...                             # the same command again: the table
 
-timm's ``train.py`` (from timm's repository; not part of the kit) trains each fold on the same
-photos as the kit's fold: the kit run's train rows that carry a label (an image folder of symlinks,
-one class per (category, value)), validated on the fold's validation rows, from the same weights
-(converted once by ``utils/weights.py`` into timm's layout and given as ``--pretrained-path``), at
-the kit run's image size, batch size and epochs, with the settings ``TIMM_ARGS`` states: what a
-careful user picks for a short fine-tune. Its best checkpoint then predicts the held-out test photos,
-each row's argmax taken among its own category's classes, and is scored with the kit's metric,
-as are the kit's folds (their saved test logits). Prints one row per fold and system (validation
-and held-out score, training images per second) and the folds averaged; writes
-``<out-dir>/timm/lr<timm-lr>/vs_timm.csv``.
+timm's ``train.py`` (from timm's repository; not part of the kit, and not run by it) trains each fold
+on the same photos as the kit's fold: the kit run's train rows that carry a label (an image folder of
+symlinks, one class per (category, value)), validated on the fold's validation rows, from the same
+weights (converted once by ``utils/weights.py`` into timm's layout and given as
+``--pretrained-path``), at the kit run's image size, batch size and epochs, with the settings
+``TIMM_ARGS`` states: what a careful user picks for a short fine-tune. The first call prepares the
+folders and the weights and writes timm's commands to ``run_timm.sh``; once they have run, the call
+scores: timm's best checkpoint predicts the held-out test photos, each row's argmax taken among its
+own category's classes, scored with the kit's metric, as are the kit's folds (their saved test
+logits). Prints one row per fold and system (validation and held-out score, training images per
+second, from timm's log) and the folds averaged; writes ``<out-dir>/timm/lr<timm-lr>/vs_timm.csv``.
 """
 from __future__ import annotations
 
 import json
 import re
-import subprocess
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +33,13 @@ import torch
 import yaml
 
 from utils.bench import machine
+from utils.bench.regime import held_out_score
 from utils.blend import combine_members, head_log_softmax, load_ensemble, load_test_logits
 from utils.config import DataConfig, option, run_command
-from utils.io import atomic_write_csv
-from utils.metric import score, score_logits
+from utils.io import atomic_write_csv, atomic_write_text
+from utils.metric import score_logits
 from utils.run import RunDir
-from utils.schema import CATEGORY, ID, image_path, read_dataset, read_submission
-from utils.submission import make_submission
+from utils.schema import CATEGORY, ID, image_path, read_dataset
 from utils.transforms import Preprocess
 
 # a short fine-tune from ImageNet weights, as a careful timm user sets it (besides size, batch, epochs)
@@ -79,22 +82,20 @@ def timm_weights(cfg: VsTimmConfig, model: str, folder: Path) -> Path:
     return path
 
 
-def run_timm(cfg: VsTimmConfig, kit: dict, folder: Path, weights: Path) -> float:
-    """timm's train.py on ``folder``; returns its training images per second (the mean over epochs of
-    its own per-epoch average)."""
-    log = folder / "train.log"
-    if not (folder / "out" / "done").is_file():
-        args = [sys.executable, cfg.timm_train, "--data-dir", str(folder), "--train-split", "train",
-                "--val-split", "validation", "--model", kit["model"], "--pretrained", "--pretrained-path", str(weights),
-                "--num-classes", str(len(list((folder / "train").iterdir()))), "--img-size", str(kit["img_size"]),
-                "--batch-size", str(kit["batch_size"]), "--epochs", str(kit["epochs"]), "--lr", str(cfg.timm_lr), *TIMM_ARGS,
-                "--output", str(folder / "out"), "--experiment", "run"]
-        print("python " + " ".join(args[1:]), flush=True)
-        with open(log, "w") as f:
-            subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, check=True)
-        (folder / "out" / "done").write_text("")
+def timm_command(cfg: VsTimmConfig, kit: dict, folder: Path, weights: Path) -> str:
+    """The shell line that trains one fold with timm's train.py, its log in ``<folder>/train.log``."""
+    args = [sys.executable, cfg.timm_train, "--data-dir", str(folder), "--train-split", "train",
+            "--val-split", "validation", "--model", kit["model"], "--pretrained", "--pretrained-path", str(weights),
+            "--num-classes", str(len(list((folder / "train").iterdir()))), "--img-size", str(kit["img_size"]),
+            "--batch-size", str(kit["batch_size"]), "--epochs", str(kit["epochs"]), "--lr", str(cfg.timm_lr),
+            *TIMM_ARGS, "--output", str(folder / "out"), "--experiment", "run"]
+    return " ".join(map(shlex.quote, args)) + f" > {shlex.quote(str(folder / 'train.log'))} 2>&1"
+
+
+def timm_rate(folder: Path) -> float:
+    """timm's training images per second: the mean over epochs of its own per-epoch average."""
     rates = {}  # epoch -> its running average at the epoch's last logged update
-    for line in log.read_text().splitlines():
+    for line in (folder / "train.log").read_text().splitlines():
         m = re.search(r"Train: (\d+) \[.*\((?:\s*[\d.]+)s,\s*([\d.]+)/s\)", line)
         if m:
             rates[int(m.group(1))] = float(m.group(2))
@@ -123,11 +124,6 @@ def timm_logits(folder: Path, kit: dict, ids: np.ndarray, images: Path, schema) 
     return out
 
 
-def held_out_score(data_dir: Path, test: pd.DataFrame, logits: np.ndarray, schema) -> float:
-    sub = make_submission(test[ID], test[CATEGORY], logits, schema)
-    return score(read_submission(data_dir / "test_solution.csv"), sub)[0]
-
-
 def main(cfg: VsTimmConfig) -> pd.DataFrame:
     print(machine())
     run_dir, data_dir = RunDir(cfg.out_dir), Path(cfg.data_dir)
@@ -138,12 +134,18 @@ def main(cfg: VsTimmConfig) -> pd.DataFrame:
     root.mkdir(parents=True, exist_ok=True)
     weights = timm_weights(cfg, kit["model"], root.parent)
     test = data.test
-    rows, timm_folds, kit_folds = [], [], load_test_logits(run_dir, cfg.run, test[ID].to_numpy())
-    for k in range(run_dir.n_folds):
-        folder = root / f"fold{k}"
+    folders = [root / f"fold{k}" for k in range(run_dir.n_folds)]
+    for k, folder in enumerate(folders):
         image_folder(folder / "train", table[table["fold"] != k], data.train_images)
         image_folder(folder / "validation", table[table["fold"] == k], data.train_images)
-        rate = run_timm(cfg, kit, folder, weights)
+    if not all((f / "out" / "run" / "model_best.pth.tar").is_file() for f in folders):
+        script = root / "run_timm.sh"
+        atomic_write_text(script, "set -e\n" + "".join(timm_command(cfg, kit, f, weights) + "\n" for f in folders))
+        print(f"timm's train.py has not run on every fold yet: run\n    bash {script}\nthen this command again")
+        return pd.DataFrame()
+    rows, timm_folds, kit_folds = [], [], load_test_logits(run_dir, cfg.run, test[ID].to_numpy())
+    for k, folder in enumerate(folders):
+        rate = timm_rate(folder)
         timm_test = timm_logits(folder, kit, test[ID].to_numpy(), data.test_images, schema)
         timm_folds.append(timm_test)
         val = table[table["fold"] == k]
