@@ -42,9 +42,8 @@ from utils.model import checkpoint_preprocess, load_checkpoint
 from utils.onnx_utils import EnsembleGraph, LogitsOnly, export_onnx, quantize_int8
 from utils.run import RunDir
 from utils.schema import CATEGORY, ID, Schema, image_path, read_dataset
-from utils.data import read_or_placeholder
-from utils.serving import (MERGED_PARITY, fold_members, onnx_runner, parity, placeholder_batch, run_members,
-                           single_stream_ms, usable_batch)
+from utils.serving import (MERGED_PARITY, fold_members, merged_parity, onnx_runner, parity, placeholder_batch,
+                           run_members, single_stream_ms, usable_batch)
 from utils.transforms import Preprocess
 
 
@@ -160,10 +159,9 @@ def export_merged(cfg: ExportConfig, ens: dict, entries: list[dict], schema: Sch
     report_skipped(skipped, "merged graph: parity and timing")
     images = [batch[i:i + 1] for i in range(min(cfg.timing_images, len(batch)))]
     merged = onnx_runner(merged_path, cfg.threads, schema)
-    sessions = {e["run"]: [onnx_runner(onnx_dir / f["path"], cfg.threads, schema) for f in e["folds"]]
-                for e in entries}
-    separate = lambda x: combine_members({r: [s(x) for s in ss] for r, ss in sessions.items()}, ens, schema)
-    diff, same = parity(separate(batch[: cfg.parity_images]), merged(batch[: cfg.parity_images]), schema)
+    members = fold_members(onnx_dir, {e["run"]: e for e in entries}, ens["models"], (), False, cfg.threads, schema)
+    separate = lambda x: combine_members(run_members(members, {prep: x}), ens, schema)
+    diff, same = merged_parity(merged, members, ens, schema, batch[: cfg.parity_images])
     keys = {"merged": {"path": merged_path.name, "preprocess": prep.to_dict(), "parity_max_abs_diff": diff,
                        "parity_same_decoding": same, "parity_images": min(cfg.parity_images, len(batch)),
                        "ensemble": ensemble_digest(ens)},
@@ -203,13 +201,11 @@ def choose_serving(cfg: ExportConfig, run_dir: RunDir, exported: dict, data) -> 
     for models in budget.candidates(scorer, spec["models"], runs):
         mergeable = cfg.merge and len({preps[r] for r in models}) == 1
         variants += budget.variants_of(scorer, models, int8_ok, mergeable)
-    items, skipped, any_prep = [], [], next(iter(preps.values()))  # usable test images: timed, and the parity's
-    for path, category in zip((image_path(data.test_images, i) for i in data.test[ID]), data.test[CATEGORY]):
-        if len(items) >= max(cfg.latency_images, cfg.parity_images):
-            break
-        error = read_or_placeholder(path, any_prep)[1]
-        skipped.append((path, error)) if error else items.append((path, category))
+    paths = [image_path(data.test_images, i) for i in data.test[ID]]  # the usable ones: timed, and the parity's
+    x, skipped = usable_batch(paths, next(iter(preps.values())), max(cfg.latency_images, cfg.parity_images))
     report_skipped(skipped, "budget: timing")
+    passed_over = {p for p, _ in skipped}
+    items = [(p, c) for p, c in zip(paths[: len(x) + len(skipped)], data.test[CATEGORY]) if p not in passed_over]
     parity_paths, items = [p for p, _ in items[: cfg.parity_images]], items[: cfg.latency_images]
     for k, v in enumerate(tqdm(variants, desc="budget", disable=not cfg.progress)):
         v.p50, v.p99 = budget.time_variant(serving_fn(cfg, run_dir, v, preps, exported, k, parity_paths), items)
@@ -249,7 +245,7 @@ def serving_fn(cfg: ExportConfig, run_dir: RunDir, v, preps: dict, exported: dic
         separate = fold_members(run_dir.onnx_dir, {r: e for r, (e, _) in exported.items()}, v.models, (),
                                 False, cfg.threads, schema)  # fp32, every fold: what the graph bakes in
         x = usable_batch(parity_paths, prep)[0]
-        diff, same = parity(combine_members(run_members(separate, {prep: x}), ens, schema), session(x), schema)
+        diff, same = merged_parity(session, separate, ens, schema, x)
         if diff > MERGED_PARITY or not same:
             raise RuntimeError(f"{v.path} ({v.name}): the merged graph differs from its separate sessions on "
                                f"{len(x)} images (max |diff| {diff:.2e}, same decoding {same})")

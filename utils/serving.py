@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from utils import provenance
-from utils.blend import ensemble_digest
+from utils.blend import combine_members, ensemble_digest
 from utils.data import read_or_placeholder
 from utils.errors import DataError
 from utils.model import checkpoint_preprocess, load_checkpoint
@@ -157,6 +157,12 @@ def placeholder_batch(paths, prep: Preprocess) -> np.ndarray:
 
 
 MERGED_PARITY = 1e-3  # the largest |logit difference| a merged graph may show against separate sessions
+
+
+def merged_parity(merged: Callable, members: list[Member], ens: dict, schema: Schema, x: np.ndarray) -> tuple[float, bool]:
+    """(max |diff|, same decoding) of a merged ensemble graph against the separate sessions it replaces
+    (``members``, blended with ``ens``'s weights and biases), on the inputs ``x``."""
+    return parity(combine_members(run_members(members, {members[0].prep: x}), ens, schema), merged(x), schema)
 
 
 def parity(a: np.ndarray, b: np.ndarray, schema: Schema) -> tuple[float, bool]:
