@@ -106,15 +106,16 @@ def atomic_torch_save(path: str | Path, obj) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_torch(path: str | Path) -> dict:
+def load_torch(path: str | Path, mmap: bool = False) -> dict:
     """A checkpoint, read with ``torch.load(weights_only=True)``: tensors and plain containers
-    only. A file holding any other Python object is refused, and nothing in it runs."""
+    only. A file holding any other Python object is refused, and nothing in it runs. With ``mmap``
+    the tensors are memory-mapped, read only where used (a file of torch's zip format)."""
     import pickle
 
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         lines = [line for line in str(err).splitlines() if "GLOBAL" in line or "global" in line]
         raise DataError(f"refusing to load {path}: it holds Python objects other than tensors and plain "

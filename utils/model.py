@@ -20,7 +20,7 @@ from utils.io import load_torch
 from utils.schema import IGNORE_INDEX, Schema
 from utils.train_config import HEADS, LOSSES
 from utils.transforms import Preprocess
-from utils.weights import is_lukemelas_efficientnet, lukemelas_to_timm, read_state_dict
+from utils.weights import is_lukemelas_efficientnet, lukemelas_to_timm, read_state_dict, state_dict_keys
 
 
 
@@ -109,10 +109,9 @@ def load_from_file(name: str, path: str, resample: bool = False, **kwargs) -> nn
     naming the keys."""
     if not Path(path).is_file():
         raise DataError(f"pretrained_file {path}: file not found")
-    state = read_state_dict(path)
-    if is_lukemelas_efficientnet(state):
+    if is_lukemelas_efficientnet(state_dict_keys(path)):
         model = _create(name, pretrained=False, **kwargs)
-        model.load_state_dict(lukemelas_to_timm(state, model, path))  # strict: every key was checked
+        model.load_state_dict(lukemelas_to_timm(read_state_dict(path), model, path))  # strict: every key was checked
         return model
     overlay = {"file": str(path)}
     if kwargs.get("num_classes"):  # a head of another size than the pretrained config's is kept: it is in the file

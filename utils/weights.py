@@ -36,15 +36,7 @@ _UNEXPANDED = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_se_reduce": "se.co
 _BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(\w+)$")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file (safetensors, or a torch file loaded with weights_only: nothing
-    in it runs), unwrapped from a ``state_dict`` / ``model`` entry when it has one."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = load_torch(path)
+def _unwrapped(state, path: Path) -> dict:
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -53,9 +45,37 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def is_lukemelas_efficientnet(state: dict) -> bool:
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (safetensors, or a torch file loaded with weights_only: nothing
+    in it runs), unwrapped from a ``state_dict`` / ``model`` entry when it has one."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return _unwrapped(load_torch(path), path)
+
+
+def state_dict_keys(path: str | Path) -> list[str]:
+    """The tensor names of a weights file, without reading its tensors (safetensors' header, or a
+    memory-mapped torch file; an old-format torch file is read whole): the layout is told from
+    them before the file is loaded once, by the converter or by timm."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    try:
+        state = load_torch(path, mmap=True)
+    except RuntimeError:  # not torch's zip format: no memory map
+        state = load_torch(path)
+    return list(_unwrapped(state, path))
+
+
+def is_lukemelas_efficientnet(keys) -> bool:
     """A checkpoint of lukemelas' EfficientNet-PyTorch (B0-B7, Lite0-4): ``_conv_stem`` and ``_blocks``."""
-    return "_conv_stem.weight" in state and any(k.startswith("_blocks.") for k in state)
+    return "_conv_stem.weight" in keys and any(k.startswith("_blocks.") for k in keys)
 
 
 def lukemelas_to_timm(state: dict, model: nn.Module, path: str | Path = "the file") -> dict:
