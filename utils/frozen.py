@@ -8,9 +8,9 @@ The cache is ``<out_dir>/embeddings/<key>.npz``. The key hashes everything an em
 on: the model and its arguments (``model_kwargs``, keep_head, the image size), its weights as
 loaded (a digest of the backbone's state, whether they came from ``pretrained_file``, the hub or
 a seed), the autocast dtype, timm's and torch's versions, the preprocessing, the views with their
-augmentation and seed, and every image file embedded (name, size, modification time). A change to any of them is another key, so the
-embeddings are computed again, and the run says so; folds and heads on the same backbone share one
-file.
+augmentation and seed, and every image file embedded (name, size, modification time). A change to
+any of them is another key, so the embeddings are computed again, and the run says so; folds and
+heads on the same backbone share one file.
 
 A fold writes what a fine-tuned fold writes: best.pt (the backbone's weights with the trained
 heads, or the kNN bank), OOF and test logits, metrics.json; ensemble.py, export.py and infer.py
