@@ -80,7 +80,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     data = read_dataset(cfg.data_dir, cfg.train_csv) if data is None else data
     cfg.check_data(data)
     d = setup_distributed(cfg.device)
-    configure_device(d)
+    configure_device(d, cfg.cudnn_benchmark)
     folds = folds_to_train(cfg)
     run_dir = RunDir(cfg.out_dir)
     if d.main:  # rank 0 fits and writes schema.json and folds.csv; the others read them

@@ -141,6 +141,8 @@ class TrainConfig(CommonConfig):
                                         "(see utils/throughput.py)", choices=("auto", "on", "off"))
     compile: bool = option(False, "torch.compile the training model (see BENCHMARKS.md for where it pays)")
     device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
+    cudnn_benchmark: bool = option(False, "CUDA: let cuDNN time its kernels for each input shape (can take a minute "
+                                          "per fold for depthwise convolutions; see utils/throughput.py)")
     resume: bool = option(False, "skip complete folds; continue a fold from its last.pt")
     stop_after: int = option(0, "stop cleanly after this many epochs in this run (then --resume); 0 = never")
     progress: bool = option(True, "progress bars")

@@ -58,7 +58,7 @@ def model_args(cfg: TrainConfig, schema: Schema, knn_bank: int = 0) -> dict:
 
 # keys a resumed fold may take anew: how long and where it runs, not what it learns
 SAFE_ON_RESUME = ("epochs", "fold", "resume", "stop_after", "patience", "workers", "device", "progress", "log",
-                  "compile", "decode_cache", "predict_test", "max_bad_images", "data_dir", "out_dir")
+                  "compile", "cudnn_benchmark", "decode_cache", "predict_test", "max_bad_images", "data_dir", "out_dir")
 
 
 def check_resumable(cfg: TrainConfig, saved: Path) -> None:

@@ -3,6 +3,7 @@
     python -m utils.bench.train                                       # resnet18, efficientnet_b0 at 128 and 224
     python -m utils.bench.train --models resnet18 --sizes 96 --workers-sweep 0,1,2
     python -m utils.bench.train --sizes 128 --workers-sweep 2 --epoch false --compile
+    python -m utils.bench.train --device cuda --sizes 224 --batch-size 256 --images 4096 --workers 8 --workers-sweep 8
 
 For each model and size, images per second of:
   decode cache      decoding every image once, with every core (utils/decoded.py)
@@ -15,13 +16,15 @@ For each model and size, images per second of:
                     interleaved repeat)
   data wait         the share of a full step's time spent waiting for the batch and moving it
                     to the device: the loader's cost without the noise of the step's own speed
+  first steps       seconds of the case's first two ceiling steps (kernel loading; on CUDA,
+                    cuDNN's autotuning with --cudnn-benchmark), left out of every rate
   train.py epoch    train.py's first epoch (worker start and first batch included) and its
                     second, in a process of its own: 2 folds of the data, half of it trained on
 and, to justify the defaults (utils/throughput.py): the ceiling in contiguous and channels_last
 memory format, the full step with each number of loader workers in ``--workers-sweep`` and
 without the decode cache, and bf16 autocast, but only on a CPU with native bf16 (elsewhere it is
 emulated, and says so); with ``--compile``, the ceiling under torch.compile and the seconds its
-compilation took.
+compilation took. On CUDA the ceiling's batches wait on the GPU already, and bf16 is always timed.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ from utils.distributed import Dist
 from utils.engine import native_bf16, train_one_epoch
 from utils.model import AttributeModel, HeadLoss, build_optimizer, data_config, warmup_cosine
 from utils.schema import CATEGORY, Schema, read_dataset
-from utils.throughput import keep_freed_memory, loader_workers, use_channels_last
+from utils.throughput import configure_device, keep_freed_memory, loader_workers, use_channels_last
 from utils.trainer import TrainConfig, model_args, row_paths
 from utils.transforms import Preprocess
 
@@ -63,8 +66,10 @@ class BenchTrainConfig(DataConfig):
     workers: int = option(2, "loader workers of the loader and full-step rows")
     workers_sweep: list[int] = option(help="loader workers to compare for the full step (a,b,c)", factory=lambda: [0, 1, 2])
     repeats: int = option(3, "interleaved repetitions of every step measurement; medians are kept")
+    device: str = option("auto", "cpu, cuda, or auto (cuda where there is one)")
     epoch: bool = option(True, "also time train.py's first two epochs, run as train.py, per model and size")
     compile: bool = option(False, "also time the ceiling under torch.compile, and its compile time (minutes)")
+    cudnn_benchmark: bool = option(False, "CUDA: cuDNN autotuning, as train.py's cudnn_benchmark")
     keep_freed_memory: bool = option(True, "malloc keeps the memory a step frees, as train.py sets it on CPU "
                                            "(utils/throughput.py); false: glibc's default")
 
@@ -74,11 +79,13 @@ class Case:
 
     def __init__(self, cfg: BenchTrainConfig, data, schema, model_name: str, size: int):
         self.cfg, self.data, self.schema, self.size, self.name = cfg, data, schema, size, model_name
+        self.device = bench_device(cfg)
+        self.first_warmup_s = None  # the case's first two steps: kernel loading, cuDNN autotuning
         self.rows = data.train.iloc[: cfg.images]
         self.targets = schema.encode(self.rows)
         self.recipe = TrainConfig(model=model_name, img_size=size)
         torch.manual_seed(0)
-        self.model = AttributeModel(loss=HeadLoss(schema), **model_args(self.recipe, schema))  # as train.py builds it
+        self.model = AttributeModel(loss=HeadLoss(schema), **model_args(self.recipe, schema)).to(self.device)
         self.prep = Preprocess(size, *data_config(self.model.backbone))
         self.paths = row_paths(self.rows, self.data.train_images)
         self.tmp = tempfile.TemporaryDirectory()
@@ -93,7 +100,7 @@ class Case:
         ds = ImageDataset(self.paths, self.rows[CATEGORY], self.targets, tf, self.prep, augment_seed=0,
                           images=self.images if cached else None)
         return make_loader(ds, self.cfg.batch_size, workers, EpochSampler(len(ds), 0), drop_last=True, persistent=True,
-                           device=torch.device("cpu"))
+                           device=self.device)
 
     def steps(self, batches, channels_last: bool, dtype=None, compiled: bool = False) -> dict:
         """``train_one_epoch``'s stats (images/s, data wait) of the kit's training step over
@@ -104,19 +111,21 @@ class Case:
         net = torch.compile(self.model) if compiled else self.model
         opt = build_optimizer(self.model, 1e-4, 1e-3, 0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(10_000, 0))
-        run = lambda b: train_one_epoch(net, b, opt, sched, torch.device("cpu"), prep=self.prep, amp_dtype=dtype,
+        run = lambda b: train_one_epoch(net, b, opt, sched, self.device, prep=self.prep, amp_dtype=dtype,
                                         clip_grad=1.0, channels_last=channels_last, progress=False)
         start = time.perf_counter()
         run(itertools.islice(iter(batches), 2))
         self.warmup_s = time.perf_counter() - start
+        if self.first_warmup_s is None:
+            self.first_warmup_s = self.warmup_s
         return run(batches)
 
     def in_memory(self) -> list[dict]:
-        """Batches of random images with real targets, already in memory."""
+        """Batches of random images with real targets, already in memory (on the device)."""
         g = torch.Generator().manual_seed(0)
         n = self.cfg.images // self.cfg.batch_size
         t = torch.as_tensor(self.targets[: n * self.cfg.batch_size])
-        return [{"image": torch.randn(self.cfg.batch_size, 3, self.size, self.size, generator=g),
+        return [{"image": torch.randn(self.cfg.batch_size, 3, self.size, self.size, generator=g).to(self.device),
                  "target": t[k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]} for k in range(n)]
 
 
@@ -138,6 +147,7 @@ def real_epochs(case: Case) -> list[dict]:
         subprocess.run([sys.executable, "train.py", "--data-dir", str(case.cfg.data_dir), "--out-dir", out,
                         "--model", case.name, "--img-size", str(case.size), "--batch-size", str(case.cfg.batch_size),
                         "--epochs", "2", "--n-folds", "2", "--fold", "0", "--workers", "auto", "--amp", "off",
+                        "--device", case.device.type,
                         "--drop-path-rate", "0", "--patience", "0", "--predict-test", "false", "--progress", "false"],
                        cwd=ROOT, check=True, capture_output=True)
         history = pd.read_csv(Path(out) / case.name / "fold0" / "history.csv")
@@ -156,6 +166,7 @@ def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
     runs = {"ceiling": (memory, cl), "other": (memory, not cl), "decoding": (decoding, cl),
             **{f"full{w}": (loader, cl) for w, loader in loaders.items()}}
     repeats = [{key: case.steps(batches, fmt) for key, (batches, fmt) in runs.items()} for _ in range(cfg.repeats)]
+    first_steps = case.first_warmup_s
     rates = pd.DataFrame([{key: stats["images_per_s"] for key, stats in r.items()} for r in repeats])
     waits = pd.DataFrame([{key: stats["data_wait"] for key, stats in r.items()} for r in repeats])
     median = lambda key: float(rates[key].median())
@@ -167,7 +178,7 @@ def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
             {"case": label, "measure": "loader alone, decoding on the fly", "workers": cfg.workers,
              "img_per_s": loader_only(case, cfg.workers, cached=False)},
             {"case": label, "measure": f"ceiling, {'channels_last' if cl else 'contiguous'} (auto)",
-             "img_per_s": median("ceiling")},
+             "img_per_s": median("ceiling"), "first_steps_s": first_steps},
             {"case": label, "measure": f"ceiling, {'contiguous' if cl else 'channels_last'}",
              "img_per_s": median("other"), "of_ceiling": of("other")}]
     rows += [{"case": label, "measure": "full step", "workers": w, "img_per_s": median(f"full{w}"),
@@ -180,7 +191,7 @@ def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
         rows += [{"case": label, "measure": f"train.py epoch {k} (auto workers, fp32)", "workers": w,
                   "img_per_s": epoch["images_per_s"], "of_ceiling": epoch["images_per_s"] / ceiling,
                   "data_wait": epoch["data_wait"]} for k, epoch in enumerate(real_epochs(case), 1)]
-    if native_bf16():
+    if case.device.type == "cuda" or native_bf16():
         bf16 = float(np.median([case.steps(memory, cl, torch.bfloat16)["images_per_s"]
                                 for _ in range(cfg.repeats)]))
         rows.append({"case": label, "measure": "ceiling, bf16 autocast", "img_per_s": bf16, "of_ceiling": bf16 / ceiling})
@@ -193,8 +204,20 @@ def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
     return rows
 
 
+def bench_device(cfg: BenchTrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
+    return torch.device(cfg.device)
+
+
 def main(cfg: BenchTrainConfig) -> pd.DataFrame:
-    kept = keep_freed_memory() if cfg.keep_freed_memory else False
+    kept = False
+    if bench_device(cfg).type == "cuda":
+        configure_device(Dist(device=bench_device(cfg)), cfg.cudnn_benchmark)  # as train.py sets them
+    elif cfg.keep_freed_memory:
+        kept = keep_freed_memory()
     data = read_dataset(cfg.data_dir)
     schema = Schema.fit(data.train, data.category_attrs)
     rows = []
