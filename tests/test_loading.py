@@ -23,7 +23,9 @@ from utils.config import parse_config
 from utils.data import ImageDataset, make_loader, read_or_placeholder
 from utils.engine import model_input
 from utils.decoded import DecodedImages
-from utils.throughput import keep_freed_memory
+from utils.distributed import Dist
+from utils.throughput import configure_device, keep_freed_memory
+from utils.train_config import TrainConfig
 from utils.transforms import Preprocess
 
 PREP = Preprocess(48, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))  # draft decoding on: 1/8 to 1/2 scale
@@ -150,6 +152,20 @@ def test_loader_workers_yield_the_cores_to_a_cpu_step_only():
         warnings.simplefilter("ignore")
         assert classes("cuda") == {os.SCHED_OTHER}
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the training process itself is untouched
+
+
+def test_cudnn_autotuning_only_when_asked():
+    before = torch.backends.cudnn.benchmark
+    try:
+        for asked in (True, False):  # the flag is set without a GPU; only the CUDA branch sets it
+            torch.backends.cudnn.benchmark = not asked
+            configure_device(Dist(device=torch.device("cuda")), asked)
+            assert torch.backends.cudnn.benchmark is asked
+        configure_device(Dist(device=torch.device("cuda")), TrainConfig().cudnn_benchmark)
+        assert torch.backends.cudnn.benchmark is False  # the default: ~45 s a fold for efficientnet_b0
+    finally:
+        torch.backends.cudnn.benchmark = before
+        torch.set_float32_matmul_precision("highest")
 
 
 def test_loaders_carry_uint8_pixels_that_the_step_normalises_once(images):
