@@ -2,7 +2,7 @@
 
     python export.py                         # runs of ensemble.json (or every run) -> <out-dir>/onnx/
     python export.py --int8                  # also int8 static quantisation (QDQ), with its OOF score change
-    python export.py --budget-ms 500         # serve the best configuration whose p99, measured here, fits
+    python export.py --budget-ms 500         # serve the best configuration whose p99 (or max), measured here, fits
 
 Every fold's ``best.pt`` becomes ``onnx/<run>_fold<k>.onnx`` (dynamic batch; schema and
 preprocessing embedded as metadata). Each export is checked against PyTorch on real images of its
@@ -43,7 +43,7 @@ from utils.onnx_utils import EnsembleGraph, LogitsOnly, export_onnx, quantize_in
 from utils.run import RunDir
 from utils.schema import CATEGORY, ID, Schema, image_path, read_dataset
 from utils.serving import (MERGED_PARITY, fold_members, merged_parity, onnx_runner, parity, placeholder_batch,
-                           run_members, single_stream_ms, usable_batch)
+                           run_members, single_stream_ms, trained_with_tta, usable_batch)
 from utils.transforms import Preprocess
 
 
@@ -98,8 +98,9 @@ def export_fold(cfg: ExportConfig, run: str, k: int, path: Path, schema: Schema,
     if diff > 1e-3 or not same:
         raise RuntimeError(f"{target}: ONNX differs from PyTorch (max |diff| {diff:.2e}, same decoding {same})")
     print(f"{target.name}: parity max |diff| {diff:.2e}, same decoding {same}")
+    hflip = trained_with_tta(ckpt)  # its OOF logits average the mirror: so do its int8 OOF and serving
     entry = {"fold": k, "path": target.name, "parity_max_abs_diff": diff, "parity_same_decoding": same,
-             "model": ckpt["model"], "preprocess": prep.to_dict()}
+             "model": ckpt["model"], "preprocess": prep.to_dict(), "tta_hflip": hflip}
     if not cfg.int8:
         return entry, {}
     calib_ids = train[train["fold"] != k][ID].to_numpy()[: cfg.calib_images]
@@ -109,6 +110,8 @@ def export_fold(cfg: ExportConfig, run: str, k: int, path: Path, schema: Schema,
     quantize_int8(target, int8_path, [calib[i:i + 16] for i in range(0, len(calib), 16)])
     entry["int8_path"] = int8_path.name
     int8 = onnx_runner(int8_path, cfg.threads, schema)
+    if hflip:
+        fp32, int8 = (lambda x, f=f: (f(x) + f(np.ascontiguousarray(x[..., ::-1]))) / 2 for f in (fp32, int8))
     batches = [placeholder_batch(val_paths[i:i + 64], prep) for i in range(0, len(val_paths), 64)]
     oof = {"fp32": np.concatenate([fp32(b) for b in batches]), "int8": np.concatenate([int8(b) for b in batches]),
            "targets": schema.encode(val), "ids": val[ID].to_numpy()}
@@ -129,7 +132,11 @@ def export_run(cfg: ExportConfig, run: str, paths: list[Path], schema: Schema, d
     if len(preps) > 1:  # one Member serves every fold of a run with one preprocessing
         raise DataError(f"run {run}: its folds were trained with different preprocessing ({sorted(preps)}); "
                         f"retrain them with one config")
-    entry.update(model=entry["folds"][0]["model"], preprocess=entry["folds"][0]["preprocess"])
+    if len({f["tta_hflip"] for f in entry["folds"]}) > 1:
+        raise DataError(f"run {run}: some of its folds were scored with tta_hflip and some without; retrain them "
+                        f"with one config")
+    entry.update(model=entry["folds"][0]["model"], preprocess=entry["folds"][0]["preprocess"],
+                 tta_hflip=entry["folds"][0]["tta_hflip"])
     if cfg.int8:
         targets = np.concatenate([o["targets"] for o in oofs])
         fp32_score, _ = score_logits(schema, targets, np.concatenate([o["fp32"] for o in oofs]))
@@ -138,6 +145,12 @@ def export_run(cfg: ExportConfig, run: str, paths: list[Path], schema: Schema, d
         print(f"{run}: OOF score fp32 {fp32_score:.4f}, int8 {int8_score:.4f} ({int8_score - fp32_score:+.4f})")
         return entry, {k: np.concatenate([o[k] for o in oofs]) for k in ("ids", "fp32", "int8")}
     return entry, {}
+
+
+def mergeable(entries: list[dict]) -> bool:
+    """Runs that one graph can serve: one preprocessing, and none that averages the mirror."""
+    return len({json.dumps(e["preprocess"], sort_keys=True) for e in entries}) == 1 and \
+        not any(e.get("tta_hflip") for e in entries)
 
 
 def export_graph(fold_paths: list[list[Path]], weights, biases, schema: Schema, prep: Preprocess, path: Path) -> None:
@@ -193,14 +206,12 @@ def choose_serving(cfg: ExportConfig, run_dir: RunDir, exported: dict, data) -> 
             z = np.empty_like(oof["int8"])
             z[position[oof["ids"]].to_numpy()] = oof["int8"]
             int8_members[run] = head_log_softmax(z, schema)
-    int8_ok = {run for run, (entry, _) in exported.items()
-               if run in int8_members and entry["oof_fp32"] - entry["oof_int8"] < cfg.int8_max_drop}
+    int8_ok = budget.int8_allowed({run: entry for run, (entry, oof) in exported.items() if oof}, cfg.int8_max_drop)
     scorer = budget.Scorer(members, int8_members, schema.encode(rows), rows["fold"].to_numpy(), schema, spec)
     preps = {run: Preprocess.from_dict(exported[run][0]["preprocess"]) for run in runs}
     variants = []
     for models in budget.candidates(scorer, spec["models"], runs):
-        mergeable = cfg.merge and len({preps[r] for r in models}) == 1
-        variants += budget.variants_of(scorer, models, int8_ok, mergeable)
+        variants += budget.variants_of(scorer, models, int8_ok, cfg.merge and mergeable([exported[r][0] for r in models]))
     paths = [image_path(data.test_images, i) for i in data.test[ID]]  # the usable ones: timed, and the parity's
     x, skipped = usable_batch(paths, next(iter(preps.values())), max(cfg.latency_images, cfg.parity_images))
     report_skipped(skipped, "budget: timing")
@@ -208,26 +219,28 @@ def choose_serving(cfg: ExportConfig, run_dir: RunDir, exported: dict, data) -> 
     items = [(p, c) for p, c in zip(paths[: len(x) + len(skipped)], data.test[CATEGORY]) if p not in passed_over]
     parity_paths, items = [p for p, _ in items[: cfg.parity_images]], items[: cfg.latency_images]
     for k, v in enumerate(tqdm(variants, desc="budget", disable=not cfg.progress)):
-        v.p50, v.p99 = budget.time_variant(serving_fn(cfg, run_dir, v, preps, exported, k, parity_paths), items)
+        v.p50, v.p99, v.timed = budget.time_variant(serving_fn(cfg, run_dir, v, preps, exported, k, parity_paths), items)
     table = budget.table(variants, cfg.budget_ms)
     atomic_write_csv(run_dir.onnx_dir / "budget.csv", table)
     with pd.option_context("display.width", 160, "display.max_colwidth", 40):
         print(f"\nserving candidates, end to end per image, single stream, {cfg.threads} threads, {len(items)} "
-              f"images; budget p99 {cfg.budget_ms:.0f} ms\n" + table.to_string(index=False, float_format="{:.4f}".format))
+              f"images; budget {cfg.budget_ms:.0f} ms for the {budget.tail_name(len(items))}\n" + table.to_string(index=False, float_format="{:.4f}".format))
     chosen = budget.choose(variants, cfg.budget_ms)
     for v in variants:  # the merged graphs built to be timed: only the chosen one is kept
         if v.path and v is not chosen:
             (run_dir.onnx_dir / v.path).unlink(missing_ok=True)
     if chosen is None:
         fastest = min(variants, key=lambda v: v.p99)
-        raise DataError(f"nothing fits a p99 of {cfg.budget_ms:.0f} ms on this machine: the fastest is {fastest.name} "
-                        f"at p99 {fastest.p99:.1f} ms (every candidate: {run_dir.onnx_dir / 'budget.csv'})")
-    print(f"serving {chosen.name}: score {chosen.score:.4f} (nested CV), p99 {chosen.p99:.1f} ms <= {cfg.budget_ms:.0f} ms")
+        raise DataError(f"nothing fits a budget of {cfg.budget_ms:.0f} ms for the {budget.tail_name(len(items))} on this "
+                        f"machine: the fastest is {fastest.name} at {fastest.p99:.1f} ms (every candidate: "
+                        f"{run_dir.onnx_dir / 'budget.csv'})")
+    print(f"serving {chosen.name}: score {chosen.score:.4f} (nested CV), {budget.tail_name(chosen.timed)} "
+          f"{chosen.p99:.1f} ms <= {cfg.budget_ms:.0f} ms")
     return {"name": chosen.name, "models": chosen.models, "weights": np.asarray(chosen.weights).tolist(),
             "biases": np.asarray(chosen.biases, dtype=float).round(6).tolist(), "folds": chosen.folds,
             "format": chosen.format, "int8": chosen.int8, "path": chosen.path, "score": chosen.score,
             "p50_ms": chosen.p50, "p99_ms": chosen.p99, "budget_ms": cfg.budget_ms, "threads": cfg.threads,
-            "images": len(items)}
+            "images": len(items), "tail": budget.tail_name(chosen.timed)}
 
 
 def serving_fn(cfg: ExportConfig, run_dir: RunDir, v, preps: dict, exported: dict, k: int, parity_paths: list):
@@ -290,8 +303,11 @@ def main(cfg: ExportConfig) -> dict:
     manifest = {"models": ens["models"], "schema": schema.fingerprint, "members": entries, "use": "separate",
                 "config": dataclasses.asdict(cfg)}
     ens_entries = [exported[run][0] for run in ens["models"]]
-    if cfg.merge and len({json.dumps(e["preprocess"], sort_keys=True) for e in ens_entries}) == 1:
+    if cfg.merge and mergeable(ens_entries):
         manifest.update(export_merged(cfg, ens, ens_entries, schema, data, run_dir.onnx_dir))
+    elif cfg.merge:
+        print("no merged graph: the runs differ in preprocessing, or one averages the mirror (tta_hflip), "
+              "which a merged graph does not")
     if cfg.budget_ms:
         manifest["serve"] = choose_serving(cfg, run_dir, exported, data)
     manifest["provenance"] = made_from(cfg, run_dir, manifest)

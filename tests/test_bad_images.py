@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_script
-from utils.metric import validate_submission
+from utils.blend import load_oof
+from utils.metric import score_logits, validate_submission
 from utils.run import RunDir
 from utils.schema import Schema, read_dataset
 
@@ -150,4 +151,12 @@ def test_export_skips_and_reports_bad_parity_calibration_and_timing_images(tiny_
     assert f"budget: timing: 1 unreadable image(s) skipped: {first_test:06d}.jpg" in proc.stdout
     manifest = json.loads((run / "onnx" / "manifest.json").read_text())
     assert manifest["merged"]["parity_images"] == 4 and manifest["merged"]["parity_max_abs_diff"] <= 1e-3
-    assert manifest["serve"]["images"] == 6  # timed on six usable images
+    assert manifest["serve"]["images"] == 6 and manifest["serve"]["tail"] == "max of 6"  # six usable images
+    # the int8 report: its fp32 side is the training OOF score (ONNX against PyTorch, a bad image as
+    # the same placeholder), and int8 variants are candidates (a drop of up to 1 allowed)
+    for entry in manifest["members"]:
+        oof = load_oof(RunDir(run), [entry["run"]], rows.id.to_numpy())[0]
+        trained, _ = score_logits(RunDir(run).schema, RunDir(run).schema.encode(rows), oof)
+        assert entry["oof_fp32"] == pytest.approx(trained, abs=2e-3) and 0 < entry["oof_int8"] <= 1
+    table = pd.read_csv(run / "onnx" / "budget.csv", keep_default_na=False)
+    assert set(table["int8"]) - {"-"} and set(table["tail"]) == {"max of 6"}

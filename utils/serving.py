@@ -25,10 +25,12 @@ from utils.transforms import Preprocess
 @dataclass
 class Member:
     """One run of the ensemble: a callable per fold (normalised images [B, 3, S, S] -> logits
-    [B, L]), and the preprocessing its checkpoint describes."""
+    [B, L]), the preprocessing its checkpoint describes, and whether the run was trained with
+    ``tta_hflip`` (its OOF logits, hence its ensemble weights, average the mirror: so does serving)."""
     run: str
     folds: list[Callable[[np.ndarray], np.ndarray]]
     prep: Preprocess
+    hflip: bool = False
 
 
 def torch_members(ens: dict, schema: Schema) -> list[Member]:
@@ -39,8 +41,13 @@ def torch_members(ens: dict, schema: Schema) -> list[Member]:
         for path in ens["folds"][run]:
             model, ckpt = load_checkpoint(path, schema)
             folds.append(lambda x, m=model: m.logits(torch.from_numpy(x)).float().numpy())
-        members.append(Member(run, folds, checkpoint_preprocess(ckpt)))
+        members.append(Member(run, folds, checkpoint_preprocess(ckpt), trained_with_tta(ckpt)))
     return members
+
+
+def trained_with_tta(ckpt: dict) -> bool:
+    """Whether a checkpoint's run scored its OOF and test logits with the mirror averaged in."""
+    return bool(ckpt.get("config", {}).get("tta_hflip", False))
 
 
 def onnx_runner(path: Path, threads: int, schema: Schema | None = None) -> Callable[[np.ndarray], np.ndarray]:
@@ -108,20 +115,20 @@ def fold_members(onnx_dir: Path, entries: dict, models: list[str], int8, one_fol
         key = "int8_path" if run in int8 else "path"
         folds = entries[run]["folds"][: 1 if one_fold else None]
         members.append(Member(run, [onnx_runner(onnx_dir / f[key], threads, schema) for f in folds],
-                              Preprocess.from_dict(entries[run]["preprocess"])))
+                              Preprocess.from_dict(entries[run]["preprocess"]), entries[run].get("tta_hflip", False)))
     return members
 
 
 def run_members(members: list[Member], images: dict, tta_hflip: bool = False) -> dict:
     """{run: [fold logits]} for one batch; ``images`` maps each Preprocess to its batch.
-    TTA averages each fold's logits with the mirror's."""
+    TTA (``tta_hflip``, or a member trained with it) averages each fold's logits with the mirror's."""
     out = {}
     for m in members:
         x = images[m.prep]
         logits = []
         for fold in m.folds:
             z = fold(x)
-            if tta_hflip:
+            if tta_hflip or m.hflip:
                 z = (z + fold(np.ascontiguousarray(x[..., ::-1]))) / 2
             logits.append(z)
         out[m.run] = logits
