@@ -11,7 +11,9 @@ are fitted on the other folds' OOF rows and applied to the held-out rows; the as
 predictions are scored once. The table shows that score for every method, its gain over equal
 weights and over the best single model, and its time. The chosen method is then refitted on all
 OOF rows and written to ``<out-dir>/ensemble.json``, which export.py and infer.py read, with
-``ensemble_heads.png`` (per-head score of the best single model against the ensemble).
+``ensemble_heads.png`` (per-head score of the best single model against the ensemble), and each
+held-out fold's fit (``fold_fits``: weights and biases fitted without that fold, which an honest
+student's fold learns from, utils/distill.py).
 
 Timing of the search at the real scale: ``python -m utils.bench.ensemble``.
 """
@@ -95,8 +97,10 @@ def compare_methods(cfg: EnsembleConfig, members, targets, folds, schema, single
     return results, table, equal["score"]
 
 
-def print_tables(singles: dict, table: pd.DataFrame, n_folds: int) -> None:
-    single_rows = pd.DataFrame([{"model": k, "oof_score": v} for k, v in singles.items()])
+def print_tables(singles: dict, table: pd.DataFrame, n_folds: int, optimistic: set = frozenset()) -> None:
+    single_rows = pd.DataFrame([{"model": k, "oof_score": v,
+                                 "note": "optimistic: a student that saw its validation labels" if k in optimistic else ""}
+                                for k, v in singles.items()])
     with pd.option_context("display.width", 140, "display.float_format", "{:+.4f}".format):
         print("\nsingle models (OOF score)\n" + single_rows.to_string(index=False, float_format="{:.4f}".format))
         print(f"\nnested CV over {n_folds} folds (fit on the others, score the held-out fold)")
@@ -104,6 +108,9 @@ def print_tables(singles: dict, table: pd.DataFrame, n_folds: int) -> None:
     not_positive = table[(table.vs_equal <= 0) & (table.method != "equal")]
     if len(not_positive):
         print(f"no nested gain over equal weights: {', '.join(not_positive.method)}")
+    if optimistic:
+        print(f"optimistic: {', '.join(sorted(optimistic))} (--distill-mode optimistic) saw its validation labels "
+              f"through its teacher; its OOF score and every nested-CV score above that weighs it are optimistic")
 
 
 def made_from(cfg: EnsembleConfig, run_dir: RunDir, runs: list[str]) -> dict:
@@ -124,7 +131,8 @@ def main(cfg: EnsembleConfig) -> dict:
     full = BlendObjective(members, targets, schema)
     singles = {run: full.score(np.eye(len(runs))[m]) for m, run in enumerate(runs)}
     results, table, equal_score = compare_methods(cfg, members, targets, folds, schema, singles)
-    print_tables(singles, table, run_dir.n_folds)
+    optimistic = {r for r in runs if run_dir.optimistic_student(r)}
+    print_tables(singles, table, run_dir.n_folds, optimistic)
 
     # choose, and refit on all OOF rows
     candidates = results if cfg.method == "auto" else [k for k in results if k[0] == cfg.method]
@@ -140,8 +148,11 @@ def main(cfg: EnsembleConfig) -> dict:
         "blend": "per-head log-probabilities", "schema": schema.fingerprint,
         "weights": (normalised if cfg.per_head else normalised[:, 0]).tolist(),
         "biases": np.asarray(bias, dtype=float).round(6).tolist(),
+        "fold_fits": [{"fold": k, "weights": (w if cfg.per_head else w[:, 0]).tolist(),
+                       "biases": np.zeros(schema.n_logits).tolist() if b is None else np.asarray(b, dtype=float).round(6).tolist()}
+                      for k, (w, b) in sorted(chosen["fold_fits"].items())],
         "nested_cv_score": chosen["score"], "oof_score_in_sample": full.score(weights, bias),
-        "equal_weights_nested_cv": equal_score, "single_models_oof": singles,
+        "equal_weights_nested_cv": equal_score, "single_models_oof": singles, "optimistic": sorted(optimistic),
         "methods": table.to_dict(orient="records"), "refit_seconds": refit_s,
         "config": dataclasses.asdict(cfg), "provenance": made_from(cfg, run_dir, runs),
     }

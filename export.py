@@ -209,9 +209,10 @@ def choose_serving(cfg: ExportConfig, run_dir: RunDir, exported: dict, data) -> 
     int8_ok = budget.int8_allowed({run: entry for run, (entry, oof) in exported.items() if oof}, cfg.int8_max_drop)
     scorer = budget.Scorer(members, int8_members, schema.encode(rows), rows["fold"].to_numpy(), schema, spec)
     preps = {run: Preprocess.from_dict(exported[run][0]["preprocess"]) for run in runs}
-    variants = []
+    variants, optimistic = [], {r for r in runs if run_dir.optimistic_student(r)}
     for models in budget.candidates(scorer, spec["models"], runs):
-        variants += budget.variants_of(scorer, models, int8_ok, cfg.merge and mergeable([exported[r][0] for r in models]))
+        variants += budget.variants_of(scorer, models, int8_ok, cfg.merge and mergeable([exported[r][0] for r in models]),
+                                       optimistic)
     paths = [image_path(data.test_images, i) for i in data.test[ID]]  # the usable ones: timed, and the parity's
     x, skipped = usable_batch(paths, next(iter(preps.values())), max(cfg.latency_images, cfg.parity_images))
     report_skipped(skipped, "budget: timing")
@@ -234,13 +235,14 @@ def choose_serving(cfg: ExportConfig, run_dir: RunDir, exported: dict, data) -> 
         raise DataError(f"nothing fits a budget of {cfg.budget_ms:.0f} ms for the {budget.tail_name(len(items))} on this "
                         f"machine: the fastest is {fastest.name} at {fastest.p99:.1f} ms (every candidate: "
                         f"{run_dir.onnx_dir / 'budget.csv'})")
-    print(f"serving {chosen.name}: score {chosen.score:.4f} (nested CV), {budget.tail_name(chosen.timed)} "
+    flag = f", optimistic: {','.join(chosen.optimistic)} saw its validation labels" if chosen.optimistic else ""
+    print(f"serving {chosen.name}: score {chosen.score:.4f} (nested CV{flag}), {budget.tail_name(chosen.timed)} "
           f"{chosen.p99:.1f} ms <= {cfg.budget_ms:.0f} ms")
     return {"name": chosen.name, "models": chosen.models, "weights": np.asarray(chosen.weights).tolist(),
             "biases": np.asarray(chosen.biases, dtype=float).round(6).tolist(), "folds": chosen.folds,
             "format": chosen.format, "int8": chosen.int8, "path": chosen.path, "score": chosen.score,
             "p50_ms": chosen.p50, "p99_ms": chosen.p99, "budget_ms": cfg.budget_ms, "threads": cfg.threads,
-            "images": len(items), "tail": budget.tail_name(chosen.timed)}
+            "images": len(items), "tail": budget.tail_name(chosen.timed), "optimistic": chosen.optimistic}
 
 
 def serving_fn(cfg: ExportConfig, run_dir: RunDir, v, preps: dict, exported: dict, k: int, parity_paths: list):

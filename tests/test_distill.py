@@ -11,9 +11,10 @@ import export
 from tests.conftest import run_script
 from tests.test_ensemble import synthetic  # noqa: F401 (a fixture)
 from utils import budget
-from utils.blend import head_log_softmax
+from utils.blend import head_log_softmax, load_oof
 from utils.config import parse_config
-from utils.distill import DistillLoss, soft_targets, student_rows, teacher_scores
+from utils.distill import (INFOLD, DistillLoss, honest_teacher_scores, prepare_teacher, soft_targets, student_rows,
+                           teacher_scores)
 from utils.errors import DataError
 from utils.serving import Member, run_members, trained_with_tta
 from utils.io import load_logits
@@ -48,14 +49,86 @@ def test_the_students_train_targets_come_from_the_teachers_out_of_fold_logits(ru
     assert not np.allclose(train_scores[0], head_log_softmax(logits[:1], rd.schema)[0], atol=1e-3)
 
 
+def test_an_honest_student_fold_learns_only_from_what_never_saw_its_labels(run, tiny_data):
+    """Student fold 0's targets: each teacher member's fold-0 model on the rows outside fold 0 (its
+    own training rows), blended with the weights and biases fitted without fold 0's rows."""
+    from utils.model import checkpoint_preprocess, load_checkpoint
+    from utils.search import BlendObjective, Budget, fit
+
+    rd, data = RunDir(run), read_dataset(tiny_data)
+    spec, schema = json.loads((run / "ensemble.json").read_text()), rd.schema
+    rows = rd.train_rows(data.train)
+    outside = rows[rows.fold != 0]
+    prepare_teacher(str(run / "ensemble.json"), rd, data, [0], torch.device("cpu"))
+    train, test = honest_teacher_scores(str(run / "ensemble.json"), rd, 0, outside[ID].to_numpy(), data.test[ID].to_numpy())
+    # the weights: fitted on the OOF rows outside fold 0 alone, as the nested CV fitted them
+    c = spec["config"]
+    budget_ = Budget(c["sto_population"], c["sto_iterations"], c["caruana_steps"], c["bias_rounds"], c["bias_range"],
+                     c["bias_steps"])
+    members = load_oof(rd, spec["models"], rows[ID].to_numpy())
+    obj = BlendObjective(members, schema.encode(rows), schema, np.flatnonzero(rows.fold.to_numpy() != 0))
+    w, b = fit(obj, spec["method"], spec["bias"], spec["per_head"], budget_, c["seed"])
+    fit0 = spec["fold_fits"][0]
+    np.testing.assert_allclose(fit0["weights"], obj.head_weights(w)[:, 0], atol=1e-6)
+    np.testing.assert_allclose(fit0["biases"], np.zeros(schema.n_logits) if b is None else b, atol=1e-6)
+    # the members' logits: their fold-0 models on the rows outside fold 0, by hand for two rows
+    expected = np.asarray(fit0["biases"], dtype=np.float32)[None].repeat(2, 0)
+    expected_test = np.asarray(fit0["biases"], dtype=np.float32)[None].repeat(len(data.test), 0)
+    picks = [0, len(outside) - 1]
+    for weight, member in zip(fit0["weights"], spec["models"]):
+        ids, _ = load_logits(rd.fold_file(member, 0, INFOLD))
+        assert sorted(ids) == sorted(outside[ID])  # exactly the fold's own training rows
+        model, ckpt = load_checkpoint(rd.fold_file(member, 0, "best.pt"), schema)
+        prep = checkpoint_preprocess(ckpt)
+        x = np.stack([prep(tiny_data / "train_images" / f"{int(outside[ID].iloc[r]):06d}.jpg") for r in picks])
+        with torch.no_grad():
+            z = model.logits(torch.from_numpy(x)).numpy()
+        expected += weight * head_log_softmax(z, schema)
+        _, t = load_logits(rd.fold_file(member, 0, "test_logits.npz"))
+        order = pd.Series(np.arange(len(t)), index=load_logits(rd.fold_file(member, 0, "test_logits.npz"))[0])
+        expected_test += weight * head_log_softmax(t[order[data.test[ID]].to_numpy()], schema)
+    np.testing.assert_allclose(train[picks], expected, atol=1e-4)
+    np.testing.assert_allclose(test, expected_test, atol=1e-5)
+    # kept while the checkpoint stands: a second call reads the same file
+    stamp = rd.fold_file(spec["models"][0], 0, INFOLD).stat().st_mtime_ns
+    prepare_teacher(str(run / "ensemble.json"), rd, data, [0], torch.device("cpu"))
+    assert rd.fold_file(spec["models"][0], 0, INFOLD).stat().st_mtime_ns == stamp
+    # an ensemble.json without per-fold fits cannot teach honestly, and says what to do
+    old = {k: v for k, v in spec.items() if k != "fold_fits"}
+    (run / "ensemble.json").write_text(json.dumps(old))
+    with pytest.raises(DataError, match="run ensemble.py again, or use --distill-mode optimistic"):
+        honest_teacher_scores(str(run / "ensemble.json"), rd, 0, outside[ID].to_numpy(), data.test[ID].to_numpy())
+
+
+def test_an_optimistic_student_is_flagged_where_its_scores_are_ranked(run, tiny_data, tmp_path):
+    import yaml
+
+    rd = RunDir(run)
+    runs = rd.complete_runs()
+    cfg_path = rd.fold_file(runs[0], 0, "config.yaml")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    assert not rd.optimistic_student(runs[0])  # no teacher
+    cfg_path.write_text(yaml.safe_dump({**cfg, "teacher": str(run / "ensemble.json"), "distill_mode": "honest"}))
+    assert not rd.optimistic_student(runs[0])
+    cfg_path.write_text(yaml.safe_dump({**cfg, "teacher": str(run / "ensemble.json"), "distill_mode": "optimistic"}))
+    assert rd.optimistic_student(runs[0])
+    proc = run_script("ensemble.py", "--data-dir", str(tiny_data), "--out-dir", str(run), "--compare", "equal",
+                      "--progress", "false")
+    assert f"optimistic: {runs[0]} (--distill-mode optimistic) saw its validation labels" in proc.stdout
+    assert json.loads((run / "ensemble.json").read_text())["optimistic"] == [runs[0]]
+    v = budget.Variant([runs[0]], np.ones(1), np.zeros(3), 0.5, optimistic=[runs[0]])
+    assert f"optimistic: {runs[0]}" in v.row(500.0)["score_source"]
+
+
 def test_test_rows_join_training_without_hard_labels(run, tiny_data):
     rd, data = RunDir(run), read_dataset(tiny_data)
     _, table = rd.prepare(data, 3, 42)
     trn, _ = split_fold(table, 0)
-    cfg = type("Cfg", (), {"teacher": str(run / "ensemble.json"), "distill_t": 2.0, "distill_test": True})()
+    cfg = type("Cfg", (), {"teacher": str(run / "ensemble.json"), "distill_t": 2.0, "distill_test": True,
+                           "distill_mode": "optimistic"})()
     base = {"paths": list(range(len(trn))), "categories": trn["Category"].tolist(), "targets": rd.schema.encode(trn),
             "ids": trn[ID].to_numpy(), "splits": ["train"] * len(trn)}
-    rows = student_rows(base, trn, data, rd, cfg)
+    rows = student_rows(base, trn, data, rd, cfg, 0)
     assert rows["splits"] == ["train"] * len(trn) + ["test"] * len(data.test)  # train and test ids overlap
     n, t = len(trn), len(data.test)
     assert len(rows["paths"]) == n + t and (rows["targets"][n:] == IGNORE_INDEX).all()

@@ -3,7 +3,9 @@
 Candidates: the ensemble of ``ensemble.json``; smaller ensembles, by greedy backward elimination
 (each step drops the member whose removal keeps the best nested-CV score); and every complete run
 alone (a distilled student among them). Each is scored by nested CV on OOF logits with the
-method and bias setting of ``ensemble.json``, and refitted on all OOF rows for serving.
+method and bias setting of ``ensemble.json``, and refitted on all OOF rows for serving. A student
+trained in optimistic mode has scores that saw its validation labels: its candidates compete on
+them all the same, and budget.csv's ``score_source`` says so.
 
 Serving variants of a candidate: one merged fp32 graph, or per-fold sessions in fp32, or in int8
 for the members whose OOF score drops by less than ``int8_max_drop`` when quantised (their int8
@@ -44,6 +46,7 @@ class Variant:
     p50: float = float("nan")
     p99: float = float("nan")  # the p99 of ``timed`` timings, or their maximum below P99_MIN_IMAGES
     timed: int = 0
+    optimistic: list[str] = field(default_factory=list)  # members whose OOF saw their validation labels
     path: str | None = None  # the merged graph's file, once exported
 
     @property
@@ -53,7 +56,9 @@ class Variant:
 
     def row(self, budget_ms: float) -> dict:
         return {"candidate": "+".join(self.models), "folds": self.folds, "format": self.format,
-                "int8": ",".join(self.int8) or "-", "score": self.score, "score_source": "nested CV on OOF",
+                "int8": ",".join(self.int8) or "-", "score": self.score,
+                "score_source": "nested CV on OOF" + (f"; optimistic: {','.join(self.optimistic)} (a student in "
+                                                      f"optimistic mode)" if self.optimistic else ""),
                 "p50_ms": self.p50, "p99_ms": self.p99, "tail": tail_name(self.timed), "fits": bool(self.p99 <= budget_ms)}
 
 
@@ -109,17 +114,19 @@ def candidates(scorer: Scorer, ensemble: list[str], runs: list[str]) -> list[lis
     return unique
 
 
-def variants_of(scorer: Scorer, runs: list[str], int8_ok: set[str], mergeable: bool) -> list[Variant]:
-    """The serving variants of one candidate, each with its score and refitted weights."""
+def variants_of(scorer: Scorer, runs: list[str], int8_ok: set[str], mergeable: bool,
+                optimistic: set[str] = frozenset()) -> list[Variant]:
+    """The serving variants of one candidate, each with its score and refitted weights; a score that
+    rests on an ``optimistic`` member (utils/distill.py) says so."""
     weights, biases = scorer.refit(runs)
-    score = scorer.score(runs)
-    out = [Variant(runs, weights, biases, score, folds=f) for f in ("all", "one")]
+    score, flagged = scorer.score(runs), [r for r in runs if r in optimistic]
+    out = [Variant(runs, weights, biases, score, folds=f, optimistic=flagged) for f in ("all", "one")]
     if mergeable:
-        out.append(Variant(runs, weights, biases, score, format="merged"))
+        out.append(Variant(runs, weights, biases, score, format="merged", optimistic=flagged))
     quantised = [r for r in runs if r in int8_ok]
     if quantised:
         s8, (w8, b8) = scorer.score(runs, tuple(quantised)), scorer.refit(runs, tuple(quantised))
-        out += [Variant(runs, w8, b8, s8, folds=f, int8=quantised) for f in ("all", "one")]
+        out += [Variant(runs, w8, b8, s8, folds=f, int8=quantised, optimistic=flagged) for f in ("all", "one")]
     return out
 
 

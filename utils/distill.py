@@ -4,20 +4,25 @@
 The student's loss, per head, is ``alpha * CE(hard labels) + (1 - alpha) * T^2 * KL(teacher || student)``
 with both distributions at temperature ``T`` (``distill_alpha``, ``distill_t``; Hinton et al.
 2015). The teacher's distribution of a row is the softmax, per head, of its blended scores (the
-ensemble's weighted per-head log-probabilities plus its biases, as infer.py decodes them):
+ensemble's weighted per-head log-probabilities plus its biases, as infer.py decodes them). With
+``distill_test`` the test images join training as unlabelled rows (soft pseudo-labels). A row
+learns from the teacher on every head of its category, labelled or not. Two modes:
 
-- a train row's comes from the teacher's **out-of-fold** logits, so it was made by a teacher model
-  that never trained on that row's labels;
-- a test row's comes from the teacher's test logits (the mean over its folds); with
-  ``distill_test`` the test images join training as unlabelled rows (soft pseudo-labels).
+- **honest** (the default): student fold k learns only from what never saw fold k's labels: each
+  teacher member's fold-k model (which trained on exactly the rows outside fold k), its
+  predictions on those rows (``infold_logits.npz`` in the teacher's fold folder, computed once by
+  an inference pass and kept while its checkpoint stands) and on the test images, blended with
+  the weights and biases ensemble.py fitted without fold k (``fold_fits``). The student's OOF and
+  nested-CV scores are then as honest as any run's. The price: the targets on a train row come
+  from a model that trained on its label (more confident than out-of-fold ones).
+- **optimistic**: a train row's target is the teacher's out-of-fold blend, and a test row's the
+  mean over every teacher fold, with the weights fitted on all OOF rows. No row's target was made
+  by a model that saw that row's label, but student fold k's validation labels were seen by the
+  teacher models behind its other rows, its pseudo-labels and its weights: its scores are
+  optimistic, and flagged so wherever they are printed or ranked (ensemble.py, export.py's budget).
 
-A row learns from the teacher on every head of its category, labelled or not. What holds: no
-student fold trains on a prediction about a row made by a model that saw that row's label. What
-does not: a student fold's validation labels were seen by the teacher models that predicted the
-other rows it trains on (and by every model behind the test pseudo-labels), so a student's OOF
-score can be slightly optimistic; the demo's held-out test score is the unbiased check
-(BENCHMARKS.md). The teacher must live in the student's run folder: the same folds.csv is what
-makes its OOF rows out-of-fold for the student too.
+The teacher must live in the student's run folder: the same folds.csv is what makes fold k the
+same rows for both.
 """
 from __future__ import annotations
 
@@ -33,9 +38,12 @@ import torch.nn.functional as F
 from utils import provenance
 from utils.blend import blend, combine_members, head_log_softmax, load_oof, load_test_logits
 from utils.errors import DataError
-from utils.model import HeadLoss
+from utils.io import load_logits, save_logits
+from utils.model import HeadLoss, checkpoint_preprocess, load_checkpoint
 from utils.run import RunDir
 from utils.schema import CATEGORY, ID, IGNORE_INDEX, Schema, image_path
+
+INFOLD = "infold_logits.npz"  # a fold's predictions on its own training rows (an honest student's targets)
 
 
 def teacher_spec(teacher: str, run_dir: RunDir) -> dict:
@@ -50,19 +58,86 @@ def teacher_spec(teacher: str, run_dir: RunDir) -> dict:
             raise DataError(f"teacher {teacher}: file not found (run ensemble.py first)")
         spec = json.loads(path.read_text())
         provenance.check(spec.get("provenance"), run_dir.path, path)
+        fits = {f["fold"]: (np.asarray(f["weights"]), np.asarray(f["biases"], dtype=np.float32))
+                for f in spec.get("fold_fits", [])} or None  # None: an ensemble.json from before fold_fits
         return {"models": spec["models"], "weights": np.asarray(spec["weights"]),
-                "biases": np.asarray(spec["biases"], dtype=np.float32)}
+                "biases": np.asarray(spec["biases"], dtype=np.float32), "fold_fits": fits}
     run_dir.require_complete([path.name])
-    return {"models": [path.name], "weights": np.ones(1), "biases": np.zeros(run_dir.schema.n_logits, np.float32)}
+    one = (np.ones(1), np.zeros(run_dir.schema.n_logits, np.float32))
+    return {"models": [path.name], "weights": one[0], "biases": one[1],
+            "fold_fits": {k: one for k in range(run_dir.n_folds)}}
 
 
 def teacher_scores(teacher: str, run_dir: RunDir, train_ids: np.ndarray, test_ids: np.ndarray):
-    """The teacher's blended scores [N, L] for ``train_ids`` (out of fold) and [T, L] for ``test_ids``
-    (its folds' test logits, blended as infer.py blends them)."""
+    """Optimistic mode: the teacher's blended scores [N, L] for ``train_ids`` (out of fold) and
+    [T, L] for ``test_ids`` (its folds' test logits, blended as infer.py blends them)."""
     spec, schema = teacher_spec(teacher, run_dir), run_dir.schema
     oof = blend(load_oof(run_dir, spec["models"], train_ids), spec["weights"], schema, spec["biases"])
     test = combine_members({run: load_test_logits(run_dir, run, test_ids) for run in spec["models"]}, spec, schema)
     return oof, test
+
+
+def honest_teacher_scores(teacher: str, run_dir: RunDir, fold: int, train_ids: np.ndarray, test_ids: np.ndarray):
+    """Honest mode, for student fold ``fold``: the blended scores [N, L] of the teacher's fold-k
+    models on ``train_ids`` (rows outside fold k, from ``infold_logits.npz``: ``prepare_teacher``
+    makes them) and [T, L] on ``test_ids``, with the weights and biases fitted without fold k."""
+    spec, schema = teacher_spec(teacher, run_dir), run_dir.schema
+    if spec["fold_fits"] is None or fold not in spec["fold_fits"]:
+        raise DataError(f"teacher {teacher} records no weights fitted without fold {fold} (fold_fits; an ensemble.json "
+                        f"from an older ensemble.py): run ensemble.py again, or use --distill-mode optimistic")
+    weights, biases = spec["fold_fits"][fold]
+    members = []
+    for run in spec["models"]:
+        path = run_dir.fold_file(run, fold, INFOLD)
+        ids, logits = load_logits(path, schema.fingerprint)
+        position = pd.Series(np.arange(len(ids)), index=ids)
+        if not np.isin(train_ids, ids).all():
+            raise DataError(f"{path} lacks some of student fold {fold}'s train rows: delete it and train again")
+        members.append(head_log_softmax(logits[position[train_ids].to_numpy()], schema))
+    fold_spec = {"models": spec["models"], "weights": weights, "biases": biases}
+    train = blend(np.stack(members), weights, schema, biases)
+    test = combine_members({run: [load_test_logits(run_dir, run, test_ids)[fold]] for run in spec["models"]},
+                           fold_spec, schema)
+    return train, test
+
+
+def infold_logits(run_dir: RunDir, run: str, fold: int, data, device: torch.device, csv_dir: Path | None = None,
+                  workers: int = 0, progress: bool = False) -> Path:
+    """``<run>/fold<k>/infold_logits.npz``: fold k's best.pt on every train row outside fold k (the
+    rows it trained on), as its OOF logits were made (its preprocessing, its test-time mirror).
+    Kept while best.pt, the schema, the folds and the labels are unchanged; made again otherwise."""
+    from utils.data import ImageDataset, make_loader
+    from utils.engine import predict
+    from utils.serving import trained_with_tta
+    from utils.trainer import row_paths
+
+    path, schema, root = run_dir.fold_file(run, fold, INFOLD), run_dir.schema, run_dir.path
+    inputs = [run_dir.fold_file(run, fold, "best.pt"), run_dir.schema_path, run_dir.folds_path, run_dir.labels_path]
+    if path.is_file():
+        made = provenance.read(path)
+        if made is not None and not provenance.changes(made, root):
+            return path
+    rows = run_dir.train_rows(data.train)
+    rows = rows[rows["fold"] != fold].reset_index(drop=True)
+    model, ckpt = load_checkpoint(inputs[0], schema)
+    prep = checkpoint_preprocess(ckpt)
+    ds = ImageDataset(row_paths(rows, data.train_images, csv_dir), rows[CATEGORY], None, prep.transform(), prep)
+    loader = make_loader(ds, 64, workers, device=device)
+    idx, logits = predict(model.to(device), loader, device, prep=prep, hflip=trained_with_tta(ckpt),
+                          desc=f"{run} fold {fold}: its train rows", progress=progress)
+    save_logits(path, rows[ID].to_numpy()[idx], logits, schema.fingerprint, fold,
+                provenance.record([p for p in inputs if p.is_file()], root,
+                                  rebuild=f"python train.py --out-dir {{root}} --teacher ... (made again by an honest student)"))
+    return path
+
+
+def prepare_teacher(teacher: str, run_dir: RunDir, data, folds: list[int], device: torch.device,
+                    csv_dir: Path | None = None, workers: int = 0, progress: bool = False) -> None:
+    """Honest mode: every teacher member's in-fold logits for the student folds ``folds``, made
+    before the first fold (rank 0), so that each fold only reads them."""
+    for run in teacher_spec(teacher, run_dir)["models"]:
+        for k in folds:
+            infold_logits(run_dir, run, k, data, device, csv_dir, workers, progress)
 
 
 def soft_targets(scores: np.ndarray, schema: Schema, t: float) -> np.ndarray:
@@ -108,13 +183,19 @@ def category_heads(schema: Schema, categories) -> np.ndarray:
     return np.stack([categories == h.category for h in schema.heads], axis=1)
 
 
-def student_rows(rows: dict, trn: pd.DataFrame, data, run_dir: RunDir, cfg) -> dict:
-    """A fold's training rows (``rows``: paths, categories, targets, ids of ``trn``) with the
+def student_rows(rows: dict, trn: pd.DataFrame, data, run_dir: RunDir, cfg, fold: int) -> dict:
+    """Fold ``fold``'s training rows (``rows``: paths, categories, targets, ids of ``trn``) with the
     teacher's probabilities (an augmented copy takes its source's), and, with ``distill_test``,
-    the test images appended as unlabelled rows."""
+    the test images appended as unlabelled rows; in ``distill_mode`` honest or optimistic."""
     schema = run_dir.schema
     originals = run_dir.train_rows(data.train)
-    train_scores, test_scores = teacher_scores(cfg.teacher, run_dir, originals[ID].to_numpy(), data.test[ID].to_numpy())
+    if cfg.distill_mode == "honest":
+        originals = originals[originals["fold"] != fold]
+        train_scores, test_scores = honest_teacher_scores(cfg.teacher, run_dir, fold, originals[ID].to_numpy(),
+                                                          data.test[ID].to_numpy())
+    else:
+        train_scores, test_scores = teacher_scores(cfg.teacher, run_dir, originals[ID].to_numpy(),
+                                                   data.test[ID].to_numpy())
     position = {int(i): k for k, i in enumerate(originals[ID])}
     source = trn["source_id"] if "source_id" in trn else trn[ID]
     soft = soft_targets(train_scores, schema, cfg.distill_t)[[position[int(i)] for i in source]]

@@ -170,6 +170,15 @@ class RunDir:
         return sorted(p.name for p in self.path.iterdir()
                       if p.is_dir() and all(self.fold_complete(p.name, k) for k in range(self.n_folds)))
 
+    def optimistic_student(self, run: str) -> bool:
+        """Whether ``run`` is a student trained with ``distill_mode: optimistic``, whose scores saw its
+        validation labels through its teacher (utils/distill.py)."""
+        import yaml
+
+        path = self.fold_file(run, 0, "config.yaml")
+        cfg = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+        return bool(cfg.get("teacher")) and cfg.get("distill_mode", "optimistic") == "optimistic"
+
     def require_complete(self, runs: list[str]) -> None:
         """Raise, naming the folds, when a run is not complete."""
         for run in runs:

@@ -230,16 +230,21 @@ def fit(obj: BlendObjective, method: str, use_bias: bool, per_head: bool, budget
 
 def nested_cv(members, targets, folds, schema, method: str, use_bias: bool, per_head: bool, budget: Budget,
               seed: int) -> dict:
-    """Fit on the other folds, predict the held-out fold, score the assembled predictions once."""
+    """Fit on the other folds, predict the held-out fold, score the assembled predictions once.
+    ``fold_fits``: {fold: (normalised weights [M, H], biases [L] or None)} of each fit, made without
+    that fold's rows (what an honest student of fold k may learn from)."""
     start = time.perf_counter()
     full = BlendObjective(members, targets, schema)
     preds = [np.empty(len(r), dtype=np.int64) for r in full.rows]
     position = [pd.Series(np.arange(len(r)), index=r) for r in full.rows]
+    fold_fits = {}
     for k in np.unique(folds):
         fit_obj = BlendObjective(members, targets, schema, np.flatnonzero(folds != k))
         weights, bias = fit(fit_obj, method, use_bias, per_head, budget, seed + int(k))
+        fold_fits[int(k)] = (fit_obj.head_weights(weights), bias)
         held = BlendObjective(members, targets, schema, np.flatnonzero(folds == k))
         for j, p in enumerate(held.predictions(weights, bias)):
             preds[j][position[j][held.rows[j]].to_numpy()] = p
     score = final_score(full.head_scores(preds), full.category)
-    return {"score": score, "head_scores": full.head_scores(preds), "seconds": time.perf_counter() - start}
+    return {"score": score, "head_scores": full.head_scores(preds), "seconds": time.perf_counter() - start,
+            "fold_fits": fold_fits}

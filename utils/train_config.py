@@ -131,6 +131,10 @@ class TrainConfig(CommonConfig):
     distill_alpha: float = option(0.5, "the student's loss: alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher || student)")
     distill_t: float = option(2.0, "the distillation temperature T")
     distill_test: bool = option(True, "the test images join training as unlabelled rows with the teacher's predictions")
+    distill_mode: str = option("honest", "honest: student fold k learns only from teacher models, weights and biases "
+                                         "that never saw fold k's labels; optimistic: from the teacher's OOF blend, "
+                                         "whose scores are then flagged optimistic (utils/distill.py)",
+                               choices=("honest", "optimistic"))
     # control
     patience: int = option(3, "early stopping after this many epochs without a better val score; 0 = off")
     tta_hflip: bool = option(False, "OOF and test logits average the image and its mirror")

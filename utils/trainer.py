@@ -188,10 +188,12 @@ class FoldTrainer:
                 "categories": self.trn[CATEGORY].tolist(), "targets": self.schema.encode(self.trn),
                 "ids": self.trn[ID].to_numpy(), "splits": ["train"] * len(self.trn)}
         if self.cfg.teacher:
-            rows = student_rows(rows, self.trn, self.data, self.run_dir, self.cfg)
+            rows = student_rows(rows, self.trn, self.data, self.run_dir, self.cfg, self.fold)
             if self.d.main:
+                source = ("the teacher's fold-k models, weights fitted without fold k" if self.cfg.distill_mode == "honest"
+                          else "teacher out of fold; optimistic")
                 print(f"fold {self.fold}: a student of {self.cfg.teacher}: {len(self.trn)} train rows "
-                      f"(teacher out of fold) and {len(rows['ids']) - len(self.trn)} unlabelled test rows")
+                      f"({source}) and {len(rows['ids']) - len(self.trn)} unlabelled test rows")
         return rows
 
     def _shard(self, table: pd.DataFrame, images_dir: Path, base: Path | None = None, persistent: bool = False):
