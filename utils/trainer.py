@@ -31,7 +31,7 @@ from utils.config import save_config
 from utils.data import EpochSampler, ImageDataset, balanced_weights, make_loader
 from utils.decoded import DecodedImages
 from utils.distributed import Dist, gather_rows
-from utils.distill import DistillLoss, student_rows
+from utils.distill import DistillLoss, prepare_teacher, student_rows
 from utils.engine import amp_dtype, predict, train_one_epoch
 from utils.errors import ConfigError, DataError
 from utils.io import atomic_torch_save, atomic_write_csv, atomic_write_json, load_torch, save_logits
@@ -188,6 +188,8 @@ class FoldTrainer:
                 "categories": self.trn[CATEGORY].tolist(), "targets": self.schema.encode(self.trn),
                 "ids": self.trn[ID].to_numpy(), "splits": ["train"] * len(self.trn)}
         if self.cfg.teacher:
+            if self.cfg.distill_mode == "honest":  # made already by kfold.train; a lone fold (tune.py) makes them here
+                prepare_teacher(self.cfg.teacher, self.run_dir, self.data, [self.fold], self.d.device, self.csv_dir)
             rows = student_rows(rows, self.trn, self.data, self.run_dir, self.cfg, self.fold)
             if self.d.main:
                 source = ("the teacher's fold-k models, weights fitted without fold k" if self.cfg.distill_mode == "honest"
