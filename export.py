@@ -211,8 +211,8 @@ def choose_serving(cfg: ExportConfig, run_dir: RunDir, exported: dict, data) -> 
     preps = {run: Preprocess.from_dict(exported[run][0]["preprocess"]) for run in runs}
     variants, optimistic = [], {r for r in runs if run_dir.optimistic_student(r)}
     for models in budget.candidates(scorer, spec["models"], runs):
-        variants += budget.variants_of(scorer, models, int8_ok, cfg.merge and mergeable([exported[r][0] for r in models]),
-                                       optimistic)
+        merge = cfg.merge and mergeable([exported[r][0] for r in models])
+        variants += budget.variants_of(scorer, models, int8_ok, merge, optimistic)
     paths = [image_path(data.test_images, i) for i in data.test[ID]]  # the usable ones: timed, and the parity's
     x, skipped = usable_batch(paths, next(iter(preps.values())), max(cfg.latency_images, cfg.parity_images))
     report_skipped(skipped, "budget: timing")
@@ -220,12 +220,14 @@ def choose_serving(cfg: ExportConfig, run_dir: RunDir, exported: dict, data) -> 
     items = [(p, c) for p, c in zip(paths[: len(x) + len(skipped)], data.test[CATEGORY]) if p not in passed_over]
     parity_paths, items = [p for p, _ in items[: cfg.parity_images]], items[: cfg.latency_images]
     for k, v in enumerate(tqdm(variants, desc="budget", disable=not cfg.progress)):
-        v.p50, v.p99, v.timed = budget.time_variant(serving_fn(cfg, run_dir, v, preps, exported, k, parity_paths), items)
+        one_image = serving_fn(cfg, run_dir, v, preps, exported, k, parity_paths)
+        v.p50, v.p99, v.timed = budget.time_variant(one_image, items)
     table = budget.table(variants, cfg.budget_ms)
     atomic_write_csv(run_dir.onnx_dir / "budget.csv", table)
     with pd.option_context("display.width", 160, "display.max_colwidth", 40):
         print(f"\nserving candidates, end to end per image, single stream, {cfg.threads} threads, {len(items)} "
-              f"images; budget {cfg.budget_ms:.0f} ms for the {budget.tail_name(len(items))}\n" + table.to_string(index=False, float_format="{:.4f}".format))
+              f"images; budget {cfg.budget_ms:.0f} ms for the {budget.tail_name(len(items))}\n"
+              + table.to_string(index=False, float_format="{:.4f}".format))
     chosen = budget.choose(variants, cfg.budget_ms)
     for v in variants:  # the merged graphs built to be timed: only the chosen one is kept
         if v.path and v is not chosen:

@@ -11,17 +11,17 @@ Serving variants of a candidate: one merged fp32 graph, or per-fold sessions in 
 for the members whose OOF score drops by less than ``int8_max_drop`` when quantised (their int8
 OOF logits then enter the candidate's nested CV, and its served weights are fitted on them); and
 every member's first fold alone. A member trained with ``tta_hflip`` is scored on mirrored-and-
-averaged OOF logits, so it is timed and served with the mirror too, and never in a merged graph. OOF scores
-measure single-fold models (each OOF row is predicted by one fold's model), so a one-fold variant
-carries the same score estimate; averaging the folds at test time gains on top of it, unmeasured,
-so when both fit, all folds are served.
+averaged OOF logits, so it is timed and served with the mirror too, and never in a merged graph.
+OOF scores measure single-fold models (each OOF row is predicted by one fold's model), so a
+one-fold variant carries the same score estimate; averaging the folds at test time gains on top
+of it, unmeasured, so when both fit, all folds are served.
 
 Each variant is timed end to end per image (read, decode, preprocess, every member, blend,
 decode), single stream. Its tail latency is the p99 of at least ``P99_MIN_IMAGES`` timings, or
 else the maximum of the n timed (``tail`` in budget.csv says which): a p99 of 20 timings would
-be an interpolation between the two slowest. The choice: the best score whose tail fits the budget; at an equal score,
-all folds before one, then the faster. When nothing fits, nothing is chosen, and the fastest
-variant and its p99 are named.
+be an interpolation between the two slowest. The choice: the best score whose tail fits the
+budget; at an equal score, all folds before one, then the faster. When nothing fits, nothing is
+chosen, and the fastest variant and its tail latency are named.
 """
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ class Variant:
                 "int8": ",".join(self.int8) or "-", "score": self.score,
                 "score_source": "nested CV on OOF" + (f"; optimistic: {','.join(self.optimistic)} (a student in "
                                                       f"optimistic mode)" if self.optimistic else ""),
-                "p50_ms": self.p50, "p99_ms": self.p99, "tail": tail_name(self.timed), "fits": bool(self.p99 <= budget_ms)}
+                "p50_ms": self.p50, "p99_ms": self.p99, "tail": tail_name(self.timed),
+                "fits": bool(self.p99 <= budget_ms)}
 
 
 P99_MIN_IMAGES = 100
@@ -133,7 +134,8 @@ def variants_of(scorer: Scorer, runs: list[str], int8_ok: set[str], mergeable: b
 def int8_allowed(entries: dict, max_drop: float) -> set[str]:
     """The runs that may be served in int8: quantised (``oof_int8`` measured) and losing less than
     ``max_drop`` of OOF score against their fp32 ONNX model. ``entries``: {run: manifest entry}."""
-    return {run for run, e in entries.items() if "oof_int8" in e and e["oof_fp32"] - e["oof_int8"] < max_drop}
+    return {run for run, e in entries.items()
+            if "oof_int8" in e and e["oof_fp32"] - e["oof_int8"] < max_drop}
 
 
 def time_variant(predict_one, items: list, warmup: int = 3) -> tuple[float, float, int]:

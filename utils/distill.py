@@ -37,11 +37,14 @@ import torch.nn.functional as F
 
 from utils import provenance
 from utils.blend import blend, combine_members, head_log_softmax, load_oof, load_test_logits
+from utils.data import ImageDataset, make_loader
+from utils.engine import predict
 from utils.errors import DataError
 from utils.io import load_logits, save_logits
 from utils.model import HeadLoss, checkpoint_preprocess, load_checkpoint
 from utils.run import RunDir
-from utils.schema import CATEGORY, ID, IGNORE_INDEX, Schema, image_path
+from utils.schema import CATEGORY, ID, IGNORE_INDEX, Schema, image_path, row_paths
+from utils.serving import trained_with_tta
 
 INFOLD = "infold_logits.npz"  # a fold's predictions on its own training rows (an honest student's targets)
 
@@ -106,11 +109,6 @@ def infold_logits(run_dir: RunDir, run: str, fold: int, data, device: torch.devi
     """``<run>/fold<k>/infold_logits.npz``: fold k's best.pt on every train row outside fold k (the
     rows it trained on), as its OOF logits were made (its preprocessing, its test-time mirror).
     Kept while best.pt, the schema, the folds and the labels are unchanged; made again otherwise."""
-    from utils.data import ImageDataset, make_loader
-    from utils.engine import predict
-    from utils.serving import trained_with_tta
-    from utils.trainer import row_paths
-
     path, schema, root = run_dir.fold_file(run, fold, INFOLD), run_dir.schema, run_dir.path
     inputs = [run_dir.fold_file(run, fold, "best.pt"), run_dir.schema_path, run_dir.folds_path, run_dir.labels_path]
     if path.is_file():
@@ -127,7 +125,7 @@ def infold_logits(run_dir: RunDir, run: str, fold: int, data, device: torch.devi
                           desc=f"{run} fold {fold}: its train rows", progress=progress)
     save_logits(path, rows[ID].to_numpy()[idx], logits, schema.fingerprint, fold,
                 provenance.record([p for p in inputs if p.is_file()], root,
-                                  rebuild=f"python train.py --out-dir {{root}} --teacher ... (made again by an honest student)"))
+                                  rebuild="python train.py --out-dir {root} --teacher ... (an honest student makes it again)"))
     return path
 
 

@@ -34,8 +34,8 @@ from utils.engine import autocast, model_input, train_step
 from utils.io import atomic_write
 from utils.metric import score_logits
 from utils.model import load_checkpoint, warmup_cosine
-from utils.schema import CATEGORY, ID, IGNORE_INDEX, image_path
-from utils.trainer import FoldTrainer, row_paths
+from utils.schema import CATEGORY, ID, IGNORE_INDEX, image_path, row_paths
+from utils.trainer import FoldTrainer
 
 
 UNUSABLE = "unusable image (embedded as a grey placeholder)"

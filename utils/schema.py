@@ -56,6 +56,14 @@ def image_path(images_dir: str | Path, row_id: int) -> Path:
     return Path(images_dir) / f"{int(row_id):06d}.jpg"
 
 
+def row_paths(table: pd.DataFrame, images_dir: Path, csv_dir: Path | None = None) -> list[Path]:
+    """Image path of every row: ``image`` column (relative to the CSV) when present, else by id."""
+    if "image" in table and csv_dir is not None:
+        return [csv_dir / p if isinstance(p, str) else image_path(images_dir, i)
+                for p, i in zip(table["image"], table[ID])]
+    return [image_path(images_dir, i) for i in table[ID]]
+
+
 # ----------------------------------------------------------------------------- reading tables
 
 def read_category_attributes(path: str | Path) -> dict[str, list[str]]:

@@ -115,7 +115,8 @@ def fold_members(onnx_dir: Path, entries: dict, models: list[str], int8, one_fol
         key = "int8_path" if run in int8 else "path"
         folds = entries[run]["folds"][: 1 if one_fold else None]
         members.append(Member(run, [onnx_runner(onnx_dir / f[key], threads, schema) for f in folds],
-                              Preprocess.from_dict(entries[run]["preprocess"]), entries[run].get("tta_hflip", False)))
+                              Preprocess.from_dict(entries[run]["preprocess"]),
+                              entries[run].get("tta_hflip", False)))
     return members
 
 

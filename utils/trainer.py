@@ -42,7 +42,7 @@ from utils.tracking import Tracker
 from utils.plots import history_plot
 from utils.run import RunDir
 from utils.throughput import loader_workers, use_channels_last
-from utils.schema import CATEGORY, ID, Dataset, Schema, image_path
+from utils.schema import CATEGORY, ID, Dataset, Schema, image_path, row_paths
 from utils.train_config import TrainConfig
 from utils.transforms import Preprocess
 
@@ -80,14 +80,6 @@ def check_resumable(cfg: TrainConfig, saved: Path) -> None:
 def named(keys) -> str:
     """'train id 5, test id 7' for (split, id) keys."""
     return ", ".join(f"{split} id {i}" for split, i in keys)
-
-
-def row_paths(table: pd.DataFrame, images_dir: Path, csv_dir: Path | None = None) -> list[Path]:
-    """Image path of every row: ``image`` column (relative to the CSV) when present, else by id."""
-    if "image" in table and csv_dir is not None:
-        return [csv_dir / p if isinstance(p, str) else image_path(images_dir, i)
-                for p, i in zip(table["image"], table[ID])]
-    return [image_path(images_dir, i) for i in table[ID]]
 
 
 def split_fold(train: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -48,9 +48,9 @@ from utils.decoded import DecodedImages, decode_workers
 from utils.distributed import Dist
 from utils.engine import native_bf16, train_one_epoch
 from utils.model import AttributeModel, HeadLoss, build_optimizer, data_config, warmup_cosine
-from utils.schema import CATEGORY, Schema, read_dataset
+from utils.schema import CATEGORY, Schema, read_dataset, row_paths
 from utils.throughput import configure_device, keep_freed_memory, loader_workers, use_channels_last
-from utils.trainer import TrainConfig, model_args, row_paths
+from utils.trainer import TrainConfig, model_args
 from utils.transforms import Preprocess
 
 ROOT = Path(__file__).resolve().parents[2]
