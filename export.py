@@ -42,8 +42,8 @@ from utils.model import checkpoint_preprocess, load_checkpoint
 from utils.onnx_utils import EnsembleGraph, LogitsOnly, export_onnx, quantize_int8
 from utils.run import RunDir
 from utils.schema import CATEGORY, ID, Schema, image_path, read_dataset
-from utils.serving import (MERGED_PARITY, fold_members, merged_parity, onnx_runner, parity, placeholder_batch,
-                           run_members, single_stream_ms, trained_with_tta, usable_batch)
+from utils.serving import (MERGED_PARITY, fold_members, merged_parity, mirrored, onnx_runner, parity,
+                           placeholder_batch, run_members, single_stream_ms, trained_with_tta, usable_batch)
 from utils.transforms import Preprocess
 
 
@@ -111,7 +111,7 @@ def export_fold(cfg: ExportConfig, run: str, k: int, path: Path, schema: Schema,
     entry["int8_path"] = int8_path.name
     int8 = onnx_runner(int8_path, cfg.threads, schema)
     if hflip:
-        fp32, int8 = (lambda x, f=f: (f(x) + f(np.ascontiguousarray(x[..., ::-1]))) / 2 for f in (fp32, int8))
+        fp32, int8 = mirrored(fp32), mirrored(int8)
     batches = [placeholder_batch(val_paths[i:i + 64], prep) for i in range(0, len(val_paths), 64)]
     oof = {"fp32": np.concatenate([fp32(b) for b in batches]), "int8": np.concatenate([int8(b) for b in batches]),
            "targets": schema.encode(val), "ids": val[ID].to_numpy()}

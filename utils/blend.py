@@ -95,13 +95,13 @@ def combine_members(member_logits: dict, ens: dict, schema: Schema) -> np.ndarra
     return blend(members, ens["weights"], schema, ens["biases"])
 
 
-def load_test_logits(run_dir: RunDir, run: str, test_ids: np.ndarray) -> list[np.ndarray]:
-    """The raw test logits of every fold of ``run`` [T, L], each in the order of ``test_ids``
-    (what ``combine_members`` blends); every fold must cover exactly these ids."""
+def load_test_logits(run_dir: RunDir, run: str, test_ids: np.ndarray, folds=None) -> list[np.ndarray]:
+    """The raw test logits of every fold of ``run`` (or of ``folds``) [T, L], each in the order of
+    ``test_ids`` (what ``combine_members`` blends); every fold must cover exactly these ids."""
     schema, test_ids = run_dir.schema, np.asarray(test_ids)
     position = pd.Series(np.arange(len(test_ids)), index=test_ids)
-    folds = []
-    for k in range(run_dir.n_folds):
+    out = []
+    for k in range(run_dir.n_folds) if folds is None else folds:
         path = run_dir.fold_file(run, k, "test_logits.npz")
         provenance.check_file(path, run_dir.path)
         ids, logits = load_logits(path, schema.fingerprint)
@@ -109,8 +109,8 @@ def load_test_logits(run_dir: RunDir, run: str, test_ids: np.ndarray) -> list[np
             raise DataError(f"{path}: its ids do not match test.csv")
         ordered = np.empty_like(logits)
         ordered[position[ids].to_numpy()] = logits
-        folds.append(ordered)
-    return folds
+        out.append(ordered)
+    return out
 
 
 def load_oof(run_dir: RunDir, runs: list[str], train_ids: np.ndarray) -> np.ndarray:

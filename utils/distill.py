@@ -99,7 +99,7 @@ def honest_teacher_scores(teacher: str, run_dir: RunDir, fold: int, train_ids: n
         members.append(head_log_softmax(logits[position[train_ids].to_numpy()], schema))
     fold_spec = {"models": spec["models"], "weights": weights, "biases": biases}
     train = blend(np.stack(members), weights, schema, biases)
-    test = combine_members({run: [load_test_logits(run_dir, run, test_ids)[fold]] for run in spec["models"]},
+    test = combine_members({run: load_test_logits(run_dir, run, test_ids, [fold]) for run in spec["models"]},
                            fold_spec, schema)
     return train, test
 
@@ -131,8 +131,8 @@ def infold_logits(run_dir: RunDir, run: str, fold: int, data, device: torch.devi
 
 def prepare_teacher(teacher: str, run_dir: RunDir, data, folds: list[int], device: torch.device,
                     csv_dir: Path | None = None, workers: int = 0, progress: bool = False) -> None:
-    """Honest mode: every teacher member's in-fold logits for the student folds ``folds``, made
-    before the first fold (rank 0), so that each fold only reads them."""
+    """Honest mode: every teacher member's in-fold logits for the student folds ``folds`` (made by
+    rank 0 as each student fold sets up; the other ranks wait, then read them)."""
     for run in teacher_spec(teacher, run_dir)["models"]:
         for k in folds:
             infold_logits(run_dir, run, k, data, device, csv_dir, workers, progress)

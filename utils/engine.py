@@ -10,9 +10,8 @@ import torch
 from tqdm import tqdm
 
 from utils.data import warn_bad
-from utils.train_config import AMP
 from utils.errors import NonFiniteLoss
-
+from utils.train_config import AMP
 
 
 def amp_dtype(amp: str, device: torch.device):

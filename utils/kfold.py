@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
 from utils.blend import load_oof
-from utils.distill import prepare_teacher
 from utils.distributed import Dist, setup_distributed, teardown
 from utils.frozen import FrozenFold
 from utils.io import atomic_write_json
 from utils.metric import score_logits, summarize
 from utils.run import RunDir
 from utils.schema import ID, Dataset, Schema, read_dataset
-from utils.throughput import configure_device, loader_workers
+from utils.throughput import configure_device
 from utils.trainer import FoldTrainer, TrainConfig
 
 
@@ -90,12 +88,6 @@ def train(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     d.barrier()
     if not d.main:
         schema, table = run_dir.prepare(data, cfg.n_folds, cfg.seed)
-    if cfg.teacher and cfg.distill_mode == "honest":  # the teacher's in-fold logits, made once by rank 0
-        if d.main:
-            csv_dir = Path(cfg.train_csv).parent if cfg.train_csv else data.root
-            prepare_teacher(cfg.teacher, run_dir, data, folds, d.device, csv_dir, loader_workers(cfg.workers, d),
-                            cfg.progress)
-        d.barrier()
     start = time.perf_counter()
     results = {k: train_fold(cfg, schema, table, data, k, d) for k in folds}
     if d.main:

@@ -23,9 +23,6 @@ from utils.transforms import Preprocess
 from utils.weights import is_lukemelas_efficientnet, lukemelas_to_timm, read_state_dict, state_dict_keys
 
 
-
-
-
 @contextlib.contextmanager
 def _recorded_loads():
     """Record what every ``load_state_dict`` inside the block used: timm's pretrained loader

@@ -120,20 +120,16 @@ def fold_members(onnx_dir: Path, entries: dict, models: list[str], int8, one_fol
     return members
 
 
+def mirrored(fold: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """``fold`` with hflip TTA: the mean of its logits on the images and on their mirror."""
+    return lambda x: (fold(x) + fold(np.ascontiguousarray(x[..., ::-1]))) / 2
+
+
 def run_members(members: list[Member], images: dict, tta_hflip: bool = False) -> dict:
     """{run: [fold logits]} for one batch; ``images`` maps each Preprocess to its batch.
     TTA (``tta_hflip``, or a member trained with it) averages each fold's logits with the mirror's."""
-    out = {}
-    for m in members:
-        x = images[m.prep]
-        logits = []
-        for fold in m.folds:
-            z = fold(x)
-            if tta_hflip or m.hflip:
-                z = (z + fold(np.ascontiguousarray(x[..., ::-1]))) / 2
-            logits.append(z)
-        out[m.run] = logits
-    return out
+    return {m.run: [(mirrored(fold) if tta_hflip or m.hflip else fold)(images[m.prep]) for fold in m.folds]
+            for m in members}
 
 
 def preprocess_batch(paths, prep: Preprocess) -> np.ndarray:

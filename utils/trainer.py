@@ -180,8 +180,11 @@ class FoldTrainer:
                 "categories": self.trn[CATEGORY].tolist(), "targets": self.schema.encode(self.trn),
                 "ids": self.trn[ID].to_numpy(), "splits": ["train"] * len(self.trn)}
         if self.cfg.teacher:
-            if self.cfg.distill_mode == "honest":  # made already by kfold.train; a lone fold (tune.py) makes them here
-                prepare_teacher(self.cfg.teacher, self.run_dir, self.data, [self.fold], self.d.device, self.csv_dir)
+            if self.cfg.distill_mode == "honest":  # the teacher's fold-k predictions: rank 0 makes them once
+                if self.d.main:
+                    prepare_teacher(self.cfg.teacher, self.run_dir, self.data, [self.fold], self.d.device,
+                                    self.csv_dir, loader_workers(self.cfg.workers, self.d), self.progress)
+                self.d.barrier()
             rows = student_rows(rows, self.trn, self.data, self.run_dir, self.cfg, self.fold)
             if self.d.main:
                 source = ("the teacher's fold-k models, weights fitted without fold k" if self.cfg.distill_mode == "honest"
