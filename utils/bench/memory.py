@@ -1,22 +1,25 @@
-"""Inference memory over a large test set: infer.py's memory as the images stream by.
+"""Inference memory over a large test set: a command's memory as the images stream by.
 
-    python -m utils.bench.memory --data-dir data/demo --out-dir runs/demo --rows 30000
+    python -m utils.bench.memory --data-dir data/demo --out-dir runs/demo --rows 30000 \
+        --command "python infer.py --data-dir {data} --out-dir runs/demo --output {output} --workers 2"
 
 Builds a test set of ``--rows`` rows in a scratch folder (``test.csv`` and hard links to the data's
-own test images under new ids: no image is copied), runs ``infer.py`` on it as a user would, and
-samples its memory as the batches go by: the resident set (RSS) of infer.py itself, and the
-proportional set (PSS, shared pages split between processes) of infer.py with its loader workers.
-Prints both at every tenth of the batches, then the growth while streaming: from the first
-tenth to the last batch.
+own test images under new ids: no image is copied), runs ``--command`` on it (``{data}``: that
+folder, ``{output}``: a scratch submission), as a user runs it, and samples its memory as the
+batches go by (read from its progress bar, ``done/total``, on stderr): the resident set (RSS) of the
+process itself, and the proportional set (PSS, shared pages split between processes) of the
+process with its children (loader workers). Prints both at every tenth of the batches, then the
+growth while streaming: from the first tenth to the last batch. The command is the user's: this
+module measures, it names no script of the kit.
 Linux only (it reads /proc).
 """
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,9 +39,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @dataclass
 class BenchMemoryConfig(CommonConfig):
     rows: int = option(30000, "test rows to stream (hard links to the data's own test images)")
-    backend: str = option("onnx", "infer.py's backend", choices=("onnx", "torch"))
-    batch_size: int = option(32, "infer.py's batch size")
-    workers: int = option(2, "infer.py's loader workers")
+    command: str = option("", "the command to measure, with {data} (the scratch test set's folder) and {output} "
+                              "(a scratch submission path); its progress bar must be on")
 
 
 def make_test_set(data_dir: Path, dst: Path, rows: int, categories: list[str]) -> None:
@@ -87,8 +89,8 @@ def sample(pid: int) -> tuple[float, float]:
 
 
 def measure(cmd: list[str], interval: float = 0.2) -> pd.DataFrame:
-    """Run ``cmd`` (infer.py with its progress bar on) and sample its memory; one row per sample
-    with the share of batches done, read from the progress bar."""
+    """Run ``cmd`` (its progress bar on) and sample its memory; one row per sample with the share of
+    batches done, read from the last progress bar on its stderr."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     progress = {"done": 0, "total": 0}
@@ -98,7 +100,7 @@ def measure(cmd: list[str], interval: float = 0.2) -> pd.DataFrame:
         buffer = ""
         while chunk := os.read(proc.stderr.fileno(), 4096):
             buffer = (buffer + chunk.decode(errors="replace"))[-4096:]
-            found = re.findall(r"infer:.*?(\d+)/(\d+) \[", buffer)
+            found = re.findall(r"(\d+)/(\d+) \[", buffer)
             if found:
                 progress["done"], progress["total"] = map(int, found[-1])
         tail.append(buffer)
@@ -115,7 +117,7 @@ def measure(cmd: list[str], interval: float = 0.2) -> pd.DataFrame:
     stdout = proc.stdout.read().decode(errors="replace")
     reader.join(10)
     if proc.returncode != 0:
-        raise RuntimeError(f"infer.py failed ({proc.returncode}):\n{stdout[-2000:]}\n{''.join(tail)[-3000:]}")
+        raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{stdout[-2000:]}\n{''.join(tail)[-3000:]}")
     return pd.DataFrame(samples)
 
 
@@ -123,14 +125,14 @@ def summarize(samples: pd.DataFrame, rows: int) -> tuple[pd.DataFrame, dict]:
     """Memory at each tenth of the batches; growth while streaming, from the first tenth (once the
     models, the loader workers and the allocator have settled) to the last batch."""
     if samples.empty:
-        raise RuntimeError("infer.py finished before a sample was taken; measure more --rows")
+        raise RuntimeError("the command finished before a sample was taken; measure more --rows")
     table = []
     for tenth in range(1, 11):
         upto = samples[samples.done <= tenth / 10]
         if len(upto):
             last = upto.iloc[-1]
             table.append({"batches_done": f"{tenth * 10}%", "images": int(round(last.done * rows)),
-                          "infer_rss_mb": round(last.rss_mb, 1), "with_workers_pss_mb": round(last.pss_mb, 1)})
+                          "rss_mb": round(last.rss_mb, 1), "with_children_pss_mb": round(last.pss_mb, 1)})
     streaming = samples[samples.done < 1.0]  # the last batch done: the table is assembled and written
     settled = streaming[streaming.done >= 0.1]
     first = settled.iloc[0] if len(settled) else samples.iloc[0]
@@ -143,24 +145,24 @@ def summarize(samples: pd.DataFrame, rows: int) -> tuple[pd.DataFrame, dict]:
 
 
 def main(cfg: BenchMemoryConfig) -> dict:
+    if "{data}" not in cfg.command or "{output}" not in cfg.command:
+        raise SystemExit("--command must name {data} and {output}, e.g. --command \"python infer.py --data-dir "
+                         "{data} --out-dir runs/demo --output {output}\"")
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as scratch:
         scratch = Path(scratch)
         make_test_set(Path(cfg.data_dir), scratch / "data", cfg.rows, RunDir(cfg.out_dir).schema.categories)
-        cmd = [sys.executable, "infer.py", "--data-dir", str(scratch / "data"), "--out-dir", cfg.out_dir,
-               "--output", str(scratch / "submission.csv"), "--backend", cfg.backend,
-               "--batch-size", str(cfg.batch_size), "--workers", str(cfg.workers), "--progress", "true"]
+        cmd = shlex.split(cfg.command.format(data=scratch / "data", output=scratch / "submission.csv"))
         start = time.perf_counter()
         samples = measure(cmd)
         seconds = time.perf_counter() - start
         written = len(pd.read_csv(scratch / "submission.csv", usecols=[ID]))
     table, stats = summarize(samples, cfg.rows)
     stats.update(seconds=seconds, submission_rows=written)
-    print(f"\ninfer.py memory over {cfg.rows} test rows ({cfg.backend}, batch {cfg.batch_size}, "
-          f"{cfg.workers} loader workers); {machine()}")
+    print(f"\nmemory of `{cfg.command}` over {cfg.rows} test rows; {machine()}")
     print(table.to_string(index=False))
-    print(f"peak: infer.py RSS {stats['peak_rss_mb']:.0f} MB, with workers PSS {stats['peak_pss_mb']:.0f} MB; "
-          f"growth while streaming (first tenth to last batch): RSS {stats['rss_growth_mb']:+.1f} MB, PSS {stats['pss_growth_mb']:+.1f} MB; "
-          f"{written} rows written in {seconds:.0f} s")
+    print(f"peak: RSS {stats['peak_rss_mb']:.0f} MB, with children PSS {stats['peak_pss_mb']:.0f} MB; growth while "
+          f"streaming (first tenth to last batch): RSS {stats['rss_growth_mb']:+.1f} MB, PSS "
+          f"{stats['pss_growth_mb']:+.1f} MB; {written} rows written in {seconds:.0f} s")
     return stats
 
 

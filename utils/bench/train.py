@@ -19,7 +19,7 @@ For each model and size, images per second of:
   first steps       seconds of the case's first two ceiling steps (kernel loading; on CUDA,
                     cuDNN's autotuning with --cudnn-benchmark), left out of every rate
   train.py epoch    train.py's first epoch (worker start and first batch included) and its
-                    second, in a process of its own: 2 folds of the data, half of it trained on
+                    second, trained in a process of its own: 2 folds of the data, half of it trained on
 and, to justify the defaults (utils/throughput.py): the ceiling in contiguous and channels_last
 memory format, the full step with each number of loader workers in ``--workers-sweep`` and
 without the decode cache, and bf16 autocast, but only on a CPU with native bf16 (elsewhere it is
@@ -28,10 +28,10 @@ compilation took. On CUDA the ceiling's batches wait on the GPU already, and bf1
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import multiprocessing
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 
 from utils.bench import machine
-from utils.config import DataConfig, option, run_command
+from utils.config import DataConfig, option, parse_config, run_command
 from utils.data import EpochSampler, ImageDataset, make_loader
 from utils.decoded import DecodedImages, decode_workers
 from utils.distributed import Dist
@@ -53,7 +53,6 @@ from utils.throughput import configure_device, keep_freed_memory, loader_workers
 from utils.trainer import TrainConfig, model_args
 from utils.transforms import Preprocess
 
-ROOT = Path(__file__).resolve().parents[2]
 CORES = os.cpu_count() or 1  # the decode cache is built with every core, as train.py builds it
 
 
@@ -138,18 +137,30 @@ def loader_only(case: Case, workers: int, cached: bool = True) -> float:
     return n / (time.perf_counter() - start)
 
 
+def train_quietly(argv: list[str]) -> None:
+    """What train.py runs (``utils.kfold.train`` on its parsed config), its output discarded."""
+    from utils.kfold import train
+
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        train(parse_config(TrainConfig, argv, model_config=True))
+
+
 def real_epochs(case: Case) -> list[dict]:
-    """train.py's first and second epochs (images/s and data wait, from history.csv), run as a
-    user runs it: a process of its own, its decode cache built before the first epoch, the first
-    epoch's worker start-up and first batch included; fp32 like the ceiling it is compared with
-    (``amp: auto`` would take bf16 on a native-bf16 CPU), and the Case's model (no drop path)."""
+    """train.py's first and second epochs (images/s and data wait, from history.csv): its training
+    (``utils.kfold.train``) in a fresh process of its own, as a user runs it, its decode cache built
+    before the first epoch, the first epoch's worker start-up and first batch included; fp32 like
+    the ceiling it is compared with (``amp: auto`` would take bf16 on a native-bf16 CPU), and the
+    Case's model (no drop path)."""
     with tempfile.TemporaryDirectory() as out:
-        subprocess.run([sys.executable, "train.py", "--data-dir", str(case.cfg.data_dir), "--out-dir", out,
-                        "--model", case.name, "--img-size", str(case.size), "--batch-size", str(case.cfg.batch_size),
-                        "--epochs", "2", "--n-folds", "2", "--fold", "0", "--workers", "auto", "--amp", "off",
-                        "--device", case.device.type,
-                        "--drop-path-rate", "0", "--patience", "0", "--predict-test", "false", "--progress", "false"],
-                       cwd=ROOT, check=True, capture_output=True)
+        argv = ["--data-dir", str(case.cfg.data_dir), "--out-dir", out, "--model", case.name, "--img-size",
+                str(case.size), "--batch-size", str(case.cfg.batch_size), "--epochs", "2", "--n-folds", "2", "--fold",
+                "0", "--workers", "auto", "--amp", "off", "--device", case.device.type, "--drop-path-rate", "0",
+                "--patience", "0", "--predict-test", "false", "--progress", "false"]
+        child = multiprocessing.get_context("spawn").Process(target=train_quietly, args=(argv,))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"training failed in its process (exit {child.exitcode}): train.py {' '.join(argv)}")
         history = pd.read_csv(Path(out) / case.name / "fold0" / "history.csv")
     return history[["images_per_s", "data_wait"]].to_dict("records")
 

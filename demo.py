@@ -1,8 +1,8 @@
 """The whole pipeline, stage by stage: what ``make demo`` (generated data) and ``make demo-real``
 (real photos, real weights) run.
 
-    python -m utils.demo                                  # data/demo -> runs/demo -> submission.csv
-    python -m utils.demo --real --data-dir data/real --out-dir runs/real
+    python demo.py                                        # data/demo -> runs/demo -> submission.csv
+    python demo.py --real --data-dir data/real --out-dir runs/real
 
 Each stage is the command a user would type (printed before it runs; run in this process, which
 saves each stage's imports), timed when it ends:
@@ -45,7 +45,7 @@ from utils.config import CommonConfig, option, run_command
 from utils.errors import DataError
 from utils.schema import read_category_attributes, read_submission
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parent
 
 
 @dataclass
