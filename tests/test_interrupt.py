@@ -292,7 +292,9 @@ def test_tune_worker_killed_midtrial_is_failed_and_its_parameters_retried(tiny_d
                                   "--batch-size", "16", "--tuned-config", str(tmp_path / "t.yaml"))]
     rc, output, _ = launch(args, "epoch 1/2", kill_after=0.0)
     assert rc == -signal.SIGKILL, output[-3000:]
-    time.sleep(2.25)  # past the grace period (2 x heartbeat) since the last heartbeat, which came before the kill
+    # past the grace period (2 x heartbeat) since the last heartbeat, which came before the kill, as SQLite
+    # sees it: its clock (CURRENT_TIMESTAMP) has whole seconds, so only 3 s of waiting make a gap of more than 2
+    time.sleep(3.25)
     run_script(*args)
     killed, retried = optuna.load_study(study_name="s", storage=storage).trials
     assert killed.state == optuna.trial.TrialState.FAIL
