@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_script
+from utils import budget
 from utils.blend import load_oof
 from utils.metric import score_logits, validate_submission
 from utils.run import RunDir
@@ -160,3 +161,8 @@ def test_export_skips_and_reports_bad_parity_calibration_and_timing_images(tiny_
         assert entry["oof_fp32"] == pytest.approx(trained, abs=2e-3) and 0 < entry["oof_int8"] <= 1
     table = pd.read_csv(run / "onnx" / "budget.csv", keep_default_na=False)
     assert set(table["int8"]) - {"-"} and set(table["tail"]) == {"max of 6"}
+    # the gate on these measured drops, both ways: a limit above a run's drop lets it in, its drop itself does not
+    for entry in manifest["members"]:
+        drop = entry["oof_fp32"] - entry["oof_int8"]
+        assert budget.int8_allowed({"r": entry}, drop + 1e-6) == {"r"}
+        assert budget.int8_allowed({"r": entry}, drop) == set()
