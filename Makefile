@@ -17,7 +17,7 @@ test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
 $(DATA)/train.csv:
-	$(PYTHON) -m utils.demo_data --out $(DATA)
+	$(PYTHON) -m utils.data.demo_data --out $(DATA)
 
 demo-data: $(DATA)/train.csv
 

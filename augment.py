@@ -43,8 +43,8 @@ from tqdm import tqdm
 from utils.config import DataConfig, option, run_command
 from utils.errors import ConfigError, DataError
 from utils.io import atomic_path, atomic_write_csv
-from utils.schema import ATTR_COLS, CATEGORY, ID, image_path, read_dataset
-from utils.transforms import load_image, reseed
+from utils.data.schema import ATTR_COLS, CATEGORY, ID, image_path, read_dataset
+from utils.data.transforms import load_image, reseed
 
 CAP = 3.0
 

@@ -5,7 +5,7 @@
     python ensemble.py --per-head --bias on
 
 Each member is a run's OOF logits over the whole train set (all its folds), as per-head
-log-probabilities. Every method of ``--compare`` (the search itself is ``utils/search.py``), with
+log-probabilities. Every method of ``--compare`` (the search itself is ``utils/ensemble/search.py``), with
 and without per-class biases, is judged by nested CV: for every held-out fold, weights (and biases)
 are fitted on the other folds' OOF rows and applied to the held-out rows; the assembled held-out
 predictions are scored once. The table shows that score for every method, its gain over equal
@@ -13,7 +13,7 @@ weights and over the best single model, and its time. The chosen method is then 
 OOF rows and written to ``<out-dir>/ensemble.json``, which export.py and infer.py read, with
 ``ensemble_heads.png`` (per-head score of the best single model against the ensemble), and each
 held-out fold's fit (``fold_fits``: weights and biases fitted without that fold, which an honest
-student's fold learns from, utils/distill.py).
+student's fold learns from, utils/train/distill.py).
 
 Timing of the search at the real scale: ``python -m utils.bench.ensemble``.
 """
@@ -29,14 +29,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from utils import provenance
-from utils.blend import load_oof
+from utils.ensemble.blend import load_oof
 from utils.config import CommonConfig, option, run_command
 from utils.errors import DataError
 from utils.io import atomic_write_json
 from utils.plots import head_bars
 from utils.run import RunDir
-from utils.schema import ID, read_dataset
-from utils.search import METHODS, BlendObjective, Budget, fit, nested_cv
+from utils.data.schema import ID, read_dataset
+from utils.ensemble.search import METHODS, BlendObjective, Budget, fit, nested_cv
 
 
 @dataclass

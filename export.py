@@ -13,7 +13,7 @@ one is recorded in ``onnx/manifest.json`` (``use``), which infer.py follows. Wit
 every complete run is exported (a distilled student too), and every candidate configuration (the
 ensemble, smaller ensembles, each run alone; merged, fp32, int8 members; all folds or one) is
 scored by nested CV and timed end to end here: the best that fits is written to the manifest
-(``serve``), with every candidate in ``onnx/budget.csv`` (utils/budget.py).
+(``serve``), with every candidate in ``onnx/budget.csv`` (utils/serve/budget.py).
 
 Latency of the seed's backbones at 224 px: ``python -m utils.bench.latency``.
 """
@@ -32,19 +32,21 @@ import torch
 
 from tqdm import tqdm
 
-from utils import budget, provenance
-from utils.blend import combine_members, ensemble_digest, expand_weights, head_log_softmax, load_ensemble, load_oof
+from utils.serve import budget
+
+from utils import provenance
+from utils.ensemble.blend import combine_members, ensemble_digest, expand_weights, head_log_softmax, load_ensemble, load_oof
 from utils.config import CommonConfig, option, run_command
 from utils.errors import DataError
 from utils.io import atomic_write_csv, atomic_write_json
-from utils.metric import score_logits
-from utils.model import checkpoint_preprocess, load_checkpoint
-from utils.onnx_utils import EnsembleGraph, LogitsOnly, export_onnx, quantize_int8
+from utils.ensemble.metric import score_logits
+from utils.train.model import checkpoint_preprocess, load_checkpoint
+from utils.serve.graph import EnsembleGraph, LogitsOnly, export_onnx, quantize_int8
 from utils.run import RunDir
-from utils.schema import CATEGORY, ID, Schema, image_path, read_dataset
-from utils.serving import (MERGED_PARITY, fold_members, merged_parity, mirrored, onnx_runner, parity,
+from utils.data.schema import CATEGORY, ID, Schema, image_path, read_dataset
+from utils.serve.members import (MERGED_PARITY, fold_members, merged_parity, mirrored, onnx_runner, parity,
                            placeholder_batch, run_members, single_stream_ms, trained_with_tta, usable_batch)
-from utils.transforms import Preprocess
+from utils.data.transforms import Preprocess
 
 
 @dataclass
@@ -52,7 +54,7 @@ class ExportConfig(CommonConfig):
     models: Optional[list[str]] = option(None, "runs to export (a,b,c); default: ensemble.json's, else every run")
     int8: bool = option(False, "also export int8-quantised models and report their OOF score change")
     budget_ms: Optional[float] = option(None, "choose what to serve: the best-scoring configuration whose p99 "
-                                              "latency per image, measured here, fits this budget (utils/budget.py); "
+                                              "latency per image, measured here, fits this budget (utils/serve/budget.py); "
                                               "with --int8, int8 members are candidates too")
     int8_max_drop: float = option(0.002, "budget: a member may be served in int8 only if its OOF score drops less")
     latency_images: int = option(100, "budget: test images timed end to end per configuration")
@@ -72,7 +74,7 @@ def report_skipped(skipped: list, what: str) -> None:
 
 
 def metadata(schema: Schema, run: str, prep, **extra) -> dict:
-    """What an ONNX file says about itself (utils.onnx_utils.read_metadata reads it back)."""
+    """What an ONNX file says about itself (utils.serve.graph.read_metadata reads it back)."""
     return {"fingerprint": schema.fingerprint, "schema": schema.to_dict(), "run": run,
             "preprocess": prep.to_dict(), **extra}
 
@@ -193,7 +195,7 @@ def export_merged(cfg: ExportConfig, ens: dict, entries: list[dict], schema: Sch
 
 def choose_serving(cfg: ExportConfig, run_dir: RunDir, exported: dict, data) -> dict:
     """Under ``--budget-ms``: every candidate configuration scored and timed here; the best that
-    fits (utils/budget.py). Raises, naming the fastest, when none does."""
+    fits (utils/serve/budget.py). Raises, naming the fastest, when none does."""
     if not run_dir.ensemble_path.is_file():
         raise DataError(f"--budget-ms weighs the candidates with {run_dir.ensemble_path}'s method: run ensemble.py first")
     schema, spec = run_dir.schema, json.loads(run_dir.ensemble_path.read_text())

@@ -29,15 +29,15 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from utils.baseline import solution_score
-from utils.blend import combine_members, load_ensemble, load_test_logits
+from utils.ensemble.baseline import solution_score
+from utils.ensemble.blend import combine_members, load_ensemble, load_test_logits
 from utils.config import CommonConfig, option, run_command
-from utils.data import read_or_placeholder
+from utils.data.dataset import read_or_placeholder
 from utils.run import RunDir
-from utils.schema import CATEGORY, ID, image_path, read_category_attributes, read_test
-from utils.serving import onnx_members, run_members, torch_members
-from utils.submission import make_submission, submission_from_predictions, write_submission
-from utils.transforms import Preprocess
+from utils.data.schema import CATEGORY, ID, image_path, read_category_attributes, read_test
+from utils.serve.members import onnx_members, run_members, torch_members
+from utils.serve.submission import make_submission, submission_from_predictions, write_submission
+from utils.data.transforms import Preprocess
 
 
 @dataclass

@@ -9,21 +9,21 @@
 Config: the defaults below < configs/<model>.yaml < --config files < flags (utils/config.py).
 Writes <out-dir>/schema.json and folds.csv on first use, then for each fold, in
 <out-dir>/<name>/fold<k>/: best.pt, last.pt, oof_logits.npz, test_logits.npz, history.csv/.png,
-metrics.json, config.yaml (utils/kfold.py runs the folds; utils/trainer.py is one fold). When every fold of the run is
+metrics.json, config.yaml (utils/train/kfold.py runs the folds; utils/train/trainer.py is one fold). When every fold of the run is
 done, its OOF score over the whole train set is printed and written to <name>/oof_score.json.
 Training throughput: python -m utils.bench.train.
 """
 import warnings
 
 from utils.config import run_command
-from utils.schema import read_dataset
-from utils.train_config import TrainConfig
+from utils.data.schema import read_dataset
+from utils.train.config import TrainConfig
 
 
 def main(cfg: TrainConfig) -> dict:
     data = read_dataset(cfg.data_dir, cfg.train_csv)
     cfg.check_data(data)  # a config naming what the data lacks is refused here, before torch is imported
-    from utils.kfold import train
+    from utils.train.kfold import train
 
     return train(cfg, data)
 

@@ -8,7 +8,7 @@
     python tune.py --model resnet18 --config configs/tune_tiny.yaml   # tiny budget, for a quick look
 
 Every train.py key works here too (they are the base of each trial). The objective is the
-competition score on the fold's validation rows, from ``utils.kfold.train_fold`` itself, reported after
+competition score on the fold's validation rows, from ``utils.train.kfold.train_fold`` itself, reported after
 every epoch so the pruner (median or Hyperband, ``--pruner``) can stop a bad trial early. The
 search space is ``configs/tune_space.yaml`` (``--space``). A trial that fails (non-finite loss,
 out of memory, ...) is recorded as failed with its reason and the study goes on.
@@ -36,14 +36,14 @@ from typing import Optional
 import pandas as pd
 import yaml
 
-from utils import kfold, trainer
+from utils.train import kfold, trainer
 from utils.config import load_yaml, option, run_command
-from utils.distributed import Dist
+from utils.train.distributed import Dist
 from utils.errors import DataError, NonFiniteLoss
 from utils.io import atomic_write_csv, atomic_write_text
 from utils.plots import pyplot, save_figure
 from utils.run import RunDir
-from utils.schema import read_dataset
+from utils.data.schema import read_dataset
 
 
 @dataclass

@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 
 from tests.conftest import OTHER_WORLD, run_script
-from utils.metric import validate_submission
-from utils.schema import ATTR_COLS, CATEGORY, DUMMY, ID, LEN, Schema, read_dataset, read_submission
+from utils.ensemble.metric import validate_submission
+from utils.data.schema import ATTR_COLS, CATEGORY, DUMMY, ID, LEN, Schema, read_dataset, read_submission
 
 FAST = ["--img-size", "32", "--batch-size", "16", "--epochs", "1", "--workers", "0", "--n-folds", "2",
         "--progress", "false"]
@@ -97,13 +97,13 @@ def _idx_files(folder, n: int, seed: int) -> None:
 
 
 def test_the_real_photo_dataset_is_written_in_the_competition_layout(tmp_path):
-    """utils.real_data on idx files: three categories of its own, one attribute each, labels from the
+    """utils.data.real_data on idx files: three categories of its own, one attribute each, labels from the
     photos' classes (held-out test labels only in test_solution.csv), a share missing."""
     import numpy as np
     from PIL import Image
 
     from utils.errors import DataError
-    from utils.real_data import CLASSES, build
+    from utils.data.real_data import CLASSES, build
 
     _idx_files(tmp_path / "idx", 60, seed=0)
     out = build(tmp_path / "real", source=str(tmp_path / "idx"), n_train=50, n_test=20, missing=0.2, progress=False)

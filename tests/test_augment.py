@@ -7,8 +7,8 @@ import pytest
 import augment
 from tests.conftest import run_script
 from utils.run import RunDir
-from utils.trainer import split_fold
-from utils.schema import ATTR_COLS, read_dataset
+from utils.train.trainer import split_fold
+from utils.data.schema import ATTR_COLS, read_dataset
 
 
 def table(rows):

@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_script
-from utils import budget
-from utils.blend import load_oof
-from utils.metric import score_logits, validate_submission
+from utils.serve import budget
+from utils.ensemble.blend import load_oof
+from utils.ensemble.metric import score_logits, validate_submission
 from utils.run import RunDir
-from utils.schema import Schema, read_dataset
+from utils.data.schema import Schema, read_dataset
 
 TRAIN = ["--model", "test_resnet", "--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs", "1",
          "--workers", "1", "--progress", "false", "--fold", "0"]
@@ -39,7 +39,7 @@ def break_images(folder, ids):
 @pytest.fixture(scope="module")
 def broken(tiny_data, tmp_path_factory):
     """A copy of the tiny data with eight bad images among fold 0's training rows."""
-    from utils.schema import read_dataset
+    from utils.data.schema import read_dataset
 
     data = tmp_path_factory.mktemp("broken") / "data"
     shutil.copytree(tiny_data, data)
@@ -73,9 +73,9 @@ def test_a_students_unusable_test_image_is_named_as_a_test_image_and_learns_noth
     """Train and test ids overlap: a student's broken test image is reported under test, not as the
     train row of the same id, on both routes; and the frozen route gives it no teacher targets, as
     fine-tuning does not."""
-    from utils.distributed import Dist
-    from utils.frozen import FrozenFold
-    from utils.trainer import TrainConfig
+    from utils.train.distributed import Dist
+    from utils.train.frozen import FrozenFold
+    from utils.train.trainer import TrainConfig
 
     data, out = tmp_path / "data", tmp_path / "run"
     shutil.copytree(tiny_data, data)

@@ -106,8 +106,8 @@ def test_no_train_default_names_the_competitions_data():
     """Category rules belong in a profile (configs/visual_taxonomy.yaml), not in a default."""
     import json
 
-    from utils.demo_data import COUNTS
-    from utils.trainer import TrainConfig
+    from utils.data.demo_data import COUNTS
+    from utils.train.trainer import TrainConfig
 
     defaults = json.dumps(dataclasses.asdict(TrainConfig()))
     assert TrainConfig().category_aug == {}
@@ -118,7 +118,7 @@ def test_no_train_default_names_the_competitions_data():
 
 
 def test_augmentation_names_and_parameters_are_checked_when_parsed():
-    from utils.trainer import TrainConfig
+    from utils.train.trainer import TrainConfig
 
     with pytest.raises(ConfigError, match=r"key 'aug': unknown augmentation 'hflp'; known: random_resized_crop"):
         parse_config(TrainConfig, ["--aug", "{hflp: {p: 0}}"])

@@ -10,19 +10,19 @@ import torch
 import export
 from tests.conftest import run_script
 from tests.test_ensemble import synthetic  # noqa: F401 (a fixture)
-from utils import budget
-from utils.blend import head_log_softmax, load_oof
+from utils.serve import budget
+from utils.ensemble.blend import head_log_softmax, load_oof
 from utils.config import parse_config
-from utils.distill import (INFOLD, DistillLoss, honest_teacher_scores, prepare_teacher, soft_targets, student_rows,
+from utils.train.distill import (INFOLD, DistillLoss, honest_teacher_scores, prepare_teacher, soft_targets, student_rows,
                            teacher_scores)
 from utils.errors import DataError
-from utils.serving import Member, run_members, trained_with_tta
+from utils.serve.members import Member, run_members, trained_with_tta
 from utils.io import load_logits
-from utils.metric import validate_submission
-from utils.model import HeadLoss
+from utils.ensemble.metric import validate_submission
+from utils.train.model import HeadLoss
 from utils.run import RunDir
-from utils.schema import ID, IGNORE_INDEX, read_dataset
-from utils.trainer import split_fold
+from utils.data.schema import ID, IGNORE_INDEX, read_dataset
+from utils.train.trainer import split_fold
 
 
 @pytest.fixture
@@ -52,8 +52,8 @@ def test_the_students_train_targets_come_from_the_teachers_out_of_fold_logits(ru
 def test_an_honest_student_fold_learns_only_from_what_never_saw_its_labels(run, tiny_data):
     """Student fold 0's targets: each teacher member's fold-0 model on the rows outside fold 0 (its
     own training rows), blended with the weights and biases fitted without fold 0's rows."""
-    from utils.model import checkpoint_preprocess, load_checkpoint
-    from utils.search import BlendObjective, Budget, fit
+    from utils.train.model import checkpoint_preprocess, load_checkpoint
+    from utils.ensemble.search import BlendObjective, Budget, fit
 
     rd, data = RunDir(run), read_dataset(tiny_data)
     spec, schema = json.loads((run / "ensemble.json").read_text()), rd.schema

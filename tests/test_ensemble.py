@@ -2,15 +2,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from utils import search
-from utils.blend import blend, head_log_softmax, load_oof
+from utils.ensemble import search
+from utils.ensemble.blend import blend, head_log_softmax, load_oof
 from utils.errors import DataError
-from utils.demo_data import COUNTS, sample_labels
+from utils.data.demo_data import COUNTS, sample_labels
 from utils.io import save_logits
-from utils.metric import score
+from utils.ensemble.metric import score
 from utils.run import RunDir
-from utils.schema import Schema
-from utils.submission import make_submission
+from utils.data.schema import Schema
+from utils.serve.submission import make_submission
 
 
 def sphere(x):
@@ -132,7 +132,7 @@ def test_head_log_softmax_normalises_each_head_alone_in_numpy_and_in_the_merged_
     the per-head log-softmax computed head by head, on the 42 real heads of uneven widths."""
     import torch
 
-    from utils.onnx_utils import EnsembleGraph
+    from utils.serve.graph import EnsembleGraph
 
     rng = np.random.default_rng(3)
     schema = Schema.fit(sample_labels(500, rng), {c: list(a) for c, a in COUNTS.items()})

@@ -11,14 +11,14 @@ import torch
 
 from tests.conftest import run_script
 from utils.config import parse_config
-from utils.distributed import Dist
-from utils.engine import predict, train_step
+from utils.train.distributed import Dist
+from utils.train.engine import predict, train_step
 from utils.errors import DataError
-from utils.metric import score_logits
-from utils.model import AttributeModel, HeadLoss, build_optimizer, group_lrs, load_checkpoint, load_from_file
+from utils.ensemble.metric import score_logits
+from utils.train.model import AttributeModel, HeadLoss, build_optimizer, group_lrs, load_checkpoint, load_from_file
 from utils.run import RunDir
-from utils.schema import Schema, read_dataset
-from utils.trainer import FoldTrainer, TrainConfig
+from utils.data.schema import Schema, read_dataset
+from utils.train.trainer import FoldTrainer, TrainConfig
 
 TINY = ["--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--workers", "0", "--progress", "false"]
 
@@ -231,10 +231,10 @@ def test_the_frozen_cache_key_changes_with_everything_an_embedding_depends_on(ti
     """Architecture arguments, weights, autocast dtype and, with views, the seed: each a new key."""
     import dataclasses
 
-    from utils.frozen import cache_key
-    from utils.model import create_backbone
-    from utils.trainer import TrainConfig
-    from utils.transforms import Preprocess
+    from utils.train.frozen import cache_key
+    from utils.train.model import create_backbone
+    from utils.train.trainer import TrainConfig
+    from utils.data.transforms import Preprocess
 
     cfg, prep = TrainConfig(model="test_resnet", img_size=32), Preprocess(32, (0.5,) * 3, (0.5,) * 3)
     paths = sorted((tiny_data / "train_images").glob("*.jpg"))[:4]
@@ -258,9 +258,9 @@ def test_a_knn_vote_never_finds_the_row_itself_or_its_own_fold(tiny_data, tmp_pa
     validation row (its OOF logits) is voted on by other folds' rows only, never by itself."""
     import torch.nn.functional as F
 
-    from utils.frozen import FrozenFold
+    from utils.train.frozen import FrozenFold
     from utils.run import RunDir
-    from utils.trainer import TrainConfig
+    from utils.train.trainer import TrainConfig
 
     cfg = TrainConfig(model="test_resnet", n_folds=3, img_size=32, fold="1", frozen_backbone=True, head="knn",
                       knn_k=1, progress=False, data_dir=str(tiny_data), out_dir=str(tmp_path), workers=0)

@@ -26,7 +26,7 @@ from PIL import Image
 
 from tests.conftest import ROOT, run_script
 from utils import io as io_module
-from utils.decoded import DecodedImages
+from utils.data.decoded import DecodedImages
 from utils.io import atomic_write_text
 
 

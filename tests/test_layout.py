@@ -111,8 +111,8 @@ def config_classes():
 
 def test_every_option_of_every_command_has_help_and_valid_choices():
     classes = config_classes()
-    assert {m for m, _ in classes} >= {*SCRIPTS, "utils.baseline", "utils.metric", "utils.demo_data",
-                                       "utils.compare_runs", "utils.bench.train", "utils.bench.memory",
+    assert {m for m, _ in classes} >= {*SCRIPTS, "utils.ensemble.baseline", "utils.ensemble.metric", "utils.data.demo_data",
+                                       "utils.ensemble.compare_runs", "utils.bench.train", "utils.bench.memory",
                                        "utils.bench.ensemble", "utils.bench.latency"}
     for module, cls in classes:
         for f in dataclasses.fields(cls):
@@ -155,7 +155,7 @@ def test_a_wrong_value_is_refused_at_parse_time_naming_key_value_and_choices(scr
 
 
 def test_a_bare_boolean_flag_means_true():
-    from utils.trainer import TrainConfig
+    from utils.train.trainer import TrainConfig
 
     cfg = parse_config(TrainConfig, ["--resume", "--fold", "all", "--progress", "false"])
     assert cfg.resume is True and cfg.progress is False and cfg.fold == "all"

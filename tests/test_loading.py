@@ -1,7 +1,7 @@
-"""What feeds the training step: the decode cache (utils/decoded.py) holds the pixels and reasons
+"""What feeds the training step: the decode cache (utils/data/decoded.py) holds the pixels and reasons
 decoding gives, one cache per state of the images, and no cache rather than a full disk; seeded
 augmentation draws each transform's decision independently; a step reuses the memory the one
-before it freed (utils/throughput.py)."""
+before it freed (utils/train/throughput.py)."""
 import os
 import shutil
 import subprocess
@@ -18,15 +18,15 @@ from PIL import Image
 
 from tests.conftest import ROOT
 from tests.test_bad_images import UNUSABLE, break_images
-from utils import decoded
+from utils.data import decoded
 from utils.config import parse_config
-from utils.data import ImageDataset, make_loader, read_or_placeholder
-from utils.engine import model_input
-from utils.decoded import DecodedImages
-from utils.distributed import Dist
-from utils.throughput import configure_device, keep_freed_memory
-from utils.train_config import TrainConfig
-from utils.transforms import Preprocess
+from utils.data.dataset import ImageDataset, make_loader, read_or_placeholder
+from utils.train.engine import model_input
+from utils.data.decoded import DecodedImages
+from utils.train.distributed import Dist
+from utils.train.throughput import configure_device, keep_freed_memory
+from utils.train.config import TrainConfig
+from utils.data.transforms import Preprocess
 
 PREP = Preprocess(48, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))  # draft decoding on: 1/8 to 1/2 scale
 
@@ -208,7 +208,7 @@ def test_the_training_benchmark_measures_what_it_documents(tiny_data):
 
 STEPS = textwrap.dedent("""
     import ctypes, resource, torch
-    from utils.throughput import keep_freed_memory
+    from utils.train.throughput import keep_freed_memory
     libc = ctypes.CDLL("libc.so.6")  # glibc's starting thresholds (128 KB), pinned: how far they adapted
     libc.mallopt(-3, 128 << 10), libc.mallopt(-1, 128 << 10)  # while torch was imported must not matter
     faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt

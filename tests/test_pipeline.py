@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from tests.conftest import MODELS, pipeline, run_script
-from utils.metric import validate_submission
+from utils.ensemble.metric import validate_submission
 from utils.errors import DataError
-from utils.schema import Schema, read_dataset
+from utils.data.schema import Schema, read_dataset
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +57,10 @@ def torch_blend(run, data_dir):
     """The torch backend's blended scores of every test row, in test.csv order."""
     import torch
 
-    from utils.blend import combine_members, load_ensemble
+    from utils.ensemble.blend import combine_members, load_ensemble
     from utils.run import RunDir
-    from utils.schema import image_path, read_test
-    from utils.serving import preprocess_batch, run_members, torch_members
+    from utils.data.schema import image_path, read_test
+    from utils.serve.members import preprocess_batch, run_members, torch_members
 
     run_dir = RunDir(run)
     test = read_test(data_dir / "test.csv", run_dir.schema.categories)
@@ -136,7 +136,7 @@ def test_inference_memory_stays_flat(run, tiny_data):
 
 
 def test_onnx_file_from_another_schema_is_refused(run):
-    from utils.onnx_utils import make_session
+    from utils.serve.graph import make_session
 
     schema = Schema.load(run / "schema.json")
     manifest = json.loads((run / "onnx" / "manifest.json").read_text())

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from utils.errors import DataError
-from utils.schema import ATTR_COLS, DUMMY, IGNORE_INDEX, Schema, image_path, read_dataset
+from utils.data.schema import ATTR_COLS, DUMMY, IGNORE_INDEX, Schema, image_path, read_dataset
 
 
 @pytest.fixture

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, run_script
-from utils import kfold, trainer
+from utils.train import kfold, trainer
 from utils.config import parse_config
-from utils.distributed import Dist
+from utils.train.distributed import Dist
 from utils.errors import DataError
 from utils.io import load_logits
-from utils.model import AttributeModel, HeadLoss, load_checkpoint
+from utils.train.model import AttributeModel, HeadLoss, load_checkpoint
 from utils.run import RunDir
-from utils.schema import IGNORE_INDEX, Schema, read_dataset
+from utils.data.schema import IGNORE_INDEX, Schema, read_dataset
 
 TINY = ["--model", "resnet18", "--n-folds", "3", "--img-size", "32", "--batch-size", "16",
         "--workers", "0", "--progress", "false", "--amp", "off"]
@@ -174,7 +174,7 @@ def test_ddp_two_cpu_processes(tiny_data, tmp_path):
 
 def test_pretrained_hub_unreachable_names_both_options(monkeypatch):
     import timm
-    from utils import model as model_module
+    from utils.train import model as model_module
 
     def offline(*args, pretrained=False, **kwargs):
         if pretrained:

@@ -8,7 +8,7 @@ import yaml
 
 import tune
 from tests.conftest import ROOT, run_script
-from utils import kfold
+from utils.train import kfold
 from utils.config import parse_config
 from utils.errors import NonFiniteLoss
 
@@ -19,7 +19,7 @@ def tiny_args(data, out, *extra):
 
 
 def fake_train_fold(cfg, schema, table, data, fold, d, report=None):
-    """Stands in for utils.kfold.train_fold: good trials score 0.8 every epoch, bad ones 0.1, and a
+    """Stands in for utils.train.kfold.train_fold: good trials score 0.8 every epoch, bad ones 0.1, and a
     learning rate above 0.5 makes the loss non-finite."""
     if cfg.lr_head > 0.5:
         raise NonFiniteLoss("loss is nan at step 3")

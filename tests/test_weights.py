@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from utils.errors import DataError
-from utils.model import AttributeModel, create_backbone, data_config
-from utils.transforms import Preprocess
-from utils.weights import lukemelas_to_timm
+from utils.train.model import AttributeModel, create_backbone, data_config
+from utils.data.transforms import Preprocess
+from utils.train.weights import lukemelas_to_timm
 
 
 def lite0_file() -> str:

@@ -8,7 +8,7 @@ stays valid:
     ensemble.json          <- every OOF logits file it read
     onnx/*.onnx, manifest  <- the checkpoints (and ensemble.json for the merged graph)
     embedding caches       <- the weights and the images they were computed from
-    the decode cache       <- the images and their decoding (utils/decoded.py)
+    the decode cache       <- the images and their decoding (utils/data/decoded.py)
 
 A consumer calls ``check`` before it uses the artifact: an input that is missing, or whose
 content changed since, stops it with a StaleError that names the artifact, the input, what

@@ -3,10 +3,10 @@
     runs/<name>/
       schema.json, folds.csv             fitted once by the first script, then only read
       labels.json                        a digest of the train labels they were made with; checked by every reader
-      <run>/fold<k>/                     one fold of one trained run (see utils/trainer.py)
+      <run>/fold<k>/                     one fold of one trained run (see utils/train/trainer.py)
         best.pt, last.pt, oof_logits.npz, test_logits.npz, history.csv, metrics.json, config.yaml
       <run>/oof_score.json               when every fold is done
-      decoded/<key>.bin, .npz            every image decoded and sized once, for training (utils/decoded.py)
+      decoded/<key>.bin, .npz            every image decoded and sized once, for training (utils/data/decoded.py)
       ensemble.json, ensemble_heads.png  ensemble.py
       onnx/manifest.json, onnx/*.onnx    export.py
 
@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 
 from utils.errors import DataError
-from utils.folds import make_folds
+from utils.data.folds import make_folds
 from utils.io import atomic_write_csv, atomic_write_json
-from utils.schema import ID, Dataset, Schema
+from utils.data.schema import ID, Dataset, Schema
 
 
 class RunDir:
@@ -172,7 +172,7 @@ class RunDir:
 
     def optimistic_student(self, run: str) -> bool:
         """Whether ``run`` is a student trained with ``distill_mode: optimistic``, whose scores saw its
-        validation labels through its teacher (utils/distill.py)."""
+        validation labels through its teacher (utils/train/distill.py)."""
         import yaml
 
         path = self.fold_file(run, 0, "config.yaml")

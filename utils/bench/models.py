@@ -41,10 +41,10 @@ def measure_one(config: str, steps: int) -> dict:
     import torch
 
     from utils.config import parse_config
-    from utils.demo_data import COUNTS, sample_labels
-    from utils.model import AttributeModel, HeadLoss, build_optimizer
-    from utils.schema import Schema
-    from utils.trainer import TrainConfig, model_args
+    from utils.data.demo_data import COUNTS, sample_labels
+    from utils.train.model import AttributeModel, HeadLoss, build_optimizer
+    from utils.data.schema import Schema
+    from utils.train.trainer import TrainConfig, model_args
 
     flags = ["--config", config] if config.endswith(".yaml") else ["--model", config]
     cfg = parse_config(TrainConfig, [*flags, "--pretrained", "false"], model_config=True)

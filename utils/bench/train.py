@@ -6,7 +6,7 @@
     python -m utils.bench.train --device cuda --sizes 224 --batch-size 256 --images 4096 --workers 8 --workers-sweep 8
 
 For each model and size, images per second of:
-  decode cache      decoding every image once, with every core (utils/decoded.py)
+  decode cache      decoding every image once, with every core (utils/data/decoded.py)
   loader            the data loader alone (augment, collate), ``workers`` processes: reading the
                     decode cache, as training does, and decoding on the fly
   ceiling           the model-only step: the kit's own step (forward, head losses, backward,
@@ -20,7 +20,7 @@ For each model and size, images per second of:
                     cuDNN's autotuning with --cudnn-benchmark), left out of every rate
   train.py epoch    train.py's first epoch (worker start and first batch included) and its
                     second, trained in a process of its own: 2 folds of the data, half of it trained on
-and, to justify the defaults (utils/throughput.py): the ceiling in contiguous and channels_last
+and, to justify the defaults (utils/train/throughput.py): the ceiling in contiguous and channels_last
 memory format, the full step with each number of loader workers in ``--workers-sweep`` and
 without the decode cache, and bf16 autocast, but only on a CPU with native bf16 (elsewhere it is
 emulated, and says so); with ``--compile``, the ceiling under torch.compile and the seconds its
@@ -43,15 +43,15 @@ import torch
 
 from utils.bench import machine
 from utils.config import DataConfig, option, parse_config, run_command
-from utils.data import EpochSampler, ImageDataset, make_loader
-from utils.decoded import DecodedImages, decode_workers
-from utils.distributed import Dist
-from utils.engine import native_bf16, train_one_epoch
-from utils.model import AttributeModel, HeadLoss, build_optimizer, data_config, warmup_cosine
-from utils.schema import CATEGORY, Schema, read_dataset, row_paths
-from utils.throughput import configure_device, keep_freed_memory, loader_workers, use_channels_last
-from utils.trainer import TrainConfig, model_args
-from utils.transforms import Preprocess
+from utils.data.dataset import EpochSampler, ImageDataset, make_loader
+from utils.data.decoded import DecodedImages, decode_workers
+from utils.train.distributed import Dist
+from utils.train.engine import native_bf16, train_one_epoch
+from utils.train.model import AttributeModel, HeadLoss, build_optimizer, data_config, warmup_cosine
+from utils.data.schema import CATEGORY, Schema, read_dataset, row_paths
+from utils.train.throughput import configure_device, keep_freed_memory, loader_workers, use_channels_last
+from utils.train.trainer import TrainConfig, model_args
+from utils.data.transforms import Preprocess
 
 CORES = os.cpu_count() or 1  # the decode cache is built with every core, as train.py builds it
 
@@ -70,7 +70,7 @@ class BenchTrainConfig(DataConfig):
     compile: bool = option(False, "also time the ceiling under torch.compile, and its compile time (minutes)")
     cudnn_benchmark: bool = option(False, "CUDA: cuDNN autotuning, as train.py's cudnn_benchmark")
     keep_freed_memory: bool = option(True, "malloc keeps the memory a step frees, as train.py sets it on CPU "
-                                           "(utils/throughput.py); false: glibc's default")
+                                           "(utils/train/throughput.py); false: glibc's default")
 
 
 class Case:
@@ -138,8 +138,8 @@ def loader_only(case: Case, workers: int, cached: bool = True) -> float:
 
 
 def train_quietly(argv: list[str]) -> None:
-    """What train.py runs (``utils.kfold.train`` on its parsed config), its output discarded."""
-    from utils.kfold import train
+    """What train.py runs (``utils.train.kfold.train`` on its parsed config), its output discarded."""
+    from utils.train.kfold import train
 
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
         train(parse_config(TrainConfig, argv, model_config=True))
@@ -147,7 +147,7 @@ def train_quietly(argv: list[str]) -> None:
 
 def real_epochs(case: Case) -> list[dict]:
     """train.py's first and second epochs (images/s and data wait, from history.csv): its training
-    (``utils.kfold.train``) in a fresh process of its own, as a user runs it, its decode cache built
+    (``utils.train.kfold.train``) in a fresh process of its own, as a user runs it, its decode cache built
     before the first epoch, the first epoch's worker start-up and first batch included; fp32 like
     the ceiling it is compared with (``amp: auto`` would take bf16 on a native-bf16 CPU), and the
     Case's model (no drop path)."""

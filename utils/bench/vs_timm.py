@@ -9,7 +9,7 @@
 timm's ``train.py`` (from timm's repository; not part of the kit, and not run by it) trains each fold
 on the same photos as the kit's fold: the kit run's train rows that carry a label (an image folder of
 symlinks, one class per (category, value)), validated on the fold's validation rows, from the same
-weights (converted once by ``utils/weights.py`` into timm's layout and given as
+weights (converted once by ``utils/train/weights.py`` into timm's layout and given as
 ``--pretrained-path``), at the kit run's image size, batch size and epochs, with the settings
 ``TIMM_ARGS`` states: what a careful user picks for a short fine-tune. The first call prepares the
 folders and the weights and writes timm's commands to ``run_timm.sh``; once they have run, the call
@@ -34,13 +34,13 @@ import yaml
 
 from utils.bench import machine
 from utils.bench.regime import held_out_score
-from utils.blend import combine_members, head_log_softmax, load_ensemble, load_test_logits
+from utils.ensemble.blend import combine_members, head_log_softmax, load_ensemble, load_test_logits
 from utils.config import DataConfig, option, run_command
 from utils.io import atomic_write_csv, atomic_write_text
-from utils.metric import score_logits
+from utils.ensemble.metric import score_logits
 from utils.run import RunDir
-from utils.schema import CATEGORY, ID, image_path, read_dataset
-from utils.transforms import Preprocess
+from utils.data.schema import CATEGORY, ID, image_path, read_dataset
+from utils.data.transforms import Preprocess
 
 # a short fine-tune from ImageNet weights, as a careful timm user sets it (besides size, batch, epochs)
 TIMM_ARGS = ["--opt", "adamw", "--weight-decay", "0.01", "--sched", "cosine", "--sched-on-updates",
@@ -74,7 +74,7 @@ def image_folder(root: Path, rows: pd.DataFrame, images: Path) -> None:
 
 
 def timm_weights(cfg: VsTimmConfig, model: str, folder: Path) -> Path:
-    from utils.model import create_backbone
+    from utils.train.model import create_backbone
 
     path = folder / "weights_timm.pth"
     if not path.is_file():

@@ -2,17 +2,17 @@
 measured (``python -m utils.bench.train``; figures in BENCHMARKS.md) rather than assumed.
 
 - Threads. On CPU each process computes with its share of the cores (``torch.set_num_threads``);
-  loader workers compute with one thread each and no OpenCV pool (``utils.data``).
+  loader workers compute with one thread each and no OpenCV pool (``utils.data.dataset``).
 - Memory. On CPU, malloc keeps what a step frees for the next step (``keep_freed_memory``).
 - Decoding. Every image is decoded and sized once per run folder, before the first fold, and
-  read from there at every epoch (``utils/decoded.py``): the loader does a third of the work.
+  read from there at every epoch (``utils/data/decoded.py``): the loader does a third of the work.
 - Batches. Loaders carry uint8 pixels, normalised by the step on the device
   (``engine.model_input``): a quarter of float32's bytes between processes and to a GPU.
 - Loader workers (``workers: auto``). On CUDA: enough to feed the GPU, one per core left after the
   training process, at most 8 (a draft-mode JPEG decode at 224 px runs at a few hundred images
   per second per core). On CPU the step, not the decode, is the bottleneck; 2 workers measured as
   fast as 0 or 1 on 2 cores or faster, so ``auto`` is 2 (one per 4 cores beyond 8).
-  Training on CPU, workers run in Linux's idle scheduling class (``utils.data.init_worker``):
+  Training on CPU, workers run in Linux's idle scheduling class (``utils.data.dataset.init_worker``):
   they use the cores the step leaves idle rather than preempt its compute threads.
 - channels_last (``channels_last: auto``): on for every convolutional backbone, off for
   transformers (a ViT's only convolution is its patch embedding). oneDNN's NHWC kernels measured
@@ -31,7 +31,7 @@ import os
 import torch
 import torch.nn as nn
 
-from utils.distributed import Dist
+from utils.train.distributed import Dist
 
 
 def cores_per_process(d: Dist) -> int:

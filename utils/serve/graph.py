@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from utils.errors import DataError
 from utils.io import atomic_path
-from utils.schema import Schema
+from utils.data.schema import Schema
 
 
 class LogitsOnly(nn.Module):
@@ -29,7 +29,7 @@ class LogitsOnly(nn.Module):
 class EnsembleGraph(nn.Module):
     """A whole ensemble in one graph: for every member, per-head log-softmax of each fold's logits,
     averaged over folds, weighted per logit, summed, plus the biases -> blended scores [B, L]
-    (the same arithmetic as utils.blend.combine_members).
+    (the same arithmetic as utils.ensemble.blend.combine_members).
 
     The per-head log-softmax is one padded operation, not one per head: logits [..., L] are
     gathered into [..., heads, widest head] (padding at -1e30, which softmax weighs 0), normalised

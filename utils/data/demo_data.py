@@ -1,6 +1,6 @@
 """A generated demo dataset in the competition layout, with learnable visual cues.
 
-    python -m utils.demo_data --out data/demo [--n-train 2000 --n-test 400 --seed 0]
+    python -m utils.data.demo_data --out data/demo [--n-train 2000 --n-test 400 --seed 0]
 
 Writes train.csv, test.csv, category_attributes.parquet, sample_submission.csv,
 train_images/, test_images/ and test_solution.csv (the true test labels). The five real
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from utils.config import option, run_command
 from utils.io import atomic_path, atomic_write, atomic_write_csv
-from utils.schema import ATTR_COLS, CATEGORY, DUMMY, ID, LEN
+from utils.data.schema import ATTR_COLS, CATEGORY, DUMMY, ID, LEN
 
 # Real train counts per (category, attribute, value); rows per category. NaN = rows - sum.
 ROWS = {"Men Tshirts": 7267, "Sarees": 18346, "Kurtis": 6822, "Women Tshirts": 18774,

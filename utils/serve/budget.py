@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from utils.search import BlendObjective, Budget, fit, nested_cv
-from utils.serving import single_stream_ms
+from utils.ensemble.search import BlendObjective, Budget, fit, nested_cv
+from utils.serve.members import single_stream_ms
 
 
 @dataclass
@@ -118,7 +118,7 @@ def candidates(scorer: Scorer, ensemble: list[str], runs: list[str]) -> list[lis
 def variants_of(scorer: Scorer, runs: list[str], int8_ok: set[str], mergeable: bool,
                 optimistic: set[str] = frozenset()) -> list[Variant]:
     """The serving variants of one candidate, each with its score and refitted weights; a score that
-    rests on an ``optimistic`` member (utils/distill.py) says so."""
+    rests on an ``optimistic`` member (utils/train/distill.py) says so."""
     weights, biases = scorer.refit(runs)
     score, flagged = scorer.score(runs), [r for r in runs if r in optimistic]
     out = [Variant(runs, weights, biases, score, folds=f, optimistic=flagged) for f in ("all", "one")]

@@ -10,7 +10,7 @@ The head's score is the harmonic mean of the two (0 when both are 0). A head who
 empty for every row is left out (F1 is undefined there). A category scores the mean of its heads;
 the final score is the mean of the categories.
 
-    python -m utils.metric --submission submission.csv --solution data/demo/test_solution.csv
+    python -m utils.ensemble.metric --submission submission.csv --solution data/demo/test_solution.csv
 
 prints the per-category table, then the final score alone on its last line.
 """
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from utils.config import option, run_command
-from utils.schema import ATTR_COLS, CATEGORY, DUMMY, ID, LEN, read_category_attributes, read_submission
+from utils.data.schema import ATTR_COLS, CATEGORY, DUMMY, ID, LEN, read_category_attributes, read_submission
 
 
 @dataclass

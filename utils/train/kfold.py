@@ -1,6 +1,6 @@
 """Training every fold of a run: what ``python train.py`` does, and what ``tune.py`` calls for each
-trial (``train_fold``). A fold is fine-tuned by ``utils.trainer.FoldTrainer``, or, with
-``frozen_backbone: true``, trained on cached embeddings by ``utils.frozen.FrozenFold``.
+trial (``train_fold``). A fold is fine-tuned by ``utils.train.trainer.FoldTrainer``, or, with
+``frozen_backbone: true``, trained on cached embeddings by ``utils.train.frozen.FrozenFold``.
 """
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from typing import Callable
 
 import pandas as pd
 
-from utils.blend import load_oof
-from utils.distributed import Dist, setup_distributed, teardown
-from utils.frozen import FrozenFold
+from utils.ensemble.blend import load_oof
+from utils.train.distributed import Dist, setup_distributed, teardown
+from utils.train.frozen import FrozenFold
 from utils.io import atomic_write_json
-from utils.metric import score_logits, summarize
+from utils.ensemble.metric import score_logits, summarize
 from utils.run import RunDir
-from utils.schema import ID, Dataset, Schema, read_dataset
-from utils.throughput import configure_device
-from utils.trainer import FoldTrainer, TrainConfig
+from utils.data.schema import ID, Dataset, Schema, read_dataset
+from utils.train.throughput import configure_device
+from utils.train.trainer import FoldTrainer, TrainConfig
 
 
 def train_fold(cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data: Dataset, fold: int, d: Dist,

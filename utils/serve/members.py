@@ -12,14 +12,14 @@ import numpy as np
 import torch
 
 from utils import provenance
-from utils.blend import combine_members, ensemble_digest
-from utils.data import read_or_placeholder
+from utils.ensemble.blend import combine_members, ensemble_digest
+from utils.data.dataset import read_or_placeholder
 from utils.errors import DataError
-from utils.model import checkpoint_preprocess, load_checkpoint
-from utils.onnx_utils import make_session
+from utils.train.model import checkpoint_preprocess, load_checkpoint
+from utils.serve.graph import make_session
 from utils.run import RunDir
-from utils.schema import Schema
-from utils.transforms import Preprocess
+from utils.data.schema import Schema
+from utils.data.transforms import Preprocess
 
 
 @dataclass

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.train_config import DEFAULT_AUG, INTERPOLATIONS as INTERPOLATION_NAMES, check_aug, check_category_aug
+from utils.train.config import DEFAULT_AUG, INTERPOLATIONS as INTERPOLATION_NAMES, check_aug, check_category_aug
 
-# DEFAULT_AUG (every augmentation and its parameters) lives with the config, in utils/train_config.py
+# DEFAULT_AUG (every augmentation and its parameters) lives with the config, in utils/train/config.py
 INTERPOLATIONS = dict(zip(INTERPOLATION_NAMES, (cv2.INTER_AREA, cv2.INTER_LINEAR, cv2.INTER_CUBIC)))
 
 

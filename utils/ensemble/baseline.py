@@ -1,6 +1,6 @@
 """The majority-class baseline: every head predicts its most frequent train class.
 
-    python -m utils.baseline --data-dir data/demo --out runs/demo/baseline_submission.csv
+    python -m utils.ensemble.baseline --data-dir data/demo --out runs/demo/baseline_submission.csv
 
 Prints the score when ``<data-dir>/test_solution.csv`` exists (the demo data has one).
 """
@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 
 from utils.config import DataConfig, option, run_command
-from utils.metric import score
-from utils.schema import CATEGORY, ID, Schema, read_dataset, read_submission
-from utils.submission import majority_logits, make_submission, write_submission
+from utils.ensemble.metric import score
+from utils.data.schema import CATEGORY, ID, Schema, read_dataset, read_submission
+from utils.serve.submission import majority_logits, make_submission, write_submission
 
 
 @dataclass

@@ -3,7 +3,7 @@ command parses its config and checks it against the data before importing anythi
 profile meant for another dataset is refused in well under a second).
 
 ``TrainConfig`` is train.py's (and tune.py's) config; ``DEFAULT_AUG`` the online augmentations and
-their parameters (built by ``utils/transforms.py``), checked by ``check_aug`` when the config is
+their parameters (built by ``utils/data/transforms.py``), checked by ``check_aug`` when the config is
 parsed and, for the category rules, by ``TrainConfig.check_data`` once the tables are read.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 from utils.config import CommonConfig, option
 from utils.errors import ConfigError
-from utils.schema import CATEGORY
+from utils.data.schema import CATEGORY
 
 AMP = ("auto", "bf16", "fp16", "off")
 LOSSES = ("ce", "weighted_ce", "focal", "logit_adjusted")
@@ -72,7 +72,7 @@ class TrainConfig(CommonConfig):
     # model
     pretrained: bool = option(False, "timm weights from the Hugging Face hub (needs network)")
     pretrained_file: Optional[str] = option(None, "or a local weights file (a timm .pth / .safetensors state dict, an "
-                                                  "OpenCLIP file, a lukemelas EfficientNet; utils/weights.py)")
+                                                  "OpenCLIP file, a lukemelas EfficientNet; utils/train/weights.py)")
     pretrained_resample: bool = option(False, "accept weights that timm resamples to fit (another patch size or "
                                               "position grid); refused by default, naming the tensors")
     dropout: float = option(0.2, "dropout before the heads")
@@ -86,7 +86,7 @@ class TrainConfig(CommonConfig):
                        choices=HEADS)
     head_hidden: int = option(512, "mlp: hidden width of each head")
     frozen_backbone: bool = option(False, "embed every image once with the backbone, cache the embeddings, and "
-                                          "train only the heads on them (see utils/frozen.py)")
+                                          "train only the heads on them (see utils/train/frozen.py)")
     frozen_views: int = option(0, "frozen_backbone: augmented views embedded per train image, besides the plain one")
     knn_k: int = option(10, "head knn: neighbours that vote")
     # preprocessing: stored in every checkpoint, and served from there
@@ -95,10 +95,10 @@ class TrainConfig(CommonConfig):
                          choices=RESIZES)
     draft: bool = option(True, "decode JPEGs at a reduced DCT scale when the target size allows (faster)")
     decode_cache: bool = option(True, "decode every image once into <out_dir>/decoded/ before the first fold, and read "
-                                      "it from there at every epoch (see utils/decoded.py); false: decode on the fly")
+                                      "it from there at every epoch (see utils/data/decoded.py); false: decode on the fly")
     interpolation: str = option("area", "resize interpolation", choices=INTERPOLATIONS)
     aug: dict = option(help="online augmentations: {name: {p, params}}; p: 0 switches one off "
-                            "(every one and its parameters: DEFAULT_AUG in utils/train_config.py)",
+                            "(every one and its parameters: DEFAULT_AUG in utils/train/config.py)",
                       factory=lambda: dict(DEFAULT_AUG))
     category_aug: dict = option(help="per-category overrides of aug, {category: {name: {p, params}}} (the seed's "
                                      "category-aware augmentations: configs/visual_taxonomy.yaml)", factory=dict)
@@ -126,27 +126,27 @@ class TrainConfig(CommonConfig):
     focal_gamma: float = option(2.0, "focal: the focusing exponent")
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy")
     balanced_sampler: bool = option(False, "draw rows in proportion to their rarest label's weight")
-    # distillation (utils/distill.py)
+    # distillation (utils/train/distill.py)
     teacher: Optional[str] = option(None, "an ensemble.json or a run folder in out_dir: the run becomes its student")
     distill_alpha: float = option(0.5, "the student's loss: alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher || student)")
     distill_t: float = option(2.0, "the distillation temperature T")
     distill_test: bool = option(True, "the test images join training as unlabelled rows with the teacher's predictions")
     distill_mode: str = option("honest", "honest: student fold k learns only from teacher models, weights and biases "
                                          "that never saw fold k's labels; optimistic: from the teacher's OOF blend, "
-                                         "whose scores are then flagged optimistic (utils/distill.py)",
+                                         "whose scores are then flagged optimistic (utils/train/distill.py)",
                                choices=("honest", "optimistic"))
     # control
     patience: int = option(3, "early stopping after this many epochs without a better val score; 0 = off")
     tta_hflip: bool = option(False, "OOF and test logits average the image and its mirror")
     predict_test: bool = option(True, "write test_logits.npz (tune.py turns it off)")
     max_bad_images: float = option(0.01, "stop when a larger share of the train images is unreadable")
-    workers: Union[int, str] = option("auto", "data loader worker processes, or auto (see utils/throughput.py)")
+    workers: Union[int, str] = option("auto", "data loader worker processes, or auto (see utils/train/throughput.py)")
     channels_last: str = option("auto", "NHWC memory format for model and batches; auto decides per backbone "
-                                        "(see utils/throughput.py)", choices=("auto", "on", "off"))
+                                        "(see utils/train/throughput.py)", choices=("auto", "on", "off"))
     compile: bool = option(False, "torch.compile the training model (see BENCHMARKS.md for where it pays)")
     device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     cudnn_benchmark: bool = option(False, "CUDA: let cuDNN time its kernels for each input shape (can take a minute "
-                                          "per fold for depthwise convolutions; see utils/throughput.py)")
+                                          "per fold for depthwise convolutions; see utils/train/throughput.py)")
     resume: bool = option(False, "skip complete folds; continue a fold from its last.pt")
     stop_after: int = option(0, "stop cleanly after this many epochs in this run (then --resume); 0 = never")
     progress: bool = option(True, "progress bars")

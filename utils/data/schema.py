@@ -235,7 +235,7 @@ def read_test(path: str | Path, train_categories: list[str]) -> pd.DataFrame:
 def read_submission(path: str | Path) -> pd.DataFrame:
     """A table in the submission layout (a submission, or the demo's test_solution.csv): integer
     ids (no duplicates), Category, an integer len, attr_1..attr_10 (stripped; empty = NaN). What
-    the values must be is ``utils.metric.validate_submission``'s to say."""
+    the values must be is ``utils.ensemble.metric.validate_submission``'s to say."""
     path = Path(path)
     df = _read_csv(path, [ID, CATEGORY, LEN] + ATTR_COLS)
     if df.empty:
@@ -460,7 +460,7 @@ def read_dataset(root: str | Path, train_csv: str | None = None) -> Dataset:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found (make the demo data with "
-                        f"`python -m utils.demo_data --out {root}`, or see the README)")
+                        f"`python -m utils.data.demo_data --out {root}`, or see the README)")
     category_attrs = read_category_attributes(root / "category_attributes.parquet")
     train = read_train(Path(train_csv) if train_csv else root / "train.csv", category_attrs)
     test = read_test(root / "test.csv", sorted(train[CATEGORY].unique()))

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from utils.errors import DataError
 from utils.io import load_torch
-from utils.schema import IGNORE_INDEX, Schema
-from utils.train_config import HEADS, LOSSES
-from utils.transforms import Preprocess
-from utils.weights import is_lukemelas_efficientnet, lukemelas_to_timm, read_state_dict, state_dict_keys
+from utils.data.schema import IGNORE_INDEX, Schema
+from utils.train.config import HEADS, LOSSES
+from utils.data.transforms import Preprocess
+from utils.train.weights import is_lukemelas_efficientnet, lukemelas_to_timm, read_state_dict, state_dict_keys
 
 
 @contextlib.contextmanager
@@ -100,7 +100,7 @@ def _create(name: str, **kwargs) -> nn.Module:
 
 def load_from_file(name: str, path: str, resample: bool = False, **kwargs) -> nn.Module:
     """A timm model with weights from a local file: a lukemelas EfficientNet-PyTorch checkpoint
-    converted by ``utils/weights.py``, anything else through timm's own pretrained loading, which
+    converted by ``utils/train/weights.py``, anything else through timm's own pretrained loading, which
     converts other layouts to timm's (an OpenCLIP ``open_clip_pytorch_model.bin`` with keys
     ``visual.*``, for one). A file that does not fit the model, in either direction, is an error
     naming the keys."""

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from utils.schema import IGNORE_INDEX, Schema
-from utils.transforms import Preprocess, Transform
+from utils.data.schema import IGNORE_INDEX, Schema
+from utils.data.transforms import Preprocess, Transform
 
 
 def read_or_placeholder(path, prep: Preprocess) -> tuple[np.ndarray, str]:
@@ -35,7 +35,7 @@ class ImageDataset(torch.utils.data.Dataset):
     """Rows of (image path, category, targets). An image that cannot be read is replaced by a
     grey square and flagged (``ok`` False, ``error`` set); its targets become IGNORE_INDEX so it
     never trains, and the caller decides what else a bad image means. With ``images`` (a
-    ``utils.decoded.DecodedImages`` holding every path), the decoded pixels are read from that
+    ``utils.data.decoded.DecodedImages`` holding every path), the decoded pixels are read from that
     cache instead of decoded again: the same arrays, reasons included.
 
     With ``augment_seed``, a row's augmentation is seeded by (augment_seed, epoch, row): the key
@@ -49,7 +49,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.images, self.slots = images, None if images is None else images.slots(self.paths)
         self.transform, self.prep = transform, prep
         self.augment_seed = augment_seed  # None: evaluation, no per-sample randomness
-        self.soft, self.soft_heads = soft, soft_heads  # a teacher's probabilities (utils/distill.py)
+        self.soft, self.soft_heads = soft, soft_heads  # a teacher's probabilities (utils/train/distill.py)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -15,7 +15,7 @@ from utils import provenance
 from utils.errors import DataError
 from utils.io import load_logits
 from utils.run import RunDir
-from utils.schema import Schema
+from utils.data.schema import Schema
 
 
 def head_log_softmax(logits: np.ndarray, schema: Schema) -> np.ndarray:

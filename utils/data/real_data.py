@@ -1,7 +1,7 @@
 """A real-photo dataset in the competition layout: Zalando's Fashion-MNIST product photos, with
 categories and attributes of their own, and the official test photos held out with their labels.
 
-    python -m utils.real_data --out data/real                   # 4,000 train, 2,000 test photos
+    python -m utils.data.real_data --out data/real                   # 4,000 train, 2,000 test photos
 
 The photos (28 x 28 grey, ten classes; MIT licence) are read from the first place that has the
 four idx files: ``--source``, Debian's package ``dataset-fashion-mnist``
@@ -29,10 +29,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.config import option, run_command
-from utils.demo_data import write_tables
+from utils.data.demo_data import write_tables
 from utils.errors import DataError
 from utils.io import atomic_path
-from utils.schema import ATTR_COLS, CATEGORY, ID, LEN
+from utils.data.schema import ATTR_COLS, CATEGORY, ID, LEN
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.data import warn_bad
+from utils.data.dataset import warn_bad
 from utils.errors import NonFiniteLoss
-from utils.train_config import AMP
+from utils.train.config import AMP
 
 
 def amp_dtype(amp: str, device: torch.device):

@@ -29,13 +29,13 @@ import pandas as pd
 import torch
 
 from utils import provenance
-from utils.data import ImageDataset, make_loader
-from utils.engine import autocast, model_input, train_step
+from utils.data.dataset import ImageDataset, make_loader
+from utils.train.engine import autocast, model_input, train_step
 from utils.io import atomic_write
-from utils.metric import score_logits
-from utils.model import load_checkpoint, warmup_cosine
-from utils.schema import CATEGORY, ID, IGNORE_INDEX, image_path, row_paths
-from utils.trainer import FoldTrainer
+from utils.ensemble.metric import score_logits
+from utils.train.model import load_checkpoint, warmup_cosine
+from utils.data.schema import CATEGORY, ID, IGNORE_INDEX, image_path, row_paths
+from utils.train.trainer import FoldTrainer
 
 
 UNUSABLE = "unusable image (embedded as a grey placeholder)"

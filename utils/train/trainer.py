@@ -3,8 +3,8 @@
 One fold goes through named steps (``FoldTrainer``): setup (model, loaders, optimiser), resume
 from ``last.pt``, the epoch loop (train, validate, checkpoint), and finalise (the best checkpoint
 writes the fold's OOF and test logits, then ``metrics.json``, which marks the fold complete).
-``utils/kfold.py`` runs the folds (``train.py``'s command, ``tune.py``'s trials);
-``utils/frozen.py`` is the same steps on cached embeddings.
+``utils/train/kfold.py`` runs the folds (``train.py``'s command, ``tune.py``'s trials);
+``utils/train/frozen.py`` is the same steps on cached embeddings.
 
 Writes, in <out_dir>/<name>/fold<k>/ (name defaults to the model; see utils/run.py):
   best.pt            the best checkpoint; describes itself (model, args, preprocessing, schema)
@@ -28,23 +28,23 @@ from timm.utils import ModelEmaV3
 
 from utils import provenance
 from utils.config import save_config
-from utils.data import EpochSampler, ImageDataset, balanced_weights, make_loader
-from utils.decoded import DecodedImages
-from utils.distributed import Dist, gather_rows
-from utils.distill import DistillLoss, prepare_teacher, student_rows
-from utils.engine import amp_dtype, predict, train_one_epoch
+from utils.data.dataset import EpochSampler, ImageDataset, balanced_weights, make_loader
+from utils.data.decoded import DecodedImages
+from utils.train.distributed import Dist, gather_rows
+from utils.train.distill import DistillLoss, prepare_teacher, student_rows
+from utils.train.engine import amp_dtype, predict, train_one_epoch
 from utils.errors import ConfigError, DataError
 from utils.io import atomic_torch_save, atomic_write_csv, atomic_write_json, load_torch, save_logits
-from utils.metric import score_logits
-from utils.model import (AttributeModel, HeadLoss, build_optimizer, data_config, group_lrs, load_checkpoint,
+from utils.ensemble.metric import score_logits
+from utils.train.model import (AttributeModel, HeadLoss, build_optimizer, data_config, group_lrs, load_checkpoint,
                          warmup_cosine)
-from utils.tracking import Tracker
+from utils.train.tracking import Tracker
 from utils.plots import history_plot
 from utils.run import RunDir
-from utils.throughput import loader_workers, use_channels_last
-from utils.schema import CATEGORY, ID, Dataset, Schema, image_path, row_paths
-from utils.train_config import TrainConfig
-from utils.transforms import Preprocess
+from utils.train.throughput import loader_workers, use_channels_last
+from utils.data.schema import CATEGORY, ID, Dataset, Schema, image_path, row_paths
+from utils.train.config import TrainConfig
+from utils.data.transforms import Preprocess
 
 
 def model_args(cfg: TrainConfig, schema: Schema, knn_bank: int = 0) -> dict:
@@ -160,7 +160,7 @@ class FoldTrainer:
             iter(self.val_loader)  # small: forked after an epoch, every page the next step writes is copied (1-3 s)
 
     def decoded_images(self):
-        """The run folder's decode cache of every train and test image (utils/decoded.py), or None
+        """The run folder's decode cache of every train and test image (utils/data/decoded.py), or None
         with ``decode_cache: false``: rank 0 builds it with every core before the first fold, or
         finds it; the other ranks wait, then map the same files."""
         if not self.cfg.decode_cache:

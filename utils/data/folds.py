@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from utils.schema import CATEGORY, ID, Schema
+from utils.data.schema import CATEGORY, ID, Schema
 
 
 def stratification_matrix(train: pd.DataFrame, schema: Schema) -> np.ndarray:

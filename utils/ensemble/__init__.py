@@ -1,0 +1,2 @@
+"""Stage 3, ensembling: the competition metric, members' out-of-fold logits blended, and the search for
+their weights and biases."""
