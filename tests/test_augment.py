@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import augment
+from utils.data import balance
 from tests.conftest import run_script
 from utils.run import RunDir
 from utils.train.trainer import split_fold
@@ -24,7 +24,7 @@ def test_multipliers_and_cap_on_a_hand_made_table():
     # category B: a x2 -> target 2 (its own category: slots are per category)
     rows = [(i, "A", "a") for i in range(6)] + [(6 + i, "A", "b") for i in range(3)] + [(9, "A", "c")]
     rows += [(10, "B", "a"), (11, "B", "a"), (12, "B", None)]
-    props = augment.calculate_class_proportions(table(rows), "attr_1", cap=3.0).set_index(["Category", "value"])
+    props = balance.calculate_class_proportions(table(rows), "attr_1", cap=3.0).set_index(["Category", "value"])
     assert props.loc[("A", "a"), "multiplier"] == pytest.approx((10 / 3) / 6)
     assert props.loc[("A", "b"), "multiplier"] == pytest.approx((10 / 3) / 3)
     assert props.loc[("A", "c"), "multiplier"] == 3.0  # 10/3 capped
@@ -33,16 +33,16 @@ def test_multipliers_and_cap_on_a_hand_made_table():
 
 
 def test_tier_selection():
-    assert augment.tier(3.0) == ["basic", "intermediate", "advanced"]  # reaching the cap is the top tier
-    assert augment.tier(2.0) == ["basic", "intermediate"]
-    assert augment.tier(1.5) == ["basic"]
-    assert augment.tier(1.1) == ["basic"]
+    assert balance.tier(3.0) == ["basic", "intermediate", "advanced"]  # reaching the cap is the top tier
+    assert balance.tier(2.0) == ["basic", "intermediate"]
+    assert balance.tier(1.5) == ["basic"]
+    assert balance.tier(1.1) == ["basic"]
 
 
 def test_all_takes_each_image_s_largest_multiplier():
     df = table([(0, "A", "a"), (1, "A", "a"), (2, "A", "a"), (3, "A", "b")])
     df["attr_2"] = ["x", "y", "y", "y"]  # x is rare in slot 2
-    m = augment.image_multipliers(df, ["attr_1", "attr_2"], cap=3.0)
+    m = balance.image_multipliers(df, ["attr_1", "attr_2"], cap=3.0)
     # row 0: a (2/3) and x (2/1) -> 2.0; row 3: b (2/1) and y (2/3) -> 2.0; rows 1-2 only common
     # classes (2/3 each) -> the floor 1.0: not under-represented
     assert list(m.round(4)) == [2.0, 1.0, 1.0, 2.0]

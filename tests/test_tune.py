@@ -6,7 +6,7 @@ import optuna
 import pytest
 import yaml
 
-import tune
+from utils.train import tune
 from tests.conftest import ROOT, run_script
 from utils.train import kfold
 from utils.config import parse_config
@@ -51,7 +51,7 @@ def test_pruning_stops_a_clearly_worse_trial(tiny_data, tmp_path, lr_space, monk
     cfg = parse_config(tune.TuneConfig, tiny_args(tiny_data, tmp_path, "--n-trials", "4", "--epochs", "5",
                                                   "--space", str(lr_space), "--storage", storage,
                                                   "--study-name", "s", "--tuned-config", str(tmp_path / "t.yaml")))
-    study = tune.main(cfg)
+    study = tune.tune(cfg)
     last = study.trials[-1]
     assert last.state == optuna.trial.TrialState.PRUNED
     assert len(last.intermediate_values) == 1  # stopped after its first epoch, not 5
@@ -65,7 +65,7 @@ def test_a_failing_trial_leaves_the_study_usable(tiny_data, tmp_path, lr_space, 
     cfg = parse_config(tune.TuneConfig, tiny_args(tiny_data, tmp_path, "--n-trials", "3", "--pruner", "none",
                                                   "--space", str(lr_space), "--storage", storage,
                                                   "--study-name", "s", "--tuned-config", str(tmp_path / "t.yaml")))
-    study = tune.main(cfg)
+    study = tune.tune(cfg)
     states = [t.state for t in study.trials]
     assert states[0] == optuna.trial.TrialState.FAIL
     assert "loss is nan" in study.trials[0].user_attrs["fail_reason"]
@@ -90,9 +90,9 @@ def test_three_workers_started_in_the_same_instant_on_a_fresh_storage_all_run(ti
     holds the sum of their trials."""
     storage = f"sqlite:///{tmp_path}/study.db" if kind == "sqlite" else f"journal:{tmp_path}/study.journal"
     go = tmp_path / "go"
-    code = ("import os, sys, time\nimport tune\nfrom utils.config import run_command\n"
+    code = ("import os, sys, time\nfrom utils.train import tune\nfrom utils.config import run_command\n"
             f"open(os.environ['READY'], 'w').close()\nwhile not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
-            "sys.argv = ['tune.py'] + sys.argv[1:]\nrun_command(tune.main, tune.TuneConfig, tune.__doc__, model_config=True)\n")
+            "sys.argv = ['tune.py'] + sys.argv[1:]\nrun_command(tune.tune, tune.TuneConfig, tune.__doc__, model_config=True)\n")
     args = tiny_args(tiny_data, tmp_path / "run", "--n-trials", "1", "--storage", storage, "--study-name", "s",
                      "--pruner", "none", "--tuned-config", str(tmp_path / "t.yaml"), "--batch-size", "16")
     workers = []
