@@ -31,7 +31,6 @@ or the maximum of fewer than 100 timings).
 """
 from __future__ import annotations
 
-import json
 import runpy
 import sys
 import time
@@ -44,6 +43,8 @@ from utils.ensemble.baseline import solution_score
 from utils.config import CommonConfig, option, run_command
 from utils.errors import DataError
 from utils.data.schema import read_category_attributes, read_submission
+from utils.run import RunDir
+from utils.serve.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parent
 
@@ -156,7 +157,7 @@ def summary(cfg: DemoConfig, stages: Stages, total: float, baseline: Path, contr
     attrs = read_category_attributes(data / "category_attributes.parquet")
     scores = {"baseline": solution_score(data, read_submission(baseline), attrs),
               "submission": solution_score(data, read_submission(ROOT / cfg.output), attrs), **(control or {})}
-    serve = json.loads((out / "onnx" / "manifest.json").read_text())["serve"]
+    serve = Manifest.read(RunDir(out)).serve
     table = pd.DataFrame(stages.times + [{"stage": "total", "seconds": round(total, 1)}])
     print("\n" + table.to_string(index=False))
     held_out = "the held-out test photos" if cfg.real else "the demo test set"

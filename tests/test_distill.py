@@ -7,12 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-import export
 from tests.conftest import run_script
 from tests.test_ensemble import synthetic  # noqa: F401 (a fixture)
 from utils.serve import budget
 from utils.ensemble.blend import head_log_softmax, load_oof
-from utils.config import parse_config
 from utils.train.distill import (INFOLD, DistillLoss, honest_teacher_scores, prepare_teacher, soft_targets, student_rows,
                            teacher_scores)
 from utils.errors import DataError
@@ -237,8 +235,8 @@ def test_a_run_trained_with_tta_is_served_with_the_mirror(tmp_path):
     out = run_members([plain, mirrored], {prep: x})
     np.testing.assert_array_equal(out["p"][0], x[:, 0, 0, :])
     np.testing.assert_array_equal(out["m"][0], (x[:, 0, 0, :] + x[:, 0, 0, ::-1]) / 2)
-    assert not export.mergeable([{"preprocess": {"s": 1}, "tta_hflip": True}, {"preprocess": {"s": 1}}])
-    assert export.mergeable([{"preprocess": {"s": 1}, "tta_hflip": False}, {"preprocess": {"s": 1}}])
+    assert not budget.mergeable([{"preprocess": {"s": 1}, "tta_hflip": True}, {"preprocess": {"s": 1}}])
+    assert budget.mergeable([{"preprocess": {"s": 1}, "tta_hflip": False}, {"preprocess": {"s": 1}}])
 
 
 @pytest.mark.slow
@@ -257,10 +255,10 @@ def test_a_student_trains_and_the_budgeted_export_serves_what_fits(run, tiny_dat
     assert {"student", "test_byobnet+test_efficientnet"} <= set(table.candidate) and set(table["int8"]) - {"-"}
     # a budget between the fastest and the slowest candidate: what is served fits it, and is the best
     # that does (timed again; the table of that timing is the one to check against)
+    timing = dict(int8_max_drop=1.0, latency_images=8, parity_images=32, threads=2, progress=False)  # as export's
     tight = float(max(np.sqrt(table.p99_ms.min() * table.p99_ms.max()), 3 * table.p99_ms.min()))  # 3x: timing noise
-    cfg = parse_config(export.ExportConfig, [*args[1:], "--budget-ms", str(tight), "--merge", "false"])
     exported = {entry["run"]: (entry, {}) for entry in manifest["members"]}
-    chosen = export.choose_serving(cfg, RunDir(run), exported, read_dataset(tiny_data))
+    chosen = budget.choose_serving(RunDir(run), exported, read_dataset(tiny_data), budget_ms=tight, merge=False, **timing)
     retimed = pd.read_csv(run / "onnx" / "budget.csv", keep_default_na=False)
     assert chosen["p99_ms"] <= tight and chosen["score"] == pytest.approx(retimed[retimed.fits].score.max())
     assert set(retimed["int8"]) == {"-"}  # no int8 logits given: no int8 candidate
@@ -274,7 +272,5 @@ def test_a_student_trains_and_the_budgeted_export_serves_what_fits(run, tiny_dat
     # a budget nothing meets is refused, naming the fastest: the same choice on the members just
     # exported, timed again, merged graphs aside (a DataError: the command exits with status 2, as
     # test_provenance checks)
-    cfg = parse_config(export.ExportConfig, [*args[1:], "--budget-ms", "0.01", "--merge", "false"])
-    exported = {entry["run"]: (entry, {}) for entry in manifest["members"]}
     with pytest.raises(DataError, match=r"nothing fits a budget of 0 ms for the max of 8 on this machine: the fastest is .* at \d"):
-        export.choose_serving(cfg, RunDir(run), exported, read_dataset(tiny_data))
+        budget.choose_serving(RunDir(run), exported, read_dataset(tiny_data), budget_ms=0.01, merge=False, **timing)

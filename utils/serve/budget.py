@@ -1,4 +1,5 @@
-"""What to serve under a latency budget (``export.py --budget-ms``), measured on the machine it runs on.
+"""What to serve under a latency budget (``export.py --budget-ms``), measured on the machine it runs
+on: ``choose_serving`` scores and times every candidate and returns the best that fits.
 
 Candidates: the ensemble of ``ensemble.json``; smaller ensembles, by greedy backward elimination
 (each step drops the member whose removal keeps the best nested-CV score); and every complete run
@@ -25,13 +26,23 @@ chosen, and the fastest variant and its tail latency are named.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
+from utils.data.schema import CATEGORY, ID, image_path
+from utils.data.transforms import Preprocess
+from utils.ensemble.blend import combine_members, head_log_softmax, load_oof
 from utils.ensemble.search import BlendObjective, Budget, fit, nested_cv
-from utils.serve.members import single_stream_ms
+from utils.errors import DataError
+from utils.io import atomic_write_csv
+from utils.run import RunDir
+from utils.serve.graph import export_graph
+from utils.serve.members import (MERGED_PARITY, fold_members, merged_parity, onnx_runner, report_skipped,
+                                 run_members, single_stream_ms, usable_batch)
 
 
 @dataclass
@@ -157,3 +168,98 @@ def choose(variants: list[Variant], budget_ms: float) -> Variant | None:
 def table(variants: list[Variant], budget_ms: float) -> pd.DataFrame:
     return pd.DataFrame([v.row(budget_ms) for v in variants]).sort_values(["fits", "score"], ascending=False)
 
+
+
+def mergeable(entries: list[dict]) -> bool:
+    """Runs (manifest entries) that one graph can serve: one preprocessing, and none that averages
+    the mirror."""
+    return len({json.dumps(e["preprocess"], sort_keys=True) for e in entries}) == 1 and \
+        not any(e.get("tta_hflip") for e in entries)
+
+
+def choose_serving(run_dir: RunDir, exported: dict, data, *, budget_ms: float, int8_max_drop: float, merge: bool,
+                   latency_images: int, parity_images: int, threads: int, progress: bool = True) -> dict:
+    """Every candidate configuration of the ``exported`` runs ({run: (manifest entry, its int8 OOF
+    logits or {})}) scored by nested CV and timed here on ``latency_images`` test images; writes
+    ``onnx/budget.csv`` and returns the manifest's ``serve``: the best that fits ``budget_ms``.
+    Raises, naming the fastest, when none does."""
+    if not run_dir.ensemble_path.is_file():
+        raise DataError(f"--budget-ms weighs the candidates with {run_dir.ensemble_path}'s method: run ensemble.py first")
+    schema, spec = run_dir.schema, json.loads(run_dir.ensemble_path.read_text())
+    rows, runs = run_dir.train_rows(data.train), list(exported)
+    position = pd.Series(np.arange(len(rows)), index=rows[ID].to_numpy())
+    members = dict(zip(runs, load_oof(run_dir, runs, rows[ID].to_numpy())))
+    int8_members = {}  # with --int8: each member's int8 OOF logits, for the candidates that quantise it
+    for run, (entry, oof) in exported.items():
+        if oof:
+            z = np.empty_like(oof["int8"])
+            z[position[oof["ids"]].to_numpy()] = oof["int8"]
+            int8_members[run] = head_log_softmax(z, schema)
+    int8_ok = int8_allowed({run: entry for run, (entry, oof) in exported.items() if oof}, int8_max_drop)
+    scorer = Scorer(members, int8_members, schema.encode(rows), rows["fold"].to_numpy(), schema, spec)
+    preps = {run: Preprocess.from_dict(exported[run][0]["preprocess"]) for run in runs}
+    variants, optimistic = [], {r for r in runs if run_dir.optimistic_student(r)}
+    for models in candidates(scorer, spec["models"], runs):
+        merge_it = merge and mergeable([exported[r][0] for r in models])
+        variants += variants_of(scorer, models, int8_ok, merge_it, optimistic)
+    paths = [image_path(data.test_images, i) for i in data.test[ID]]  # the usable ones: timed, and the parity's
+    x, skipped = usable_batch(paths, next(iter(preps.values())), max(latency_images, parity_images))
+    report_skipped(skipped, "budget: timing")
+    passed_over = {p for p, _ in skipped}
+    items = [(p, c) for p, c in zip(paths[: len(x) + len(skipped)], data.test[CATEGORY]) if p not in passed_over]
+    parity_paths, items = [p for p, _ in items[:parity_images]], items[:latency_images]
+    entries = {r: e for r, (e, _) in exported.items()}
+    for k, v in enumerate(tqdm(variants, desc="budget", disable=not progress)):
+        one_image = predict_fn(run_dir, v, preps[v.models[0]], entries, f"budget_{k}.onnx", parity_paths, threads)
+        v.p50, v.p99, v.timed = time_variant(one_image, items)
+    summary = table(variants, budget_ms)
+    atomic_write_csv(run_dir.onnx_dir / "budget.csv", summary)
+    tail = tail_name(len(items))
+    with pd.option_context("display.width", 160, "display.max_colwidth", 40):
+        print(f"\nserving candidates, end to end per image, single stream, {threads} threads, {len(items)} "
+              f"images; budget {budget_ms:.0f} ms for the {tail}\n"
+              + summary.to_string(index=False, float_format="{:.4f}".format))
+    chosen = choose(variants, budget_ms)
+    for v in variants:  # the merged graphs built to be timed: only the chosen one is kept
+        if v.path and v is not chosen:
+            (run_dir.onnx_dir / v.path).unlink(missing_ok=True)
+    if chosen is None:
+        fastest = min(variants, key=lambda v: v.p99)
+        raise DataError(f"nothing fits a budget of {budget_ms:.0f} ms for the {tail} on this machine: the fastest "
+                        f"is {fastest.name} at {fastest.p99:.1f} ms (every candidate: {run_dir.onnx_dir / 'budget.csv'})")
+    flag = f", optimistic: {','.join(chosen.optimistic)} saw its validation labels" if chosen.optimistic else ""
+    print(f"serving {chosen.name}: score {chosen.score:.4f} (nested CV{flag}), {tail_name(chosen.timed)} "
+          f"{chosen.p99:.1f} ms <= {budget_ms:.0f} ms")
+    return {"name": chosen.name, "models": chosen.models, "weights": np.asarray(chosen.weights).tolist(),
+            "biases": np.asarray(chosen.biases, dtype=float).round(6).tolist(), "folds": chosen.folds,
+            "format": chosen.format, "int8": chosen.int8, "path": chosen.path, "score": chosen.score,
+            "p50_ms": chosen.p50, "p99_ms": chosen.p99, "budget_ms": budget_ms, "threads": threads,
+            "images": len(items), "tail": tail_name(chosen.timed), "optimistic": chosen.optimistic}
+
+
+def predict_fn(run_dir: RunDir, v: Variant, prep: Preprocess, entries: dict, merged_name: str, parity_paths: list,
+               threads: int):
+    """One image end to end (decode, preprocess, members, blend, decode) as variant ``v`` serves it.
+    A merged variant's graph is exported as ``merged_name`` and first checked against the separate
+    sessions it replaces, on ``parity_paths``: a graph that differs by more than MERGED_PARITY is an
+    error. ``prep``: the preprocessing of its first member (a merged graph has one)."""
+    schema = run_dir.schema
+    ens = {"models": v.models, "weights": v.weights, "biases": v.biases}
+    if v.format == "merged":
+        v.path = merged_name
+        export_graph([[run_dir.fold_file(r, f, "best.pt") for f in range(run_dir.n_folds)] for r in v.models],
+                     v.weights, v.biases, schema, prep, run_dir.onnx_dir / v.path)
+        session = onnx_runner(run_dir.onnx_dir / v.path, threads, schema)
+        separate = fold_members(run_dir.onnx_dir, entries, v.models, (), False, threads, schema)  # fp32, every fold
+        x = usable_batch(parity_paths, prep)[0]
+        diff, same = merged_parity(session, separate, ens, schema, x)
+        if diff > MERGED_PARITY or not same:
+            raise RuntimeError(f"{v.path} ({v.name}): the merged graph differs from its separate sessions on "
+                               f"{len(x)} images (max |diff| {diff:.2e}, same decoding {same})")
+        return lambda item: schema.predict(session(prep(item[0])[None]))
+    members = fold_members(run_dir.onnx_dir, entries, v.models, v.int8, v.folds == "one", threads, schema)
+
+    def predict_one(item):
+        images = {p: p(item[0])[None] for p in {m.prep for m in members}}
+        return schema.predict(combine_members(run_members(members, images), ens, schema))
+    return predict_one

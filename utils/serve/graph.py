@@ -1,4 +1,5 @@
-"""ONNX export, metadata and sessions, shared by export.py and infer.py."""
+"""ONNX files: one fold's graph, the merged ensemble graph, the metadata each file carries about
+itself, sessions, and int8 quantisation."""
 from __future__ import annotations
 
 import json
@@ -10,9 +11,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from utils.data.schema import Schema
+from utils.data.transforms import Preprocess
+from utils.ensemble.blend import expand_weights
 from utils.errors import DataError
 from utils.io import atomic_path
-from utils.data.schema import Schema
+from utils.train.model import load_checkpoint
 
 
 class LogitsOnly(nn.Module):
@@ -64,6 +68,21 @@ class EnsembleGraph(nn.Module):
             lp = self.head_log_softmax(torch.stack([f.logits(image) for f in folds])).mean(0)
             total = total + self.weights[m] * lp
         return total
+
+
+def metadata(schema: Schema, run: str, prep: Preprocess, **extra) -> dict:
+    """What an ONNX file says about itself (``read_metadata`` reads it back; ``make_session`` checks
+    its schema): the schema, the run, the preprocessing, and ``extra`` (fold, model)."""
+    return {"fingerprint": schema.fingerprint, "schema": schema.to_dict(), "run": run,
+            "preprocess": prep.to_dict(), **extra}
+
+
+def export_graph(fold_paths: list[list[Path]], weights, biases, schema: Schema, prep: Preprocess, path: Path) -> None:
+    """Runs' fold checkpoints (one list per run), blended with ``weights`` and ``biases``, as one
+    ONNX graph: what separate sessions blended by utils.ensemble.blend.combine_members compute."""
+    fold_models = [[load_checkpoint(p, schema)[0] for p in paths] for paths in fold_paths]
+    graph = EnsembleGraph(fold_models, expand_weights(weights, schema), biases, schema)
+    export_onnx(graph, path, prep.img_size, metadata(schema, "ensemble", prep))
 
 
 def export_onnx(module: nn.Module, path: Path, img_size: int, metadata: dict) -> None:

@@ -1,8 +1,7 @@
-"""What serving needs, shared by export.py (parity, timing), infer.py and the latency benchmark:
-ensemble members as plain callables, each with the preprocessing its checkpoint describes."""
+"""Ensemble members as plain callables, each with the preprocessing its checkpoint describes: what
+infer.py serves, export parity-checks and the budget times; and the parity and timing helpers."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,12 +10,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from utils import provenance
 from utils.ensemble.blend import combine_members, ensemble_digest
 from utils.data.dataset import read_or_placeholder
 from utils.errors import DataError
 from utils.train.model import checkpoint_preprocess, load_checkpoint
 from utils.serve.graph import make_session
+from utils.serve.manifest import Manifest
 from utils.run import RunDir
 from utils.data.schema import Schema
 from utils.data.transforms import Preprocess
@@ -55,38 +54,21 @@ def onnx_runner(path: Path, threads: int, schema: Schema | None = None) -> Calla
     return lambda x: session.run(None, {"image": x})[0]
 
 
-def read_manifest(run_dir: RunDir, models: list[str]) -> dict:
-    """export.py's ``onnx/manifest.json``, checked to hold every one of these runs (an export may
-    hold more: ``--budget-ms`` exports every complete run, so ``infer.py --models student`` works)."""
-    path = run_dir.manifest_path
-    if not path.is_file():
-        raise DataError(f"{path} not found: run `python export.py --out-dir {run_dir.path}` first, "
-                        f"or use --backend torch")
-    manifest = json.loads(path.read_text())
-    provenance.check(manifest.get("provenance"), run_dir.path, path)
-    exported = [e["run"] for e in manifest["members"]]
-    if missing := [m for m in models if m not in exported]:
-        raise DataError(f"{path} was exported for runs {exported}, which lack {missing}; re-run export.py "
-                        f"(with --models {','.join(models)}, or --budget-ms to export every run)")
-    return manifest
-
-
 def onnx_members(run_dir: RunDir, ens: dict, schema: Schema, int8: bool, threads: int) -> tuple[list[Member], bool, dict]:
     """What export.py chose to serve: the configuration that fits the latency budget (manifest
     ``serve``), or one session of the merged ensemble graph when it was faster, or per-fold
     sessions. Returns (members, merged, the ensemble to blend them with)."""
-    manifest = read_manifest(run_dir, ens["models"])
-    serve = manifest.get("serve")
-    if serve and ens.get("from_ensemble_json") and not int8:
-        return served(run_dir, manifest, serve, schema, threads)
-    if manifest.get("use") == "merged" and not int8:
-        m = manifest["merged"]
+    manifest = Manifest.read(run_dir, ens["models"])
+    if manifest.serve and ens.get("from_ensemble_json") and not int8:
+        return served(run_dir, manifest, schema, threads)
+    if manifest.use == "merged" and not int8:
+        m = manifest.merged
         if m.get("ensemble") == ensemble_digest(ens):
             run = onnx_runner(run_dir.onnx_dir / m["path"], threads, schema)
             return [Member("ensemble", [run], Preprocess.from_dict(m["preprocess"]))], True, ens
         print(f"{run_dir.onnx_dir / m['path']} holds the weights and biases of {run_dir.ensemble_path.name} as "
               f"exported; the ensemble asked for here differs (--models?), so the per-fold ONNX files serve it")
-    by_run = {e["run"]: e for e in manifest["members"]}
+    by_run = manifest.by_run
     for run in ens["models"] if int8 else ():
         if any("int8_path" not in fold for fold in by_run[run]["folds"]):
             raise DataError(f"{run_dir.manifest_path}: no int8 model for {run}; run export.py --int8")
@@ -94,11 +76,12 @@ def onnx_members(run_dir: RunDir, ens: dict, schema: Schema, int8: bool, threads
     return members, False, ens
 
 
-def served(run_dir: RunDir, manifest: dict, serve: dict, schema: Schema, threads: int) -> tuple[list[Member], bool, dict]:
+def served(run_dir: RunDir, manifest: Manifest, schema: Schema, threads: int) -> tuple[list[Member], bool, dict]:
     """The members of the configuration export.py --budget-ms chose."""
+    serve = manifest.serve
     ens = {"models": serve["models"], "weights": np.asarray(serve["weights"]),
            "biases": np.asarray(serve["biases"], dtype=np.float32)}
-    by_run = {e["run"]: e for e in manifest["members"]}
+    by_run = manifest.by_run
     if serve["format"] == "merged":
         prep = Preprocess.from_dict(by_run[serve["models"][0]]["preprocess"])
         return [Member("ensemble", [onnx_runner(run_dir.onnx_dir / serve["path"], threads, schema)], prep)], True, ens
@@ -152,6 +135,13 @@ def usable_batch(paths, prep: Preprocess, n: int | None = None) -> tuple[np.ndar
             images.append(prep.normalize(prep.transform()(pixels)))
     empty = np.zeros((0, 3, prep.img_size, prep.img_size), np.float32)
     return (np.stack(images).astype(np.float32) if images else empty), skipped
+
+
+def report_skipped(skipped: list, what: str) -> None:
+    """One line naming the first unusable images ``usable_batch`` passed over, if any."""
+    if skipped:
+        print(f"{what}: {len(skipped)} unreadable image(s) skipped: "
+              + ", ".join(f"{p.name} ({reason.split(':')[0]})" for p, reason in skipped[:5]))
 
 
 def placeholder_batch(paths, prep: Preprocess) -> np.ndarray:
