@@ -7,7 +7,7 @@ import pytest
 from utils.data import balance
 from tests.conftest import run_script
 from utils.run import RunDir
-from utils.train.trainer import split_fold
+from utils.train.fold import split_fold
 from utils.data.schema import ATTR_COLS, read_dataset
 
 

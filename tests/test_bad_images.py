@@ -74,8 +74,9 @@ def test_a_students_unusable_test_image_is_named_as_a_test_image_and_learns_noth
     train row of the same id, on both routes; and the frozen route gives it no teacher targets, as
     fine-tuning does not."""
     from utils.train.distributed import Dist
+    from utils.train.config import TrainConfig
+    from utils.train.fold import Fold
     from utils.train.frozen import FrozenFold
-    from utils.train.trainer import TrainConfig
 
     data, out = tmp_path / "data", tmp_path / "run"
     shutil.copytree(tiny_data, data)
@@ -92,9 +93,9 @@ def test_a_students_unusable_test_image_is_named_as_a_test_image_and_learns_noth
     cfg = TrainConfig(model="test_resnet", n_folds=3, img_size=32, fold="0", frozen_backbone=True, progress=False,
                       teacher=str(out / "ensemble.json"), data_dir=str(data), out_dir=str(out), workers=0)
     schema, table = RunDir(out).prepare(read_dataset(data), 3, 42)
-    fold = FrozenFold(cfg, schema, table, read_dataset(data), 0, Dist(), RunDir(out))
-    n, k = len(fold.trn), test_ids.index(broken)
-    soft_heads = fold.trn_t["soft_heads"].numpy()
+    frozen = FrozenFold(Fold(cfg, schema, table, read_dataset(data), 0, Dist(), RunDir(out)))
+    n, k = len(frozen.fold.trn), test_ids.index(broken)
+    soft_heads = frozen.trn_t["soft_heads"].numpy()
     assert not soft_heads[n + k].any()  # the unusable test image: no head learns from its teacher targets
     assert soft_heads[n + (k + 1) % len(test_ids)].any()  # a usable one does
 

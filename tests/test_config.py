@@ -107,7 +107,7 @@ def test_no_train_default_names_the_competitions_data():
     import json
 
     from utils.data.demo_data import COUNTS
-    from utils.train.trainer import TrainConfig
+    from utils.train.config import TrainConfig
 
     defaults = json.dumps(dataclasses.asdict(TrainConfig()))
     assert TrainConfig().category_aug == {}
@@ -118,7 +118,7 @@ def test_no_train_default_names_the_competitions_data():
 
 
 def test_augmentation_names_and_parameters_are_checked_when_parsed():
-    from utils.train.trainer import TrainConfig
+    from utils.train.config import TrainConfig
 
     with pytest.raises(ConfigError, match=r"key 'aug': unknown augmentation 'hflp'; known: random_resized_crop"):
         parse_config(TrainConfig, ["--aug", "{hflp: {p: 0}}"])

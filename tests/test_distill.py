@@ -20,7 +20,7 @@ from utils.ensemble.metric import validate_submission
 from utils.train.model import HeadLoss
 from utils.run import RunDir
 from utils.data.schema import ID, IGNORE_INDEX, read_dataset
-from utils.train.trainer import split_fold
+from utils.train.fold import split_fold
 
 
 @pytest.fixture
@@ -122,11 +122,10 @@ def test_test_rows_join_training_without_hard_labels(run, tiny_data):
     rd, data = RunDir(run), read_dataset(tiny_data)
     _, table = rd.prepare(data, 3, 42)
     trn, _ = split_fold(table, 0)
-    cfg = type("Cfg", (), {"teacher": str(run / "ensemble.json"), "distill_t": 2.0, "distill_test": True,
-                           "distill_mode": "optimistic"})()
     base = {"paths": list(range(len(trn))), "categories": trn["Category"].tolist(), "targets": rd.schema.encode(trn),
             "ids": trn[ID].to_numpy(), "splits": ["train"] * len(trn)}
-    rows = student_rows(base, trn, data, rd, cfg, 0)
+    rows = student_rows(base, trn, data, rd, 0, teacher=str(run / "ensemble.json"), mode="optimistic", t=2.0,
+                        with_test=True)
     assert rows["splits"] == ["train"] * len(trn) + ["test"] * len(data.test)  # train and test ids overlap
     n, t = len(trn), len(data.test)
     assert len(rows["paths"]) == n + t and (rows["targets"][n:] == IGNORE_INDEX).all()

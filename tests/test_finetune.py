@@ -18,7 +18,9 @@ from utils.ensemble.metric import score_logits
 from utils.train.model import AttributeModel, HeadLoss, build_optimizer, group_lrs, load_checkpoint, load_from_file
 from utils.run import RunDir
 from utils.data.schema import Schema, read_dataset
-from utils.train.trainer import FoldTrainer, TrainConfig
+from utils.train.config import TrainConfig
+from utils.train.fold import Fold
+from utils.train.trainer import FoldTrainer
 
 TINY = ["--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--workers", "0", "--progress", "false"]
 
@@ -141,16 +143,17 @@ def test_ema_weights_are_the_ones_scored_and_saved(tiny_data, tmp_path):
                                      *TINY, "--epochs", "1", "--ema-decay", "0.5", "--fold", "0"])
     data = read_dataset(tiny_data)
     schema, table = RunDir(tmp_path).prepare(data, 3, cfg.seed)
-    trainer = FoldTrainer(cfg, schema, table, data, 0, Dist(), RunDir(tmp_path))
+    fold = Fold(cfg, schema, table, data, 0, Dist(), RunDir(tmp_path))
+    trainer = FoldTrainer(fold)
     trainer.resume()
     trainer.fit()
     best = torch.load(tmp_path / "test_vit" / "fold0" / "best.pt", weights_only=True)
-    ema, raw = trainer.ema.module.state_dict(), trainer.model.state_dict()
+    ema, raw = fold.ema.module.state_dict(), fold.model.state_dict()
     assert all(torch.equal(best["state_dict"][k], ema[k]) for k in ema)
     assert any(not torch.equal(best["state_dict"][k], raw[k]) for k in raw)
-    idx, logits = predict(trainer.ema.module, trainer.val_loader, torch.device("cpu"), prep=trainer.prep,
-                          amp_dtype=trainer.dtype, progress=False)
-    assert best["val_score"] == pytest.approx(score_logits(schema, trainer.val_targets[idx], logits)[0], abs=1e-12)
+    idx, logits = predict(fold.ema.module, trainer.val_loader, torch.device("cpu"), prep=fold.prep,
+                          amp_dtype=fold.dtype, progress=False)
+    assert best["val_score"] == pytest.approx(score_logits(schema, fold.val_targets[idx], logits)[0], abs=1e-12)
     d = schema.to_dict()
     d["vocabs"][schema.heads[0].name] = ["only-one"]
     with pytest.raises(DataError, match="different schema"):  # the schema checks hold for these runs too
@@ -233,7 +236,7 @@ def test_the_frozen_cache_key_changes_with_everything_an_embedding_depends_on(ti
 
     from utils.train.frozen import cache_key
     from utils.train.model import create_backbone
-    from utils.train.trainer import TrainConfig
+    from utils.train.config import TrainConfig
     from utils.data.transforms import Preprocess
 
     cfg, prep = TrainConfig(model="test_resnet", img_size=32), Preprocess(32, (0.5,) * 3, (0.5,) * 3)
@@ -241,7 +244,9 @@ def test_the_frozen_cache_key_changes_with_everything_an_embedding_depends_on(ti
 
     def key(cfg, dtype=None, seed=0):
         torch.manual_seed(seed)
-        return cache_key(cfg, prep, paths, create_backbone(cfg.model, model_kwargs=cfg.model_kwargs), dtype)
+        arch = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "keep_head": cfg.keep_head, "img_size": cfg.img_size}
+        return cache_key(create_backbone(cfg.model, model_kwargs=cfg.model_kwargs), arch, cfg.frozen_views,
+                         [cfg.aug, cfg.category_aug, cfg.seed], prep, paths, dtype)
 
     base = key(cfg)
     assert key(cfg) == base  # the same everything: the same key (the cache is found again)
@@ -260,14 +265,15 @@ def test_a_knn_vote_never_finds_the_row_itself_or_its_own_fold(tiny_data, tmp_pa
 
     from utils.train.frozen import FrozenFold
     from utils.run import RunDir
-    from utils.train.trainer import TrainConfig
+    from utils.train.config import TrainConfig
 
     cfg = TrainConfig(model="test_resnet", n_folds=3, img_size=32, fold="1", frozen_backbone=True, head="knn",
                       knn_k=1, progress=False, data_dir=str(tiny_data), out_dir=str(tmp_path), workers=0)
     data, run_dir = read_dataset(tiny_data), RunDir(tmp_path)
     schema, table = run_dir.prepare(data, 3, 42)
-    fold = FrozenFold(cfg, schema, table, data, 1, Dist(), run_dir)
+    frozen = FrozenFold(Fold(cfg, schema, table, data, 1, Dist(), run_dir))
+    fold = frozen.fold
     assert not set(fold.trn["id"]) & set(fold.val["id"]) and set(fold.trn["fold"]) == {0, 2}
-    torch.testing.assert_close(fold.model.heads.bank, F.normalize(fold.trn_x[: len(fold.trn)], dim=1))
-    nearest = (F.normalize(fold.val_x, dim=1) @ fold.model.heads.bank.T).max(1).values
+    torch.testing.assert_close(fold.model.heads.bank, F.normalize(frozen.trn_x[: len(fold.trn)], dim=1))
+    nearest = (F.normalize(frozen.val_x, dim=1) @ fold.model.heads.bank.T).max(1).values
     assert (nearest < 1 - 1e-4).all()  # no validation row finds its own embedding in the bank

@@ -1,5 +1,5 @@
-"""The kit's layering and its command lines: the package never imports a script, no two modules
-import each other (at module or function level), every option of every command explains itself,
+"""The kit's layering and its command lines: the package never imports or runs a script, and no
+test imports one; no two modules import each other (at module or function level), every option of every command explains itself,
 and a value outside an option's choices is refused when the config is parsed."""
 import ast
 import dataclasses
@@ -46,6 +46,19 @@ def graph() -> dict[str, set[str]]:
 def test_the_package_never_imports_a_script():
     offenders = {m: sorted(i for i in deps if i in SCRIPTS) for m, deps in graph().items() if m.startswith("utils")}
     assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def test_the_tests_never_import_a_script():
+    """What a test needs lives in the package; a script is only ever run as a command line."""
+    offenders = {p.name: sorted(i for i in imports_of(p) if i.split(".")[0] in SCRIPTS)
+                 for p in sorted((ROOT / "tests").glob("*.py"))}
+    assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def test_the_import_check_sees_a_test_importing_a_script(tmp_path):
+    bad = tmp_path / "test_bad.py"
+    bad.write_text("import export\nfrom tune import TuneConfig\nfrom utils.serve import budget\n")
+    assert sorted(i for i in imports_of(bad) if i.split(".")[0] in SCRIPTS) == ["export", "tune"]
 
 
 def script_runs(path) -> list[str]:
@@ -155,7 +168,7 @@ def test_a_wrong_value_is_refused_at_parse_time_naming_key_value_and_choices(scr
 
 
 def test_a_bare_boolean_flag_means_true():
-    from utils.train.trainer import TrainConfig
+    from utils.train.config import TrainConfig
 
     cfg = parse_config(TrainConfig, ["--resume", "--fold", "all", "--progress", "false"])
     assert cfg.resume is True and cfg.progress is False and cfg.fold == "all"

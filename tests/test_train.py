@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, run_script
-from utils.train import kfold, trainer
+from utils.train import kfold
+from utils.train.config import TrainConfig
 from utils.config import parse_config
 from utils.train.distributed import Dist
 from utils.errors import DataError
@@ -23,7 +24,7 @@ TINY = ["--model", "resnet18", "--n-folds", "3", "--img-size", "32", "--batch-si
 
 
 def cfg_for(tiny_data, out, *extra):
-    return parse_config(trainer.TrainConfig, ["--data-dir", str(tiny_data), "--out-dir", str(out), *TINY, *extra],
+    return parse_config(TrainConfig, ["--data-dir", str(tiny_data), "--out-dir", str(out), *TINY, *extra],
                         model_config=True)
 
 

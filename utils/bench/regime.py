@@ -33,7 +33,7 @@ from utils.train.kfold import train
 from utils.run import RunDir
 from utils.data.schema import CATEGORY, ID, read_test
 from utils.serve.submission import make_submission
-from utils.train.trainer import TrainConfig
+from utils.train.config import TrainConfig
 
 FROZEN = "frozen"
 # name: (recipe, the one change), against "baseline"

@@ -181,29 +181,31 @@ def category_heads(schema: Schema, categories) -> np.ndarray:
     return np.stack([categories == h.category for h in schema.heads], axis=1)
 
 
-def student_rows(rows: dict, trn: pd.DataFrame, data, run_dir: RunDir, cfg, fold: int) -> dict:
+def student_rows(rows: dict, trn: pd.DataFrame, data, run_dir: RunDir, fold: int, *, teacher: str, mode: str,
+                 t: float, with_test: bool) -> dict:
     """Fold ``fold``'s training rows (``rows``: paths, categories, targets, ids of ``trn``) with the
-    teacher's probabilities (an augmented copy takes its source's), and, with ``distill_test``,
-    the test images appended as unlabelled rows; in ``distill_mode`` honest or optimistic."""
+    probabilities of the ``teacher`` (its ensemble.json) at temperature ``t`` (an augmented copy
+    takes its source's), and, ``with_test``, the test images appended as unlabelled rows; in
+    ``mode`` honest or optimistic (``distill_mode``)."""
     schema = run_dir.schema
     originals = run_dir.train_rows(data.train)
-    if cfg.distill_mode == "honest":
+    if mode == "honest":
         originals = originals[originals["fold"] != fold]
-        train_scores, test_scores = honest_teacher_scores(cfg.teacher, run_dir, fold, originals[ID].to_numpy(),
+        train_scores, test_scores = honest_teacher_scores(teacher, run_dir, fold, originals[ID].to_numpy(),
                                                           data.test[ID].to_numpy())
     else:
-        train_scores, test_scores = teacher_scores(cfg.teacher, run_dir, originals[ID].to_numpy(),
+        train_scores, test_scores = teacher_scores(teacher, run_dir, originals[ID].to_numpy(),
                                                    data.test[ID].to_numpy())
     position = {int(i): k for k, i in enumerate(originals[ID])}
     source = trn["source_id"] if "source_id" in trn else trn[ID]
-    soft = soft_targets(train_scores, schema, cfg.distill_t)[[position[int(i)] for i in source]]
+    soft = soft_targets(train_scores, schema, t)[[position[int(i)] for i in source]]
     out = {**rows, "soft": soft, "soft_heads": category_heads(schema, trn[CATEGORY])}
-    if not cfg.distill_test:
+    if not with_test:
         return out
     test = data.test
     return {"paths": out["paths"] + [image_path(data.test_images, i) for i in test[ID]],
             "categories": out["categories"] + test[CATEGORY].tolist(),
             "targets": np.concatenate([out["targets"], np.full((len(test), len(schema.heads)), IGNORE_INDEX)]),
             "ids": np.concatenate([out["ids"], test[ID].to_numpy()]), "splits": out["splits"] + ["test"] * len(test),
-            "soft": np.concatenate([soft, soft_targets(test_scores, schema, cfg.distill_t)]),
+            "soft": np.concatenate([soft, soft_targets(test_scores, schema, t)]),
             "soft_heads": np.concatenate([out["soft_heads"], category_heads(schema, test[CATEGORY])])}

@@ -1,6 +1,7 @@
 """Training every fold of a run: what ``python train.py`` does, and what ``tune.py`` calls for each
-trial (``train_fold``). A fold is fine-tuned by ``utils.train.trainer.FoldTrainer``, or, with
-``frozen_backbone: true``, trained on cached embeddings by ``utils.train.frozen.FrozenFold``.
+trial (``train_fold``). A fold (``utils.train.fold.Fold``: rows, model, record, outputs) is
+fine-tuned by ``utils.train.trainer.FoldTrainer``, or, with ``frozen_backbone: true``, its heads
+trained on cached embeddings by ``utils.train.frozen.FrozenFold``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from utils.ensemble.metric import score_logits, summarize
 from utils.run import RunDir
 from utils.data.schema import ID, Dataset, Schema, read_dataset
 from utils.train.throughput import configure_device
-from utils.train.trainer import FoldTrainer, TrainConfig
+from utils.train.config import TrainConfig
+from utils.train.fold import Fold
+from utils.train.trainer import FoldTrainer
 
 
 def train_fold(cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data: Dataset, fold: int, d: Dist,
@@ -31,15 +34,15 @@ def train_fold(cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data: Data
         if d.main:
             print(f"fold {fold}: already complete (val score {done['val_score']:.4f}); skipped")
         return done
-    trainer = (FrozenFold if cfg.frozen_backbone else FoldTrainer)(cfg, schema, train, data, fold, d, run_dir)
-    trainer.resume()
+    shared = Fold(cfg, schema, train, data, fold, d, run_dir)
+    route = (FrozenFold if cfg.frozen_backbone else FoldTrainer)(shared)
     try:
-        if not trainer.fit(report):
-            return {"stopped": True, **trainer.state}
-        return trainer.finalise()
+        route.resume()
+        if not route.fit(report):
+            return {"stopped": True, **shared.state}
+        return route.finalise()
     finally:
-        if trainer.tracker is not None:
-            trainer.tracker.close()
+        shared.close()
 
 
 # ----------------------------------------------------------------------------- every fold
@@ -66,10 +69,11 @@ def report_oof(run_dir: RunDir, run: str, train: pd.DataFrame) -> float | None:
     return final
 
 
-def folds_to_train(cfg: TrainConfig) -> list[int]:
-    folds = list(range(cfg.n_folds)) if cfg.fold == "all" else [int(cfg.fold)] if cfg.fold.isdigit() else [-1]
-    if any(not 0 <= k < cfg.n_folds for k in folds):
-        raise ValueError(f"fold must be 'all' or in 0..{cfg.n_folds - 1}, got {cfg.fold!r}")
+def folds_to_train(fold: str, n_folds: int) -> list[int]:
+    """``--fold``'s folds: every one of ``n_folds`` for "all", else the one it names."""
+    folds = list(range(n_folds)) if fold == "all" else [int(fold)] if fold.isdigit() else [-1]
+    if any(not 0 <= k < n_folds for k in folds):
+        raise ValueError(f"fold must be 'all' or in 0..{n_folds - 1}, got {fold!r}")
     return folds
 
 
@@ -81,7 +85,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     cfg.check_data(data)
     d = setup_distributed(cfg.device)
     configure_device(d, cfg.cudnn_benchmark)
-    folds = folds_to_train(cfg)
+    folds = folds_to_train(cfg.fold, cfg.n_folds)
     run_dir = RunDir(cfg.out_dir)
     if d.main:  # rank 0 fits and writes schema.json and folds.csv; the others read them
         schema, table = run_dir.prepare(data, cfg.n_folds, cfg.seed)

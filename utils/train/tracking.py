@@ -8,7 +8,6 @@ config once:
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import yaml
@@ -27,8 +26,10 @@ def _flat(config: dict, prefix: str = "") -> dict:
 class Tracker:
     """``log(row)`` once per epoch with the history row; ``close()`` when the fold ends."""
 
-    def __init__(self, cfg, fold_dir: Path, fold: int):
-        self.kind, self.writer, self.config = cfg.log, None, dataclasses.asdict(cfg)
+    def __init__(self, kind: str, config: dict, fold_dir: Path, fold: int, experiment: str, mlflow_db: Path):
+        """``kind``: none, tensorboard or mlflow; ``config``: the resolved config, logged once;
+        ``experiment``: MLflow's experiment (the run's name), kept in the SQLite store ``mlflow_db``."""
+        self.kind, self.writer, self.config = kind, None, config
         if self.kind == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -41,8 +42,8 @@ class Tracker:
                 import mlflow
             except ImportError as err:
                 raise ImportError("--log mlflow needs MLflow: pip install mlflow-skinny") from err
-            mlflow.set_tracking_uri(f"sqlite:///{Path(cfg.out_dir).resolve() / 'mlflow.db'}")
-            mlflow.set_experiment(cfg.run_name)
+            mlflow.set_tracking_uri(f"sqlite:///{Path(mlflow_db).resolve()}")
+            mlflow.set_experiment(experiment)
             self.writer = mlflow.start_run(run_name=f"fold{fold}")
             mlflow.log_params({k: str(v)[:500] for k, v in _flat(self.config).items()})
 
