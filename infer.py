@@ -32,12 +32,11 @@ from tqdm import tqdm
 from utils.ensemble.baseline import solution_score
 from utils.ensemble.blend import combine_members, load_ensemble, load_test_logits
 from utils.config import CommonConfig, option, run_command
-from utils.data.dataset import read_or_placeholder
+from utils.data.dataset import TestImages
 from utils.run import RunDir
-from utils.data.schema import CATEGORY, ID, image_path, read_category_attributes, read_test
+from utils.data.schema import CATEGORY, ID, read_category_attributes, read_test
 from utils.serve.members import onnx_members, run_members, torch_members
 from utils.serve.submission import make_submission, submission_from_predictions, write_submission
-from utils.data.transforms import Preprocess
 
 
 @dataclass
@@ -54,29 +53,6 @@ class InferConfig(CommonConfig):
     workers: int = option(2, "data loader worker processes")
     threads: int = option(0, "compute threads (0 = every core)")
     progress: bool = option(True, "progress bars")
-
-
-# ----------------------------------------------------------------------------- streaming
-
-class TestImages(torch.utils.data.Dataset):
-    """Each test image decoded once per distinct preprocessing, exactly as its checkpoint's
-    training decoded and transformed its validation images: uint8 pixels, normalised in the main
-    process by each ``Preprocess``."""
-
-    def __init__(self, ids, images_dir: Path, preps: list[Preprocess]):
-        self.ids, self.images_dir, self.preps = list(ids), images_dir, preps
-        self.transforms = [p.transform() for p in preps]
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        images, error = [], ""
-        for prep, tf in zip(self.preps, self.transforms):
-            image, problem = read_or_placeholder(image_path(self.images_dir, self.ids[i]), prep)
-            error = error or problem
-            images.append(torch.from_numpy(tf(image)))
-        return {"images": images, "index": i, "ok": not error, "error": error}
 
 
 def predict_images(cfg: InferConfig, run_dir: RunDir, test: pd.DataFrame, ens: dict, images_dir: Path):

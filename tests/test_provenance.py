@@ -139,7 +139,7 @@ def test_a_draft_false_run_is_served_exactly_the_pixels_it_validated_on(tiny_dat
     path = image_path(data.train_images, row[ID])
     pixels = ImageDataset([path], [row.Category], None, trained.transform(), trained)[0]["image"]
     validated = trained.normalize(pixels).numpy()
-    from infer import TestImages
+    from utils.data.dataset import TestImages
     for prep in served:
         np.testing.assert_array_equal(prep.normalize(TestImages([row[ID]], data.train_images, [prep])[0]["images"][0]).numpy(),
                                       validated)

@@ -4,12 +4,13 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from utils.data.schema import IGNORE_INDEX, Schema
+from utils.data.schema import IGNORE_INDEX, Schema, image_path
 from utils.data.transforms import Preprocess, Transform
 
 
@@ -162,3 +163,24 @@ def warn_bad(batch: dict, keys, bad: dict) -> None:
             bad[(split, row_id)] = batch["error"][k]
             warnings.warn(f"{split} image of id {row_id} could not be used ({batch['error'][k]}); "
                           f"it is skipped", stacklevel=2)
+
+
+class TestImages(torch.utils.data.Dataset):
+    """Each test image decoded once per distinct preprocessing, exactly as its checkpoint's
+    training decoded and transformed its validation images: uint8 pixels, normalised in the main
+    process by each ``Preprocess``."""
+
+    def __init__(self, ids, images_dir: Path, preps: list[Preprocess]):
+        self.ids, self.images_dir, self.preps = list(ids), images_dir, preps
+        self.transforms = [p.transform() for p in preps]
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        images, error = [], ""
+        for prep, tf in zip(self.preps, self.transforms):
+            image, problem = read_or_placeholder(image_path(self.images_dir, self.ids[i]), prep)
+            error = error or problem
+            images.append(torch.from_numpy(tf(image)))
+        return {"images": images, "index": i, "ok": not error, "error": error}
