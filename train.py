@@ -9,7 +9,7 @@
 Config: the defaults below < configs/<model>.yaml < --config files < flags (utils/config.py).
 Writes <out-dir>/schema.json and folds.csv on first use, then for each fold, in
 <out-dir>/<name>/fold<k>/: best.pt, last.pt, oof_logits.npz, test_logits.npz, history.csv/.png,
-metrics.json, config.yaml (utils/train/kfold.py runs the folds; utils/train/trainer.py is one fold). When every fold of the run is
+metrics.json, config.yaml (utils/train/kfold.py runs the folds; utils/train/fold.py is one fold). When every fold of the run is
 done, its OOF score over the whole train set is printed and written to <name>/oof_score.json.
 Training throughput: python -m utils.bench.train.
 """

@@ -3,7 +3,7 @@
     runs/<name>/
       schema.json, folds.csv             fitted once by the first script, then only read
       labels.json                        a digest of the train labels they were made with; checked by every reader
-      <run>/fold<k>/                     one fold of one trained run (see utils/train/trainer.py)
+      <run>/fold<k>/                     one fold of one trained run (see utils/train/fold.py)
         best.pt, last.pt, oof_logits.npz, test_logits.npz, history.csv, metrics.json, config.yaml
       <run>/oof_score.json               when every fold is done
       decoded/<key>.bin, .npz            every image decoded and sized once, for training (utils/data/decoded.py)
