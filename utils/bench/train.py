@@ -139,9 +139,12 @@ def loader_only(case: Case, workers: int, cached: bool = True) -> float:
 
 
 def train_quietly(argv: list[str]) -> None:
-    """What train.py runs (``utils.train.kfold.train`` on its parsed config), its output discarded."""
+    """What train.py runs (``utils.train.kfold.train`` on its parsed config), its output discarded.
+    Its loader workers are forked, as in ``python train.py``: a spawned process would otherwise
+    spawn them too, each importing torch anew at the first batch (a third of a short first epoch)."""
     from utils.train.kfold import train
 
+    multiprocessing.set_start_method("fork", force=True)  # this process was spawned: its default is spawn
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
         train(parse_config(TrainConfig, argv, model_config=True))
 
