@@ -35,8 +35,8 @@ def train_fold(cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data: Data
             print(f"fold {fold}: already complete (val score {done['val_score']:.4f}); skipped")
         return done
     shared = Fold(cfg, schema, train, data, fold, d, run_dir)
-    route = (FrozenFold if cfg.frozen_backbone else FoldTrainer)(shared)
     try:
+        route = (FrozenFold if cfg.frozen_backbone else FoldTrainer)(shared)
         route.resume()
         if not route.fit(report):
             return {"stopped": True, **shared.state}
