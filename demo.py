@@ -39,10 +39,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from utils.ensemble.baseline import solution_score
 from utils.config import CommonConfig, option, run_command
-from utils.errors import DataError
 from utils.data.schema import read_category_attributes, read_submission
+from utils.ensemble.baseline import solution_score
+from utils.errors import DataError
 from utils.run import RunDir
 from utils.serve.manifest import Manifest
 

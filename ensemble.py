@@ -29,14 +29,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from utils import provenance
-from utils.ensemble.blend import load_oof
 from utils.config import CommonConfig, option, run_command
+from utils.data.schema import ID, read_dataset
+from utils.ensemble.blend import load_oof
+from utils.ensemble.search import METHODS, BlendObjective, Budget, fit, nested_cv
 from utils.errors import DataError
 from utils.io import atomic_write_json
 from utils.plots import head_bars
 from utils.run import RunDir
-from utils.data.schema import ID, read_dataset
-from utils.ensemble.search import METHODS, BlendObjective, Budget, fit, nested_cv
 
 
 @dataclass

@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 
 from tests.conftest import OTHER_WORLD, run_script
-from utils.ensemble.metric import validate_submission
 from utils.data.schema import ATTR_COLS, CATEGORY, DUMMY, ID, LEN, Schema, read_dataset, read_submission
+from utils.ensemble.metric import validate_submission
 
 FAST = ["--img-size", "32", "--batch-size", "16", "--epochs", "1", "--workers", "0", "--n-folds", "2",
         "--progress", "false"]
@@ -102,8 +102,8 @@ def test_the_real_photo_dataset_is_written_in_the_competition_layout(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from utils.errors import DataError
     from utils.data.real_data import CLASSES, build
+    from utils.errors import DataError
 
     _idx_files(tmp_path / "idx", 60, seed=0)
     out = build(tmp_path / "real", source=str(tmp_path / "idx"), n_train=50, n_test=20, missing=0.2, progress=False)

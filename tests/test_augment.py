@@ -6,9 +6,9 @@ import pytest
 
 from utils.data import balance
 from tests.conftest import run_script
+from utils.data.schema import ATTR_COLS, read_dataset
 from utils.run import RunDir
 from utils.train.fold import split_fold
-from utils.data.schema import ATTR_COLS, read_dataset
 
 
 def table(rows):

@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_script
-from utils.serve import budget
+from utils.data.schema import Schema, read_dataset
 from utils.ensemble.blend import load_oof
 from utils.ensemble.metric import score_logits, validate_submission
 from utils.run import RunDir
-from utils.data.schema import Schema, read_dataset
+from utils.serve import budget
 
 TRAIN = ["--model", "test_resnet", "--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs", "1",
          "--workers", "1", "--progress", "false", "--fold", "0"]
@@ -73,8 +73,8 @@ def test_a_students_unusable_test_image_is_named_as_a_test_image_and_learns_noth
     """Train and test ids overlap: a student's broken test image is reported under test, not as the
     train row of the same id, on both routes; and the frozen route gives it no teacher targets, as
     fine-tuning does not."""
-    from utils.train.distributed import Dist
     from utils.train.config import TrainConfig
+    from utils.train.distributed import Dist
     from utils.train.fold import Fold
     from utils.train.frozen import FrozenFold
 

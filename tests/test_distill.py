@@ -9,18 +9,18 @@ import torch
 
 from tests.conftest import run_script
 from tests.test_ensemble import synthetic  # noqa: F401 (a fixture)
-from utils.serve import budget
 from utils.ensemble.blend import head_log_softmax, load_oof
+from utils.serve import budget
 from utils.train.distill import (INFOLD, DistillLoss, honest_teacher_scores, prepare_teacher, soft_targets, student_rows,
                            teacher_scores)
-from utils.errors import DataError
-from utils.serve.members import Member, run_members, trained_with_tta
-from utils.io import load_logits
-from utils.ensemble.metric import validate_submission
-from utils.train.model import HeadLoss
-from utils.run import RunDir
 from utils.data.schema import ID, IGNORE_INDEX, read_dataset
+from utils.ensemble.metric import validate_submission
+from utils.errors import DataError
+from utils.io import load_logits
+from utils.run import RunDir
+from utils.serve.members import Member, run_members, trained_with_tta
 from utils.train.fold import split_fold
+from utils.train.model import HeadLoss
 
 
 @pytest.fixture
@@ -50,8 +50,8 @@ def test_the_students_train_targets_come_from_the_teachers_out_of_fold_logits(ru
 def test_an_honest_student_fold_learns_only_from_what_never_saw_its_labels(run, tiny_data):
     """Student fold 0's targets: each teacher member's fold-0 model on the rows outside fold 0 (its
     own training rows), blended with the weights and biases fitted without fold 0's rows."""
-    from utils.train.model import checkpoint_preprocess, load_checkpoint
     from utils.ensemble.search import BlendObjective, Budget, fit
+    from utils.train.model import checkpoint_preprocess, load_checkpoint
 
     rd, data = RunDir(run), read_dataset(tiny_data)
     spec, schema = json.loads((run / "ensemble.json").read_text()), rd.schema

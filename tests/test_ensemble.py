@@ -2,14 +2,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from utils.data.demo_data import COUNTS, sample_labels
+from utils.data.schema import Schema
 from utils.ensemble import search
 from utils.ensemble.blend import blend, head_log_softmax, load_oof
-from utils.errors import DataError
-from utils.data.demo_data import COUNTS, sample_labels
-from utils.io import save_logits
 from utils.ensemble.metric import score
+from utils.errors import DataError
+from utils.io import save_logits
 from utils.run import RunDir
-from utils.data.schema import Schema
 from utils.serve.submission import make_submission
 
 

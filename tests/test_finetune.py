@@ -11,15 +11,15 @@ import torch
 
 from tests.conftest import run_script
 from utils.config import parse_config
+from utils.data.schema import Schema, read_dataset
+from utils.ensemble.metric import score_logits
+from utils.errors import DataError
+from utils.run import RunDir
+from utils.train.config import TrainConfig
 from utils.train.distributed import Dist
 from utils.train.engine import predict, train_step
-from utils.errors import DataError
-from utils.ensemble.metric import score_logits
-from utils.train.model import AttributeModel, HeadLoss, build_optimizer, group_lrs, load_checkpoint, load_from_file
-from utils.run import RunDir
-from utils.data.schema import Schema, read_dataset
-from utils.train.config import TrainConfig
 from utils.train.fold import Fold
+from utils.train.model import AttributeModel, HeadLoss, build_optimizer, group_lrs, load_checkpoint, load_from_file
 from utils.train.trainer import FoldTrainer
 
 TINY = ["--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--workers", "0", "--progress", "false"]
@@ -234,10 +234,10 @@ def test_the_frozen_cache_key_changes_with_everything_an_embedding_depends_on(ti
     """Architecture arguments, weights, autocast dtype and, with views, the seed: each a new key."""
     import dataclasses
 
+    from utils.data.transforms import Preprocess
+    from utils.train.config import TrainConfig
     from utils.train.frozen import cache_key
     from utils.train.model import create_backbone
-    from utils.train.config import TrainConfig
-    from utils.data.transforms import Preprocess
 
     cfg, prep = TrainConfig(model="test_resnet", img_size=32), Preprocess(32, (0.5,) * 3, (0.5,) * 3)
     paths = sorted((tiny_data / "train_images").glob("*.jpg"))[:4]
@@ -263,9 +263,9 @@ def test_a_knn_vote_never_finds_the_row_itself_or_its_own_fold(tiny_data, tmp_pa
     validation row (its OOF logits) is voted on by other folds' rows only, never by itself."""
     import torch.nn.functional as F
 
-    from utils.train.frozen import FrozenFold
     from utils.run import RunDir
     from utils.train.config import TrainConfig
+    from utils.train.frozen import FrozenFold
 
     cfg = TrainConfig(model="test_resnet", n_folds=3, img_size=32, fold="1", frozen_backbone=True, head="knn",
                       knn_k=1, progress=False, data_dir=str(tiny_data), out_dir=str(tmp_path), workers=0)

@@ -2,10 +2,10 @@ import numpy as np
 import pandas as pd
 
 from utils.data.demo_data import generate
-from utils.errors import DataError
 from utils.data.folds import make_folds, stratification_matrix
-from utils.run import RunDir
 from utils.data.schema import Schema, read_dataset
+from utils.errors import DataError
+from utils.run import RunDir
 
 import pytest
 

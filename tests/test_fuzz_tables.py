@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from utils.errors import DataError
-from utils.ensemble.metric import validate_submission
 from utils.data.schema import Schema, read_category_attributes, read_submission, read_test, read_train
+from utils.ensemble.metric import validate_submission
+from utils.errors import DataError
 
 N_TABLES = 200
 

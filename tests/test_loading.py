@@ -18,15 +18,15 @@ from PIL import Image
 
 from tests.conftest import ROOT
 from tests.test_bad_images import UNUSABLE, break_images
-from utils.data import decoded
 from utils.config import parse_config
+from utils.data import decoded
 from utils.data.dataset import ImageDataset, make_loader, read_or_placeholder
-from utils.train.engine import model_input
 from utils.data.decoded import DecodedImages
-from utils.train.distributed import Dist
-from utils.train.throughput import configure_device, keep_freed_memory
-from utils.train.config import TrainConfig
 from utils.data.transforms import Preprocess
+from utils.train.config import TrainConfig
+from utils.train.distributed import Dist
+from utils.train.engine import model_input
+from utils.train.throughput import configure_device, keep_freed_memory
 
 PREP = Preprocess(48, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))  # draft decoding on: 1/8 to 1/2 scale
 

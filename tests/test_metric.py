@@ -4,8 +4,8 @@ import pytest
 from sklearn.metrics import f1_score
 
 from tests.conftest import run_script
-from utils.ensemble.metric import f1_scores, score, validate_submission
 from utils.data.schema import ATTR_COLS, DUMMY, Schema, read_dataset
+from utils.ensemble.metric import f1_scores, score, validate_submission
 from utils.serve.submission import majority_logits, make_submission
 
 

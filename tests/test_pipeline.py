@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from tests.conftest import MODELS, pipeline, run_script
+from utils.data.schema import Schema, read_dataset
 from utils.ensemble.metric import validate_submission
 from utils.errors import DataError
-from utils.data.schema import Schema, read_dataset
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +57,9 @@ def torch_blend(run, data_dir):
     """The torch backend's blended scores of every test row, in test.csv order."""
     import torch
 
+    from utils.data.schema import image_path, read_test
     from utils.ensemble.blend import combine_members, load_ensemble
     from utils.run import RunDir
-    from utils.data.schema import image_path, read_test
     from utils.serve.members import preprocess_batch, run_members, torch_members
 
     run_dir = RunDir(run)

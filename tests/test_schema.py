@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from utils.errors import DataError
 from utils.data.schema import ATTR_COLS, DUMMY, IGNORE_INDEX, Schema, image_path, read_dataset
+from utils.errors import DataError
 
 
 @pytest.fixture

@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, run_script
-from utils.train import kfold
-from utils.train.config import TrainConfig
 from utils.config import parse_config
-from utils.train.distributed import Dist
+from utils.data.schema import IGNORE_INDEX, Schema, read_dataset
 from utils.errors import DataError
 from utils.io import load_logits
-from utils.train.model import AttributeModel, HeadLoss, load_checkpoint
 from utils.run import RunDir
-from utils.data.schema import IGNORE_INDEX, Schema, read_dataset
+from utils.train import kfold
+from utils.train.config import TrainConfig
+from utils.train.distributed import Dist
+from utils.train.model import AttributeModel, HeadLoss, load_checkpoint
 
 TINY = ["--model", "resnet18", "--n-folds", "3", "--img-size", "32", "--batch-size", "16",
         "--workers", "0", "--progress", "false", "--amp", "off"]

@@ -8,9 +8,9 @@ import yaml
 
 from utils.train import tune
 from tests.conftest import ROOT, run_script
-from utils.train import kfold
 from utils.config import parse_config
 from utils.errors import NonFiniteLoss
+from utils.train import kfold
 
 
 def tiny_args(data, out, *extra):

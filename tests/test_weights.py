@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from utils.data.transforms import Preprocess
 from utils.errors import DataError
 from utils.train.model import AttributeModel, create_backbone, data_config
-from utils.data.transforms import Preprocess
 from utils.train.weights import lukemelas_to_timm
 
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from utils.errors import DataError
 from utils.data.folds import make_folds
-from utils.io import atomic_write_csv, atomic_write_json
 from utils.data.schema import ID, Dataset, Schema
+from utils.errors import DataError
+from utils.io import atomic_write_csv, atomic_write_json
 
 
 class RunDir:

@@ -30,8 +30,8 @@ import pandas as pd
 
 from utils.bench import machine
 from utils.config import CommonConfig, option, run_command
-from utils.run import RunDir
 from utils.data.schema import CATEGORY, ID, image_path, read_test
+from utils.run import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
 

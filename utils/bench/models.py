@@ -42,10 +42,10 @@ def measure_one(config: str, steps: int) -> dict:
 
     from utils.config import parse_config
     from utils.data.demo_data import COUNTS, sample_labels
-    from utils.train.model import AttributeModel, HeadLoss, build_optimizer
     from utils.data.schema import Schema
     from utils.train.config import TrainConfig
     from utils.train.fold import model_args
+    from utils.train.model import AttributeModel, HeadLoss, build_optimizer
 
     flags = ["--config", config] if config.endswith(".yaml") else ["--model", config]
     cfg = parse_config(TrainConfig, [*flags, "--pretrained", "false"], model_config=True)

@@ -24,16 +24,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from utils.ensemble.baseline import solution_score
 from utils.bench import machine
-from utils.ensemble.blend import combine_members, load_ensemble, load_test_logits
 from utils.config import DataConfig, option, parse_config, run_command
-from utils.io import atomic_write_csv
-from utils.train.kfold import train
-from utils.run import RunDir
 from utils.data.schema import CATEGORY, ID, read_test
+from utils.ensemble.baseline import solution_score
+from utils.ensemble.blend import combine_members, load_ensemble, load_test_logits
+from utils.io import atomic_write_csv
+from utils.run import RunDir
 from utils.serve.submission import make_submission
 from utils.train.config import TrainConfig
+from utils.train.kfold import train
 
 FROZEN = "frozen"
 # name: (recipe, the one change), against "baseline"

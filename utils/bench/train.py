@@ -45,14 +45,14 @@ from utils.bench import machine
 from utils.config import DataConfig, option, parse_config, run_command
 from utils.data.dataset import EpochSampler, ImageDataset, make_loader
 from utils.data.decoded import DecodedImages, decode_workers
+from utils.data.schema import CATEGORY, Schema, read_dataset, row_paths
+from utils.data.transforms import Preprocess
+from utils.train.config import TrainConfig
 from utils.train.distributed import Dist
 from utils.train.engine import native_bf16, train_one_epoch
-from utils.train.model import AttributeModel, HeadLoss, build_optimizer, data_config, warmup_cosine
-from utils.data.schema import CATEGORY, Schema, read_dataset, row_paths
-from utils.train.throughput import configure_device, keep_freed_memory, loader_workers, use_channels_last
-from utils.train.config import TrainConfig
 from utils.train.fold import model_args
-from utils.data.transforms import Preprocess
+from utils.train.model import AttributeModel, HeadLoss, build_optimizer, data_config, warmup_cosine
+from utils.train.throughput import configure_device, keep_freed_memory, loader_workers, use_channels_last
 
 CORES = os.cpu_count() or 1  # the decode cache is built with every core, as train.py builds it
 

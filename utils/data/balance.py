@@ -37,10 +37,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.config import DataConfig, option
-from utils.errors import ConfigError, DataError
-from utils.io import atomic_path, atomic_write_csv
 from utils.data.schema import ATTR_COLS, CATEGORY, ID, image_path, read_dataset
 from utils.data.transforms import load_image, reseed
+from utils.errors import ConfigError, DataError
+from utils.io import atomic_path, atomic_write_csv
 
 CAP = 3.0
 

@@ -34,9 +34,9 @@ import torch
 from tqdm import tqdm
 
 from utils.data.dataset import init_worker, placeholder, read_or_placeholder
+from utils.data.transforms import Preprocess
 from utils.io import atomic_path, atomic_write
 from utils.provenance import files_digest
-from utils.data.transforms import Preprocess
 
 LAYOUT = 2  # the files' own format: raised when it changes, so an older cache is rebuilt, not misread
 IN_PROCESS_BELOW = 1000  # images: fewer decode in the calling process before workers would have started

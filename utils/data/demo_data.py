@@ -23,8 +23,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from utils.config import option, run_command
-from utils.io import atomic_path, atomic_write, atomic_write_csv
 from utils.data.schema import ATTR_COLS, CATEGORY, DUMMY, ID, LEN
+from utils.io import atomic_path, atomic_write, atomic_write_csv
 
 # Real train counts per (category, attribute, value); rows per category. NaN = rows - sum.
 ROWS = {"Men Tshirts": 7267, "Sarees": 18346, "Kurtis": 6822, "Women Tshirts": 18774,

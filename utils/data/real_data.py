@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from utils.config import option, run_command
 from utils.data.demo_data import write_tables
+from utils.data.schema import ATTR_COLS, CATEGORY, ID, LEN
 from utils.errors import DataError
 from utils.io import atomic_path
-from utils.data.schema import ATTR_COLS, CATEGORY, ID, LEN
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

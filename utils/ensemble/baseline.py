@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from utils.config import DataConfig, option, run_command
-from utils.ensemble.metric import score
 from utils.data.schema import CATEGORY, ID, Schema, read_dataset, read_submission
+from utils.ensemble.metric import score
 from utils.serve.submission import majority_logits, make_submission, write_submission
 
 

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 
 from utils import provenance
+from utils.data.schema import Schema
 from utils.errors import DataError
 from utils.io import load_logits
 from utils.run import RunDir
-from utils.data.schema import Schema
 
 
 def head_log_softmax(logits: np.ndarray, schema: Schema) -> np.ndarray:

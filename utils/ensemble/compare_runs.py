@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from utils.ensemble.blend import load_oof
 from utils.config import CommonConfig, option, run_command
+from utils.data.schema import ID, Schema, read_dataset
+from utils.ensemble.blend import load_oof
 from utils.ensemble.metric import score_logits
 from utils.run import RunDir
-from utils.data.schema import ID, Schema, read_dataset
 
 
 @dataclass

@@ -20,9 +20,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from utils.data.schema import Schema
 from utils.ensemble.blend import normalise_weights
 from utils.ensemble.metric import f1_scores, final_score
-from utils.data.schema import Schema
 
 METHODS = ("equal", "caruana", "nelder_mead", "tpe", "random", "sto")
 

@@ -10,15 +10,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from utils.ensemble.blend import combine_members, ensemble_digest
 from utils.data.dataset import read_or_placeholder
-from utils.errors import DataError
-from utils.train.model import checkpoint_preprocess, load_checkpoint
-from utils.serve.graph import make_session
-from utils.serve.manifest import Manifest
-from utils.run import RunDir
 from utils.data.schema import Schema
 from utils.data.transforms import Preprocess
+from utils.ensemble.blend import combine_members, ensemble_digest
+from utils.errors import DataError
+from utils.run import RunDir
+from utils.serve.graph import make_session
+from utils.serve.manifest import Manifest
+from utils.train.model import checkpoint_preprocess, load_checkpoint
 
 
 @dataclass

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from utils.io import atomic_write_csv
-from utils.ensemble.metric import validate_submission
 from utils.data.schema import ATTR_COLS, CATEGORY, ID, LEN, Schema
+from utils.ensemble.metric import validate_submission
+from utils.io import atomic_write_csv
 
 
 def make_submission(ids, categories, logits: np.ndarray, schema: Schema) -> pd.DataFrame:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from utils.config import CommonConfig, option
-from utils.errors import ConfigError
 from utils.data.schema import CATEGORY
+from utils.errors import ConfigError
 
 AMP = ("auto", "bf16", "fp16", "off")
 LOSSES = ("ce", "weighted_ce", "focal", "logit_adjusted")

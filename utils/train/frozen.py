@@ -31,12 +31,12 @@ import torch
 
 from utils import provenance
 from utils.data.dataset import ImageDataset, make_loader
-from utils.train.engine import autocast, model_input, train_step
-from utils.io import atomic_write
-from utils.ensemble.metric import score_logits
-from utils.train.model import group_lrs, load_checkpoint, warmup_cosine
 from utils.data.schema import CATEGORY, ID, IGNORE_INDEX, image_path, row_paths
+from utils.ensemble.metric import score_logits
+from utils.io import atomic_write
+from utils.train.engine import autocast, model_input, train_step
 from utils.train.fold import Fold
+from utils.train.model import group_lrs, load_checkpoint, warmup_cosine
 
 
 UNUSABLE = "unusable image (embedded as a grey placeholder)"

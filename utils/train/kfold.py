@@ -11,16 +11,16 @@ from typing import Callable
 
 import pandas as pd
 
-from utils.ensemble.blend import load_oof
-from utils.train.distributed import Dist, setup_distributed, teardown
-from utils.train.frozen import FrozenFold
-from utils.io import atomic_write_json
-from utils.ensemble.metric import score_logits, summarize
-from utils.run import RunDir
 from utils.data.schema import ID, Dataset, Schema, read_dataset
-from utils.train.throughput import configure_device
+from utils.ensemble.blend import load_oof
+from utils.ensemble.metric import score_logits, summarize
+from utils.io import atomic_write_json
+from utils.run import RunDir
 from utils.train.config import TrainConfig
+from utils.train.distributed import Dist, setup_distributed, teardown
 from utils.train.fold import Fold
+from utils.train.frozen import FrozenFold
+from utils.train.throughput import configure_device
 from utils.train.trainer import FoldTrainer
 
 

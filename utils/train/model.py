@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.data.schema import IGNORE_INDEX, Schema
+from utils.data.transforms import Preprocess
 from utils.errors import DataError
 from utils.io import load_torch
-from utils.data.schema import IGNORE_INDEX, Schema
 from utils.train.config import HEADS, LOSSES
-from utils.data.transforms import Preprocess
 from utils.train.weights import is_lukemelas_efficientnet, lukemelas_to_timm, read_state_dict, state_dict_keys
 
 

@@ -30,15 +30,15 @@ from typing import Optional
 import pandas as pd
 import yaml
 
-from utils.train import kfold
-from utils.train.config import TrainConfig
 from utils.config import load_yaml, option
-from utils.train.distributed import Dist
+from utils.data.schema import read_dataset
 from utils.errors import DataError, NonFiniteLoss
 from utils.io import atomic_write_csv, atomic_write_text
 from utils.plots import pyplot, save_figure
 from utils.run import RunDir
-from utils.data.schema import read_dataset
+from utils.train import kfold
+from utils.train.config import TrainConfig
+from utils.train.distributed import Dist
 
 
 @dataclass
