@@ -1,7 +1,6 @@
 """The whole flow on tiny generated data: train two backbones, ensemble, export, infer."""
 import json
 import shutil
-import sys
 
 import numpy as np
 import pandas as pd
@@ -127,9 +126,8 @@ def test_inference_memory_stays_flat(run, tiny_data):
     from utils.bench.memory import BenchMemoryConfig, main as bench_memory
     from utils.config import parse_config
 
-    command = f"{sys.executable} infer.py --data-dir {{data}} --out-dir {run} --output {{output}} --workers 1"
     stats = bench_memory(parse_config(BenchMemoryConfig, ["--data-dir", str(tiny_data), "--out-dir", str(run),
-                                                          "--rows", "2000", "--command", command]))
+                                                          "--rows", "2000", "--infer-args", "--workers 1"]))
     assert stats["submission_rows"] == 2000
     assert stats["rss_growth_mb"] < 15, stats
     assert stats["pss_growth_mb"] < 15, stats

@@ -4,7 +4,7 @@ table headed by the machine it ran on. BENCHMARKS.md keeps their results with th
     python -m utils.bench.train      training throughput: loader, model-only ceiling, full step
     python -m utils.bench.ensemble   the weight search at the real scale (20 x 70,000 x 42 heads)
     python -m utils.bench.latency    end-to-end latency per image of the seed's backbones
-    python -m utils.bench.memory     a command's memory (infer.py's) over a large test set
+    python -m utils.bench.memory     infer.py's memory over a large test set (its inference in a process of its own)
     python -m utils.bench.models     one training step of each CLIP-scale and ImageNet config
     python -m utils.bench.regime     the fine-tuning regime on real photos from real weights, one change at a time
     python -m utils.bench.vs_timm    the kit's fine-tuning against timm's own train.py on the same photos

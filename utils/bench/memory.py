@@ -1,27 +1,26 @@
-"""Inference memory over a large test set: a command's memory as the images stream by.
+"""Inference memory over a large test set: infer.py's memory as the images stream by.
 
     python -m utils.bench.memory --data-dir data/demo --out-dir runs/demo --rows 30000 \
-        --command "python infer.py --data-dir {data} --out-dir runs/demo --output {output} --workers 2"
+        --infer-args "--backend onnx --batch-size 32 --workers 2"
 
 Builds a test set of ``--rows`` rows in a scratch folder (``test.csv`` and hard links to the data's
-own test images under new ids: no image is copied), runs ``--command`` on it (``{data}``: that
-folder, ``{output}``: a scratch submission), as a user runs it, and samples its memory as the
-batches go by (read from its progress bar, ``done/total``, on stderr): the resident set (RSS) of the
-process itself, and the proportional set (PSS, shared pages split between processes) of the
-process with its children (loader workers). Prints both at every tenth of the batches, then the
-growth while streaming: from the first tenth to the last batch. The command is the user's: this
-module measures, it names no script of the kit.
-Linux only (it reads /proc).
+own test images under new ids: no image is copied), runs inference on it (``utils.serve.infer.infer``,
+what infer.py runs, with ``--infer-args`` and a scratch submission) in a fresh process of its own
+whose loader workers fork as under ``python infer.py``, and samples its memory as the batches go by
+(read from its progress bar, ``done/total``): the resident set (RSS) of the process itself, and the
+proportional set (PSS, shared pages split between processes) of the process with its children
+(loader workers). Prints both at every tenth of the batches, then the growth while streaming: from
+the first tenth to the last batch. Linux only (it reads /proc).
 """
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import re
 import shlex
 import shutil
-import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,18 +28,16 @@ from pathlib import Path
 import pandas as pd
 
 from utils.bench import machine
-from utils.config import CommonConfig, option, run_command
+from utils.config import CommonConfig, option, parse_config, run_command
 from utils.data.schema import CATEGORY, ID, image_path, read_test
 from utils.run import RunDir
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
 class BenchMemoryConfig(CommonConfig):
     rows: int = option(30000, "test rows to stream (hard links to the data's own test images)")
-    command: str = option("", "the command to measure, with {data} (the scratch test set's folder) and {output} "
-                              "(a scratch submission path); its progress bar must be on")
+    infer_args: str = option("", "infer.py's options besides --data-dir, --out-dir and --output, "
+                                 "e.g. '--backend onnx --batch-size 32 --workers 2'")
 
 
 def make_test_set(data_dir: Path, dst: Path, rows: int, categories: list[str]) -> None:
@@ -88,36 +85,44 @@ def sample(pid: int) -> tuple[float, float]:
     return rss / 1024, pss / 1024
 
 
-def measure(cmd: list[str], interval: float = 0.2) -> pd.DataFrame:
-    """Run ``cmd`` (its progress bar on) and sample its memory; one row per sample with the share of
-    batches done, read from the last progress bar on its stderr."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    progress = {"done": 0, "total": 0}
-    tail = []
+def infer_logged(argv: list[str], log: str) -> None:
+    """What infer.py runs (``utils.serve.infer.infer`` on its parsed config), its output, progress
+    bar included, written to ``log``; its loader workers forked, as under ``python infer.py``."""
+    from utils.serve.infer import InferConfig, infer
 
-    def read_bar():
-        buffer = ""
-        while chunk := os.read(proc.stderr.fileno(), 4096):
-            buffer = (buffer + chunk.decode(errors="replace"))[-4096:]
-            found = re.findall(r"(\d+)/(\d+) \[", buffer)
-            if found:
-                progress["done"], progress["total"] = map(int, found[-1])
-        tail.append(buffer)
+    multiprocessing.set_start_method("fork", force=True)  # this process was spawned: its default is spawn
+    with open(log, "w") as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        infer(parse_config(InferConfig, argv))
 
-    reader = threading.Thread(target=read_bar, daemon=True)
-    reader.start()
+
+def last_bar(log: Path) -> tuple[int, int]:
+    """(done, total) of the last progress bar in the log's last 4 KB, or (0, 0)."""
+    with contextlib.suppress(OSError), open(log, "rb") as f:
+        f.seek(max(0, log.stat().st_size - 4096))
+        found = re.findall(r"(\d+)/(\d+) \[", f.read().decode(errors="replace"))
+        if found:
+            return tuple(map(int, found[-1]))
+    return 0, 0
+
+
+def measure(argv: list[str], log: Path, interval: float = 0.2) -> pd.DataFrame:
+    """Run inference with ``argv`` (its progress bar on) in a fresh process and sample its memory;
+    one row per sample with the share of batches done, read from its progress bar."""
+    proc = multiprocessing.get_context("spawn").Process(target=infer_logged, args=(argv, str(log)))
+    proc.start()
     samples, start = [], time.perf_counter()
-    while proc.poll() is None:
+    while proc.is_alive():
         rss, pss = sample(proc.pid)
-        if rss and progress["total"]:
-            samples.append({"seconds": time.perf_counter() - start, "done": progress["done"] / progress["total"],
-                            "rss_mb": rss, "pss_mb": pss})
+        done, total = last_bar(log)
+        if rss and total:
+            samples.append({"seconds": time.perf_counter() - start, "done": done / total, "rss_mb": rss, "pss_mb": pss})
         time.sleep(interval)
-    stdout = proc.stdout.read().decode(errors="replace")
-    reader.join(10)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{stdout[-2000:]}\n{''.join(tail)[-3000:]}")
+    proc.join()
+    if proc.exitcode != 0:
+        tail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
+        raise RuntimeError(f"inference with {shlex.join(argv)} failed ({proc.exitcode}):\n{tail}")
     return pd.DataFrame(samples)
 
 
@@ -125,7 +130,7 @@ def summarize(samples: pd.DataFrame, rows: int) -> tuple[pd.DataFrame, dict]:
     """Memory at each tenth of the batches; growth while streaming, from the first tenth (once the
     models, the loader workers and the allocator have settled) to the last batch."""
     if samples.empty:
-        raise RuntimeError("the command finished before a sample was taken; measure more --rows")
+        raise RuntimeError("inference finished before a sample was taken; measure more --rows")
     table = []
     for tenth in range(1, 11):
         upto = samples[samples.done <= tenth / 10]
@@ -145,20 +150,18 @@ def summarize(samples: pd.DataFrame, rows: int) -> tuple[pd.DataFrame, dict]:
 
 
 def main(cfg: BenchMemoryConfig) -> dict:
-    if "{data}" not in cfg.command or "{output}" not in cfg.command:
-        raise SystemExit("--command must name {data} and {output}, e.g. --command \"python infer.py --data-dir "
-                         "{data} --out-dir runs/demo --output {output}\"")
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as scratch:
         scratch = Path(scratch)
         make_test_set(Path(cfg.data_dir), scratch / "data", cfg.rows, RunDir(cfg.out_dir).schema.categories)
-        cmd = shlex.split(cfg.command.format(data=scratch / "data", output=scratch / "submission.csv"))
+        argv = [*shlex.split(cfg.infer_args), "--data-dir", str(scratch / "data"), "--out-dir", cfg.out_dir,
+                "--output", str(scratch / "submission.csv"), "--progress", "true"]
         start = time.perf_counter()
-        samples = measure(cmd)
+        samples = measure(argv, scratch / "infer.log")
         seconds = time.perf_counter() - start
         written = len(pd.read_csv(scratch / "submission.csv", usecols=[ID]))
     table, stats = summarize(samples, cfg.rows)
     stats.update(seconds=seconds, submission_rows=written)
-    print(f"\nmemory of `{cfg.command}` over {cfg.rows} test rows; {machine()}")
+    print(f"\nmemory of infer.py {cfg.infer_args} over {cfg.rows} test rows; {machine()}")
     print(table.to_string(index=False))
     print(f"peak: RSS {stats['peak_rss_mb']:.0f} MB, with children PSS {stats['peak_pss_mb']:.0f} MB; growth while "
           f"streaming (first tenth to last batch): RSS {stats['rss_growth_mb']:+.1f} MB, PSS "
