@@ -11,6 +11,7 @@ table headed by the machine it ran on. BENCHMARKS.md keeps their results with th
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 
@@ -39,3 +40,17 @@ def machine() -> str:
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{cpu}, {os.cpu_count()} cores, flags {' '.join(cpu_flags()) or 'none'}{gpu}, torch {torch.__version__}"
+
+
+def _forking(target, args) -> None:
+    multiprocessing.set_start_method("fork", force=True)  # a spawned process defaults to spawn: fork as a script does
+    target(*args)
+
+
+def fresh_process(target, *args) -> multiprocessing.Process:
+    """``target(*args)`` started in a fresh process of its own, as a command would run it: spawned
+    (none of this process's memory), its own data-loader workers forked as under ``python
+    train.py`` (spawned ones would each import torch anew at their first batch)."""
+    proc = multiprocessing.get_context("spawn").Process(target=_forking, args=(target, args))
+    proc.start()
+    return proc

@@ -15,7 +15,6 @@ the first tenth to the last batch. Linux only (it reads /proc).
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import re
 import shlex
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from utils.bench import machine
+from utils.bench import fresh_process, machine
 from utils.config import CommonConfig, option, parse_config, run_command
 from utils.data.schema import CATEGORY, ID, image_path, read_test
 from utils.run import RunDir
@@ -87,10 +86,9 @@ def sample(pid: int) -> tuple[float, float]:
 
 def infer_logged(argv: list[str], log: str) -> None:
     """What infer.py runs (``utils.serve.infer.infer`` on its parsed config), its output, progress
-    bar included, written to ``log``; its loader workers forked, as under ``python infer.py``."""
+    bar included, written to ``log``."""
     from utils.serve.infer import InferConfig, infer
 
-    multiprocessing.set_start_method("fork", force=True)  # this process was spawned: its default is spawn
     with open(log, "w") as out:
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)
@@ -110,8 +108,7 @@ def last_bar(log: Path) -> tuple[int, int]:
 def measure(argv: list[str], log: Path, interval: float = 0.2) -> pd.DataFrame:
     """Run inference with ``argv`` (its progress bar on) in a fresh process and sample its memory;
     one row per sample with the share of batches done, read from its progress bar."""
-    proc = multiprocessing.get_context("spawn").Process(target=infer_logged, args=(argv, str(log)))
-    proc.start()
+    proc = fresh_process(infer_logged, argv, str(log))
     samples, start = [], time.perf_counter()
     while proc.is_alive():
         rss, pss = sample(proc.pid)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import multiprocessing
 import os
 import tempfile
 import time
@@ -41,7 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from utils.bench import machine
+from utils.bench import fresh_process, machine
 from utils.config import DataConfig, option, parse_config, run_command
 from utils.data.dataset import EpochSampler, ImageDataset, make_loader
 from utils.data.decoded import DecodedImages, decode_workers
@@ -139,12 +138,9 @@ def loader_only(case: Case, workers: int, cached: bool = True) -> float:
 
 
 def train_quietly(argv: list[str]) -> None:
-    """What train.py runs (``utils.train.kfold.train`` on its parsed config), its output discarded.
-    Its loader workers are forked, as in ``python train.py``: a spawned process would otherwise
-    spawn them too, each importing torch anew at the first batch (a third of a short first epoch)."""
+    """What train.py runs (``utils.train.kfold.train`` on its parsed config), its output discarded."""
     from utils.train.kfold import train
 
-    multiprocessing.set_start_method("fork", force=True)  # this process was spawned: its default is spawn
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
         train(parse_config(TrainConfig, argv, model_config=True))
 
@@ -160,8 +156,7 @@ def real_epochs(case: Case) -> list[dict]:
                 str(case.size), "--batch-size", str(case.cfg.batch_size), "--epochs", "2", "--n-folds", "2", "--fold",
                 "0", "--workers", "auto", "--amp", "off", "--device", case.device.type, "--drop-path-rate", "0",
                 "--patience", "0", "--predict-test", "false", "--progress", "false"]
-        child = multiprocessing.get_context("spawn").Process(target=train_quietly, args=(argv,))
-        child.start()
+        child = fresh_process(train_quietly, argv)
         child.join()
         if child.exitcode != 0:
             raise RuntimeError(f"training failed in its process (exit {child.exitcode}): train.py {' '.join(argv)}")
