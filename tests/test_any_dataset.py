@@ -78,8 +78,9 @@ def test_augment_balances_the_data_s_own_slots_and_refuses_one_past_them(other_d
     assert len(copies) and set(copies[CATEGORY]) == {"Shoes"}  # only Shoes has a third attribute
 
 
-def _idx_files(folder, n: int, seed: int) -> None:
-    """The four Fashion-MNIST idx files (gzipped), with ``n`` random 28 x 28 photos per split."""
+def _idx_files(folder, n: int, seed: int, short_class: int | None = None) -> None:
+    """The four Fashion-MNIST idx files (gzipped), with ``n`` random 28 x 28 photos per split (of
+    ``short_class``, only 2 in the train split)."""
     import gzip
 
     import numpy as np
@@ -89,11 +90,13 @@ def _idx_files(folder, n: int, seed: int) -> None:
     for images, labels in (("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                            ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")):
         y = np.arange(n, dtype=np.uint8) % 10
-        x = (y[:, None, None] * 25 + rng.integers(0, 5, (n, 28, 28))).astype(np.uint8)  # brightness = class
+        if short_class is not None and images.startswith("train"):
+            y = y[(y != short_class) | (np.cumsum(y == short_class) <= 2)]
+        x = (y[:, None, None] * 25 + rng.integers(0, 5, (len(y), 28, 28))).astype(np.uint8)  # brightness = class
         with gzip.open(folder / f"{images}.gz", "wb") as f:
-            f.write(bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (n, 28, 28)) + x.tobytes())
+            f.write(bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (len(y), 28, 28)) + x.tobytes())
         with gzip.open(folder / f"{labels}.gz", "wb") as f:
-            f.write(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + y.tobytes())
+            f.write(bytes([0, 0, 8, 1]) + len(y).to_bytes(4, "big") + y.tobytes())
 
 
 def test_the_real_photo_dataset_is_written_in_the_competition_layout(tmp_path):
@@ -121,3 +124,46 @@ def test_the_real_photo_dataset_is_written_in_the_competition_layout(tmp_path):
     (tmp_path / "idx" / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataError, match=r"idx files .* are not all there"):
         build(tmp_path / "again", source=str(tmp_path / "idx"), n_train=5, n_test=5, progress=False)
+
+
+def _folder_files(folder) -> dict:
+    """{relative path: bytes} of every file in a dataset folder."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_rebuild_into_the_same_folder_gives_exactly_a_fresh_build(tmp_path):
+    """Building the real-photo dataset again into a folder with another seed or size leaves no old
+    photo beside a new label: every file equals a fresh build's (and the same options again keep
+    the photos, as an interrupted build goes on). A source with too few photos of a class is
+    refused, naming the class and the counts, before a file changes."""
+    from utils.data.real_data import build
+    from utils.errors import DataError
+
+    _idx_files(tmp_path / "idx", 60, seed=0)
+    idx, again = str(tmp_path / "idx"), tmp_path / "again"
+    for seed, n_train in ((0, 50), (1, 50), (1, 30)):
+        build(again, source=idx, n_train=n_train, n_test=20, seed=seed, progress=False)
+        fresh = build(tmp_path / f"fresh_{seed}_{n_train}", source=idx, n_train=n_train, n_test=20, seed=seed,
+                      progress=False)
+        assert _folder_files(again) == _folder_files(fresh)
+    photo = again / "train_images" / "000003.jpg"
+    stamp = photo.stat().st_mtime_ns
+    build(again, source=idx, n_train=30, n_test=20, seed=1, progress=False)
+    assert photo.stat().st_mtime_ns == stamp  # the same options: the photos already written are kept
+
+    before = _folder_files(again)
+    _idx_files(tmp_path / "short", 60, seed=0, short_class=3)
+    with pytest.raises(DataError, match=r"official train split .* too few photos of some classes for 30 .*"
+                                        r": class 3 \(dress\): 2 photos, 3 needed\. Ask for fewer"):
+        build(again, source=str(tmp_path / "short"), n_train=30, n_test=20, seed=1, progress=False)
+    assert _folder_files(again) == before
+
+
+def test_a_regenerated_demo_dataset_gives_exactly_a_fresh_one(tmp_path):
+    """The demo generator too: another seed into the same folder rewrites every image."""
+    from utils.data.demo_data import generate
+
+    generate(tmp_path / "again", n_train=12, n_test=4, seed=0, workers=1, progress=False)
+    generate(tmp_path / "again", n_train=10, n_test=4, seed=1, workers=1, progress=False)
+    generate(tmp_path / "fresh", n_train=10, n_test=4, seed=1, workers=1, progress=False)
+    assert _folder_files(tmp_path / "again") == _folder_files(tmp_path / "fresh")

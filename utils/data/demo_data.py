@@ -13,6 +13,9 @@ label-noise rate keep the task learnable but not trivial. Output is deterministi
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,7 @@ from tqdm import tqdm
 
 from utils.config import option, run_command
 from utils.data.schema import ATTR_COLS, CATEGORY, DUMMY, ID, LEN
-from utils.io import atomic_path, atomic_write, atomic_write_csv
+from utils.io import atomic_path, atomic_write, atomic_write_csv, atomic_write_json
 
 # Real train counts per (category, attribute, value); rows per category. NaN = rows - sum.
 ROWS = {"Men Tshirts": 7267, "Sarees": 18346, "Kurtis": 6822, "Women Tshirts": 18774,
@@ -496,9 +499,43 @@ def write_tables(out: Path, category_attrs: dict, train: pd.DataFrame, solution:
     atomic_write(out / "category_attributes.parquet", lambda f: parquet.to_parquet(f, index=False))
 
 
+BUILD = "build.json"  # the recipe a dataset folder's images were made with
+IMAGE_NAME = re.compile(r"\d{6}\.jpg")  # the names a builder gives its images (utils.data.schema.image_path)
+
+
+@contextlib.contextmanager
+def build_record(out: Path, recipe: dict):
+    """Make a dataset folder with ``recipe`` (what decides its files: generator, counts, seed, ...)
+    so that it holds exactly what a fresh build gives. Yields whether the image files already there
+    were written by this same recipe (an interrupted build goes on: they may be kept). When they were
+    not (another seed or size, or a folder of unknown origin), every image with a builder's name is
+    removed first, so that no old photo stays beside a new label; ``build.json`` is written last."""
+    marker = out / BUILD
+    try:
+        same = json.loads(marker.read_text()) == recipe
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        marker.unlink(missing_ok=True)
+        stale = [p for sub in ("train_images", "test_images") if (out / sub).is_dir()
+                 for p in (out / sub).iterdir() if IMAGE_NAME.fullmatch(p.name)]
+        if stale:
+            print(f"{out}: {len(stale)} images from another build (not {recipe}) removed; writing them anew")
+        for p in stale:
+            p.unlink()
+    yield same
+    atomic_write_json(marker, recipe)
+
+
 def generate(out: str | Path, n_train: int = 2000, n_test: int = 400, seed: int = 0,
              workers: int = 2, progress: bool = True) -> Path:
     out = Path(out)
+    with build_record(out, {"generator": "demo", "n_train": n_train, "n_test": n_test, "seed": seed}):
+        _generate(out, n_train, n_test, seed, workers, progress)
+    return out
+
+
+def _generate(out: Path, n_train: int, n_test: int, seed: int, workers: int, progress: bool) -> None:
     rng = np.random.default_rng(seed)
     for sub in ("train_images", "test_images"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -527,7 +564,6 @@ def generate(out: str | Path, n_train: int = 2000, n_test: int = 400, seed: int 
 
     # the test labels carry the same noise
     write_tables(out, COUNTS, table(noisy[is_train], ids[is_train]), table(noisy[~is_train], ids[~is_train]))
-    return out
 
 
 @dataclass

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.config import option, run_command
-from utils.data.demo_data import write_tables
+from utils.data.demo_data import build_record, write_tables
 from utils.data.schema import ATTR_COLS, CATEGORY, ID, LEN
 from utils.errors import DataError
 from utils.io import atomic_path
@@ -84,9 +84,16 @@ def read_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` indices, the same share of each class, in random order."""
-    per_class = [rng.permutation(np.flatnonzero(labels == c))[: n // 10 + (c < n % 10)] for c in range(10)]
+def sample(labels: np.ndarray, n: int, rng: np.random.Generator, where: str = "the split") -> np.ndarray:
+    """``n`` indices, the same share of each class, in random order; a class with too few photos
+    for its share is an error naming it (``where``: the split, for the message)."""
+    need = [n // 10 + (c < n % 10) for c in range(10)]
+    have = np.bincount(labels, minlength=10)
+    short = [f"class {c} ({CLASSES[c][1]}): {have[c]} photos, {need[c]} needed" for c in range(10) if have[c] < need[c]]
+    if short:
+        raise DataError(f"{where} has too few photos of some classes for {n} (a tenth of them each): "
+                        f"{'; '.join(short)}. Ask for fewer, or use a source with more photos")
+    per_class = [rng.permutation(np.flatnonzero(labels == c))[: need[c]] for c in range(10)]
     return rng.permutation(np.concatenate(per_class))
 
 
@@ -102,24 +109,32 @@ def rows(labels: np.ndarray, ids: np.ndarray) -> pd.DataFrame:
 
 def build(out: str | Path, source: str | None = None, n_train: int = 4000, n_test: int = 2000,
           missing: float = 0.15, seed: int = 0, progress: bool = True) -> Path:
+    """Write the dataset into ``out``. Building into a folder again gives what a fresh build gives:
+    with the same options an interrupted build goes on, with others every photo is written anew
+    (``build.json`` records the options; utils.data.demo_data.build_record)."""
     out, folder = Path(out), find_source(source)
     rng = np.random.default_rng(seed)
-    tables = {}
-    for split, n in (("train", n_train), ("test", n_test)):
+    splits = {}
+    for split, n in (("train", n_train), ("test", n_test)):  # every check before a file changes
         images, labels = read_split(folder, split)
         if n > len(labels):
             raise DataError(f"--n-{split} {n}: the official {split} split has {len(labels)} photos")
-        pick = sample(labels, n, rng)
-        (out / f"{split}_images").mkdir(parents=True, exist_ok=True)
-        for i, k in enumerate(tqdm(pick, desc=f"{split} photos", disable=not progress)):
-            path = out / f"{split}_images" / f"{i:06d}.jpg"
-            if not path.exists():
-                with atomic_path(path) as tmp:
-                    Image.fromarray(images[k]).save(tmp, format="JPEG", quality=95)
-        tables[split] = rows(labels[pick], np.arange(n))
-    train = tables["train"]
-    train.loc[rng.random(len(train)) < missing, ATTR_COLS[0]] = np.nan
-    write_tables(out, CATEGORY_ATTRS, train, tables["test"])
+        splits[split] = images, labels, sample(labels, n, rng, f"the official {split} split in {folder}")
+    recipe = {"generator": "fashion-mnist", "source": str(folder.resolve()), "n_train": n_train, "n_test": n_test,
+              "missing": missing, "seed": seed}
+    with build_record(out, recipe):
+        tables = {}
+        for split, (images, labels, pick) in splits.items():
+            (out / f"{split}_images").mkdir(parents=True, exist_ok=True)
+            for i, k in enumerate(tqdm(pick, desc=f"{split} photos", disable=not progress)):
+                path = out / f"{split}_images" / f"{i:06d}.jpg"
+                if not path.exists():  # (build_record removed another build's photos)
+                    with atomic_path(path) as tmp:
+                        Image.fromarray(images[k]).save(tmp, format="JPEG", quality=95)
+            tables[split] = rows(labels[pick], np.arange(len(pick)))
+        train = tables["train"]
+        train.loc[rng.random(len(train)) < missing, ATTR_COLS[0]] = np.nan
+        write_tables(out, CATEGORY_ATTRS, train, tables["test"])
     return out
 
 
