@@ -143,7 +143,7 @@ def test_ema_weights_are_the_ones_scored_and_saved(tiny_data, tmp_path):
                                      *TINY, "--epochs", "1", "--ema-decay", "0.5", "--fold", "0"])
     data = read_dataset(tiny_data)
     schema, table = RunDir(tmp_path).prepare(data, 3, cfg.seed)
-    fold = Fold(cfg, schema, table, data, 0, Dist(), RunDir(tmp_path))
+    fold = Fold(cfg, schema, table, data, 0, Dist(), RunDir(tmp_path), RunDir(tmp_path).fold_dir(cfg.run_name, 0))
     trainer = FoldTrainer(fold)
     trainer.resume()
     trainer.fit()

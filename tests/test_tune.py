@@ -18,7 +18,7 @@ def tiny_args(data, out, *extra):
             "configs/tune_tiny.yaml", "--img-size", "32", "--epochs", "1", *extra]
 
 
-def fake_train_fold(cfg, schema, table, data, fold, d, report=None):
+def fake_train_fold(cfg, schema, table, data, fold, d, report=None, root=None):
     """Stands in for utils.train.kfold.train_fold: good trials score 0.8 every epoch, bad ones 0.1, and a
     learning rate above 0.5 makes the loss non-finite."""
     if cfg.lr_head > 0.5:
@@ -122,3 +122,31 @@ def test_three_workers_started_in_the_same_instant_on_a_fresh_storage_all_run(ti
                    "--n-folds", "3", "--img-size", "32", "--epochs", "1", "--fold", "0", "--workers", "0",
                    "--progress", "false")
         assert (tmp_path / "final" / "test_resnet" / "fold0" / "oof_logits.npz").is_file()
+
+
+def test_a_search_in_which_no_trial_completed_exits_non_zero(tiny_data, tmp_path, lr_space, monkeypatch):
+    """Every trial failed: the command says why and fails (status 2), as any other kit error."""
+    monkeypatch.setattr(kfold, "train_fold", fake_train_fold)
+    storage = _study(tmp_path, [0.9, 0.8])
+    proc = run_script("tune.py", *tiny_args(tiny_data, tmp_path, "--n-trials", "2", "--space", str(lr_space),
+                                            "--storage", storage, "--study-name", "s",
+                                            "--tuned-config", str(tmp_path / "t.yaml")), check=False)
+    assert proc.returncode == 2
+    assert "error: study s: no trial completed (2 x NonFiniteLoss: loss is nan at step 3)" in proc.stderr
+    assert not (tmp_path / "t.yaml").exists() and (tmp_path / "tune" / "s" / "trials.csv").is_file()
+
+
+@pytest.mark.slow
+def test_a_students_search_takes_its_teacher_from_the_run_folder_of_the_folds(tiny_run, tiny_data, tmp_path):
+    """tune.py --teacher: each trial (in tune/<study>/trialNNNN) learns from the teacher in the run
+    folder its folds come from, honestly, and completes."""
+    import shutil
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    proc = run_script("tune.py", *tiny_args(tiny_data, run, "--n-folds", "3", "--n-trials", "1", "--study-name", "st",
+                                            "--teacher", str(run / "ensemble.json"), "--distill-test", "false",
+                                            "--tuned-config", str(tmp_path / "t.yaml")))
+    assert "1 trials {'COMPLETE': 1}" in proc.stdout
+    assert (run / "tune" / "st" / "trial0000" / "test_resnet" / "fold0" / "metrics.json").is_file()
+    assert (run / "test_byobnet" / "fold0" / "infold_logits.npz").is_file()  # the honest targets were made
+    assert yaml.safe_load((tmp_path / "t.yaml").read_text())["model"] == "test_resnet"

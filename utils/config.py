@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from utils.errors import ConfigError, DataError, NonFiniteLoss
+from utils.errors import ConfigError, DataError, NonFiniteLoss, SearchFailed
 from utils.io import atomic_write_text
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -287,7 +287,7 @@ def run_command(main, cls: type, description: str | None = None, *, model_config
     atexit.register(gc.freeze)  # the exit's final collections skip torch's objects: about 1 s sooner
     try:
         return main(parse_config(cls, model_config=model_config, description=description))
-    except (ConfigError, DataError, NonFiniteLoss) as err:
+    except (ConfigError, DataError, NonFiniteLoss, SearchFailed) as err:
         if os.environ.get("KIT_TRACEBACK"):
             raise
         print(f"error: {err}", file=sys.stderr)

@@ -15,5 +15,9 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; training stops rather than poisoning the checkpoint."""
 
 
+class SearchFailed(RuntimeError):
+    """A search ran and every trial of it failed: nothing to report, so the command fails too."""
+
+
 class StaleError(DataError):
     """A derived file no longer matches the inputs it was made from (they changed since)."""

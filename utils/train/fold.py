@@ -89,9 +89,11 @@ class Fold:
     """One fold's shared parts: rows, model, training targets, record, checkpoints and outputs."""
 
     def __init__(self, cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data: Dataset, fold: int,
-                 d: Dist, run_dir: RunDir):
+                 d: Dist, run_dir: RunDir, folder: Path):
+        """``run_dir``: the run folder of the folds, the teacher and the caches; ``folder``: where
+        the fold writes (``run_dir``'s ``<name>/fold<k>``, or a tune.py trial's own)."""
         self.cfg, self.schema, self.data, self.fold, self.d = cfg, schema, data, fold, d
-        self.run_dir, self.dir = run_dir, run_dir.fold_dir(cfg.run_name, fold)
+        self.run_dir, self.dir = run_dir, folder
         torch.manual_seed(cfg.seed)  # the model's initialisation: the same with or without resume
         self.table = train
         self.trn, self.val = split_fold(train, fold)
@@ -254,7 +256,7 @@ class Fold:
     # -- outputs
     def made_from(self) -> dict:
         """The fold's logits are made from its best checkpoint, the schema, the folds and the labels."""
-        root = self.run_dir.path  # (a tune.py trial's folder holds no schema.json or folds.csv of its own)
+        root = self.run_dir.path
         made_from = [p for p in (self.dir / "best.pt", root / "schema.json", root / "folds.csv", root / "labels.json")
                      if p.is_file()]
         return provenance.record(made_from, root,

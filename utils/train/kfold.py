@@ -25,16 +25,18 @@ from utils.train.trainer import FoldTrainer
 
 
 def train_fold(cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data: Dataset, fold: int, d: Dist,
-               report: Callable[[int, float], None] | None = None) -> dict:
-    """Train one fold; write its outputs; return its metrics (``{"stopped": True, ...}`` after
-    ``stop_after``). A complete fold is skipped under ``resume``."""
-    run_dir = RunDir(cfg.out_dir)
-    if cfg.resume and run_dir.fold_complete(cfg.run_name, fold):
-        done = json.loads(run_dir.fold_file(cfg.run_name, fold, "metrics.json").read_text())
+               report: Callable[[int, float], None] | None = None, root: RunDir | None = None) -> dict:
+    """Train one fold into ``<out_dir>/<name>/fold<k>``; write its outputs; return its metrics
+    (``{"stopped": True, ...}`` after ``stop_after``). A complete fold is skipped under ``resume``.
+    ``root``: the run folder of the folds, the teacher and the caches, when it is not ``out_dir``
+    (a tune.py trial trains in a folder of its own inside it)."""
+    out = RunDir(cfg.out_dir)
+    if cfg.resume and out.fold_complete(cfg.run_name, fold):
+        done = json.loads(out.fold_file(cfg.run_name, fold, "metrics.json").read_text())
         if d.main:
             print(f"fold {fold}: already complete (val score {done['val_score']:.4f}); skipped")
         return done
-    shared = Fold(cfg, schema, train, data, fold, d, run_dir)
+    shared = Fold(cfg, schema, train, data, fold, d, root or out, out.fold_dir(cfg.run_name, fold))
     try:
         route = (FrozenFold if cfg.frozen_backbone else FoldTrainer)(shared)
         route.resume()

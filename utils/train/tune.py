@@ -32,7 +32,7 @@ import yaml
 
 from utils.config import load_yaml, option
 from utils.data.schema import read_dataset
-from utils.errors import DataError, NonFiniteLoss
+from utils.errors import DataError, NonFiniteLoss, SearchFailed
 from utils.io import atomic_write_csv, atomic_write_text
 from utils.plots import pyplot, save_figure
 from utils.run import RunDir
@@ -178,7 +178,8 @@ def objective_for(cfg: TuneConfig, space: dict, study_dir: Path, fold: int):
 
     data = read_dataset(cfg.data_dir, cfg.train_csv)
     cfg.check_data(data)  # before any trial decodes an image
-    schema, table = RunDir(cfg.out_dir).prepare(data, cfg.n_folds, cfg.seed)
+    run_dir = RunDir(cfg.out_dir)  # the folds, a student's teacher and the decode cache: every trial's
+    schema, table = run_dir.prepare(data, cfg.n_folds, cfg.seed)
     base = {k: v for k, v in dataclasses.asdict(cfg).items() if k in TRAIN_KEYS}
 
     def objective(trial) -> float:
@@ -192,7 +193,7 @@ def objective_for(cfg: TuneConfig, space: dict, study_dir: Path, fold: int):
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} (val score {score:.4f})")
 
         try:
-            metrics = kfold.train_fold(trial_cfg, schema, table, data, fold, Dist(), report=report)
+            metrics = kfold.train_fold(trial_cfg, schema, table, data, fold, Dist(), report=report, root=run_dir)
         except FAILURES as err:  # recorded with the trial; study.optimize(catch=...) then goes on
             trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
             raise
@@ -226,8 +227,10 @@ def tune(cfg: TuneConfig):
         print(f"\nstudy {study_name}: {len(trials)} trials {states}")
         print(complete.head(5).drop(columns=["fail_reason"], errors="ignore").to_string(index=False))
     if complete.empty:
-        print("no trial completed; see trials.csv for the failures")
-        return study
+        reasons = trials.loc[trials["fail_reason"] != "", "fail_reason"].value_counts()
+        why = "; ".join(f"{n} x {reason}" for reason, n in reasons.head(3).items()) or "every trial was pruned"
+        raise SearchFailed(f"study {study_name}: no trial completed ({why}); every trial is in "
+                           f"{study_dir / 'trials.csv'}")
     best = {"model": cfg.model, **study.best_params}
     out = Path(cfg.tuned_config or Path("configs") / f"tuned_{cfg.model}.yaml")
     atomic_write_text(out, f"# tune.py study {study_name}: best val score {study.best_value:.4f} "
