@@ -116,6 +116,22 @@ def test_an_optimistic_student_is_flagged_where_its_scores_are_ranked(run, tiny_
     assert json.loads((run / "ensemble.json").read_text())["optimistic"] == [runs[0]]
     v = budget.Variant([runs[0]], np.ones(1), np.zeros(3), 0.5, optimistic=[runs[0]])
     assert f"optimistic: {runs[0]}" in v.row(500.0)["score_source"]
+    # train.py's OOF line and oof_score.json, and compare_runs, for the flagged run only
+    import contextlib
+    import io
+
+    from utils.train.kfold import report_oof
+
+    data = read_dataset(tiny_data)
+    proc = run_script("-m", "utils.ensemble.compare_runs", "--data-dir", str(tiny_data), "--out-dir", str(run))
+    for r in runs:
+        line = next(x for x in proc.stdout.splitlines() if x.lstrip().startswith(r + " "))
+        assert ("optimistic: a student that saw its validation labels" in line) == (r == runs[0])
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            report_oof(rd, r, data.train)
+        line = next(x for x in out.getvalue().splitlines() if x.startswith(f"{r} OOF score"))
+        assert ("(optimistic: a student that saw its validation labels" in line) == (r == runs[0])
+        assert json.loads((run / r / "oof_score.json").read_text())["optimistic"] == (r == runs[0])
 
 
 def test_test_rows_join_training_without_hard_labels(run, tiny_data):

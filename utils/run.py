@@ -179,6 +179,10 @@ class RunDir:
         cfg = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
         return bool(cfg.get("teacher")) and cfg.get("distill_mode", "optimistic") == "optimistic"
 
+    def optimistic_note(self, run: str) -> str:
+        """What a printed score of ``run`` must say when it is an optimistic student's, else ''."""
+        return "optimistic: a student that saw its validation labels" if self.optimistic_student(run) else ""
+
     def require_complete(self, runs: list[str]) -> None:
         """Raise, naming the folds, when a run is not complete."""
         for run in runs:

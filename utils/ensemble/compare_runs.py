@@ -50,7 +50,8 @@ def main(cfg: CompareConfig) -> pd.DataFrame:
         logits = load_oof(run_dir, [run], rows[ID].to_numpy())[0]
         score, _ = score_logits(schema, targets, logits)
         rare, n = rare_class_f1(schema, targets, logits, cfg.rare_share)
-        table.append({"run": run, "oof_score": score, "rare_class_f1": rare, "rare_classes": n})
+        table.append({"run": run, "oof_score": score, "rare_class_f1": rare, "rare_classes": n,
+                      "note": run_dir.optimistic_note(run)})
     table = pd.DataFrame(table)
     print(table.to_string(index=False, float_format="{:.4f}".format))
     return table

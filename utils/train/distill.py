@@ -19,7 +19,8 @@ learns from the teacher on every head of its category, labelled or not. Two mode
   mean over every teacher fold, with the weights fitted on all OOF rows. No row's target was made
   by a model that saw that row's label, but student fold k's validation labels were seen by the
   teacher models behind its other rows, its pseudo-labels and its weights: its scores are
-  optimistic, and flagged so wherever they are printed or ranked (ensemble.py, export.py's budget).
+  optimistic, and flagged so wherever they are printed or ranked (its OOF line and oof_score.json,
+  compare_runs, ensemble.py, export.py's budget).
 
 The teacher must live in the student's run folder: the same folds.csv is what makes fold k the
 same rows for both.

@@ -57,7 +57,8 @@ def print_table(title: str, table: pd.DataFrame) -> None:
 
 def report_oof(run_dir: RunDir, run: str, train: pd.DataFrame) -> float | None:
     """When every fold of a run is complete: its OOF score over the whole train set, printed and
-    written to ``<run>/oof_score.json``."""
+    written to ``<run>/oof_score.json`` (flagged when the run is an optimistic student, whose
+    validation labels reached it through its teacher: utils/train/distill.py)."""
     if run not in run_dir.complete_runs():
         return None
     rows = run_dir.train_rows(train)
@@ -65,9 +66,10 @@ def report_oof(run_dir: RunDir, run: str, train: pd.DataFrame) -> float | None:
     final, table = score_logits(run_dir.schema, run_dir.schema.encode(rows), logits)
     _, per_cat = summarize(table)
     print_table(f"{run}: OOF over {len(rows)} train rows ({run_dir.n_folds} folds)", per_cat)
-    print(f"{run} OOF score: {final:.4f}")
+    note = run_dir.optimistic_note(run)
+    print(f"{run} OOF score: {final:.4f}" + (f" ({note}: not comparable with other runs' scores)" if note else ""))
     atomic_write_json(run_dir.path / run / "oof_score.json",
-                      {"oof_score": final, "per_category": per_cat.to_dict(orient="records")})
+                      {"oof_score": final, "optimistic": bool(note), "per_category": per_cat.to_dict(orient="records")})
     return final
 
 
