@@ -101,6 +101,25 @@ def test_a_students_unusable_test_image_is_named_as_a_test_image_and_learns_noth
 
 
 @pytest.mark.slow
+def test_a_students_bad_image_gate_counts_its_train_rows_on_both_routes(tiny_data, tiny_run, tmp_path):
+    """Four of fold 0's n train images are empty files; a student also trains on the test images.
+    With max_bad_images between 4 / (n + tests) and 4 / n, both routes stop and count 4 of n (a gate
+    that counted the test rows too would let the fine-tuned one train on)."""
+    data, out = shutil.copytree(tiny_data, tmp_path / "data"), shutil.copytree(tiny_run, tmp_path / "run")
+    folds = pd.read_csv(out / "folds.csv")
+    for i in folds[folds.fold != 0].id[:4]:
+        (data / "train_images" / f"{i:06d}.jpg").write_bytes(b"")
+    n, tests = int((folds.fold != 0).sum()), len(read_dataset(data).test)
+    share = round((4 / n + 4 / (n + tests)) / 2, 5)
+    student = [*TRAIN, "--workers", "0", "--teacher", str(out / "ensemble.json"), "--data-dir", str(data),
+               "--out-dir", str(out), "--max-bad-images", str(share)]
+    for route, extra in (("finetuned", []), ("frozen", ["--frozen-backbone"])):
+        proc = run_script("train.py", *student, *extra, "--name", f"student_{route}", check=False)
+        assert proc.returncode == 2, (route, proc.stderr[-2000:])
+        assert f"error: 4 of {n} train images are unreadable (more than max_bad_images={share})" in proc.stderr, route
+
+
+@pytest.mark.slow
 def test_too_many_bad_images_stop_training(broken, tmp_path):
     broken, _ = broken
     proc = run_script("train.py", "--data-dir", str(broken), "--out-dir", str(tmp_path / "run2"), *TRAIN,

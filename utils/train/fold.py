@@ -89,11 +89,11 @@ class Fold:
     """One fold's shared parts: rows, model, training targets, record, checkpoints and outputs."""
 
     def __init__(self, cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data: Dataset, fold: int,
-                 d: Dist, run_dir: RunDir, folder: Path):
+                 d: Dist, run_dir: RunDir, folder: Path | None = None):
         """``run_dir``: the run folder of the folds, the teacher and the caches; ``folder``: where
-        the fold writes (``run_dir``'s ``<name>/fold<k>``, or a tune.py trial's own)."""
+        the fold writes (default ``run_dir``'s ``<name>/fold<k>``; a tune.py trial's is its own)."""
         self.cfg, self.schema, self.data, self.fold, self.d = cfg, schema, data, fold, d
-        self.run_dir, self.dir = run_dir, folder
+        self.run_dir, self.dir = run_dir, folder or run_dir.fold_dir(cfg.run_name, fold)
         torch.manual_seed(cfg.seed)  # the model's initialisation: the same with or without resume
         self.table = train
         self.trn, self.val = split_fold(train, fold)
@@ -153,11 +153,13 @@ class Fold:
         if self.d.main:
             print(f"fold {self.fold}: {text}" if not text.startswith("fold") else text)
 
-    def check_bad(self, n_train: int) -> None:
-        """Stop when more than ``max_bad_images`` of the fold's ``n_train`` train images were unusable."""
-        if len(self.bad) > self.cfg.max_bad_images * n_train:
-            raise DataError(f"{len(self.bad)} of {n_train} train images are unreadable (more than "
-                            f"max_bad_images={self.cfg.max_bad_images}), e.g. {named(sorted(self.bad)[:5])}")
+    def check_bad(self) -> None:
+        """Stop when more than ``max_bad_images`` of the fold's train images were unusable (a
+        student's unlabelled test rows are neither counted nor the base: both routes stop alike)."""
+        bad = sorted(key for key in self.bad if key[0] == "train")
+        if len(bad) > self.cfg.max_bad_images * len(self.trn):
+            raise DataError(f"{len(bad)} of {len(self.trn)} train images are unreadable (more than "
+                            f"max_bad_images={self.cfg.max_bad_images}), e.g. {named(bad[:5])}")
 
     @property
     def scored(self) -> torch.nn.Module:

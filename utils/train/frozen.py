@@ -158,10 +158,10 @@ class FrozenFold:
         """The fold's train targets, with an unusable image's labels ignored (as fine-tuning does),
         counted in ``bad``, and past ``max_bad_images`` an error."""
         f = self.fold
-        n, targets = len(f.trn), f.rows["targets"][: len(f.trn)].copy()
+        targets = f.rows["targets"][: len(f.trn)].copy()
         targets[~usable] = IGNORE_INDEX
         f.bad = {("train", int(i)): UNUSABLE for i in f.trn[ID][~usable]}
-        f.check_bad(n)
+        f.check_bad()
         return targets
 
     def training_embeddings(self) -> tuple[torch.Tensor, torch.Tensor | dict]:

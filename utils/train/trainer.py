@@ -98,7 +98,7 @@ class FoldTrainer:
                                 grad_accum=cfg.grad_accum, ema=f.ema, channels_last=f.channels_last,
                                 keys=self.trn_keys, bad=f.bad,
                                 desc=f"fold {f.fold} epoch {epoch + 1}/{cfg.epochs}", progress=f.progress)
-        f.check_bad(len(self.trn_ds))
+        f.check_bad()
         idx, logits = gather_rows(*predict(f.scored, self.val_loader, f.d.device, prep=f.prep,
                                            amp_dtype=f.dtype, channels_last=f.channels_last,
                                            desc="validate", progress=f.progress), f.d)
