@@ -11,8 +11,10 @@ from tests.conftest import run_script
 from utils.data.schema import Schema, read_dataset
 from utils.ensemble.blend import load_oof
 from utils.ensemble.metric import score_logits, validate_submission
+from utils.errors import StaleError
 from utils.run import RunDir
 from utils.serve import budget
+from utils.serve.manifest import Manifest
 
 TRAIN = ["--model", "test_resnet", "--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs", "1",
          "--workers", "1", "--progress", "false", "--fold", "0"]
@@ -164,9 +166,10 @@ def test_export_skips_and_reports_bad_parity_calibration_and_timing_images(tiny_
     first_test = read_dataset(data).test.id.iloc[0]
     for folder, i in (("train_images", first_val), ("train_images", first_calib), ("test_images", first_test)):
         (data / folder / f"{i:06d}.jpg").write_bytes(b"")
-    proc = run_script("export.py", "--data-dir", str(data), "--out-dir", str(run), "--int8", "--int8-max-drop", "1",
-                      "--budget-ms", "100000", "--parity-images", "4", "--timing-images", "4", "--latency-images", "6",
-                      "--calib-images", "16", "--progress", "false")
+    export = ["export.py", "--data-dir", str(data), "--out-dir", str(run), "--int8", "--budget-ms", "100000",
+              "--parity-images", "4", "--timing-images", "4", "--latency-images", "6", "--calib-images", "16",
+              "--progress", "false", "--models", "test_byobnet,test_efficientnet"]
+    proc = run_script(*export, "--int8-max-drop", "1")
     assert f"fold 0: parity: 1 unreadable image(s) skipped: {first_val:06d}.jpg" in proc.stdout
     assert f"fold 0: int8 calibration: 1 unreadable image(s) skipped: {first_calib:06d}.jpg" in proc.stdout
     assert f"budget: timing: 1 unreadable image(s) skipped: {first_test:06d}.jpg" in proc.stdout
@@ -181,8 +184,20 @@ def test_export_skips_and_reports_bad_parity_calibration_and_timing_images(tiny_
         assert entry["oof_fp32"] == pytest.approx(trained, abs=2e-3) and 0 < entry["oof_int8"] <= 1
     table = pd.read_csv(run / "onnx" / "budget.csv", keep_default_na=False)
     assert set(table["int8"]) - {"-"} and set(table["tail"]) == {"max of 6"}
-    # the gate on these measured drops, both ways: a limit above a run's drop lets it in, its drop itself does not
-    for entry in manifest["members"]:
-        drop = entry["oof_fp32"] - entry["oof_int8"]
-        assert budget.int8_allowed({"r": entry}, drop + 1e-6) == {"r"}
-        assert budget.int8_allowed({"r": entry}, drop) == set()
+    # the gate, in export itself, on the drops it measured: a limit between the two runs' drops makes
+    # int8 candidates of the run below it only
+    drops = sorted(e["oof_fp32"] - e["oof_int8"] for e in manifest["members"])
+    assert drops[0] < drops[1]
+    limit = (drops[0] + drops[1]) / 2
+    run_script(*export, f"--int8-max-drop={limit!r}")  # (= : the limit may be negative)
+    manifest = json.loads((run / "onnx" / "manifest.json").read_text())
+    below = {e["run"] for e in manifest["members"] if e["oof_fp32"] - e["oof_int8"] < limit}
+    table = pd.read_csv(run / "onnx" / "budget.csv", keep_default_na=False)
+    assert len(below) == 1 and {r for v in table["int8"] if v != "-" for r in v.split(",")} == below
+    # the budget weighs its candidates with ensemble.json's method, even when --models names the runs:
+    # the manifest is made from it, and stale once it changes
+    assert "ensemble.json" in manifest["provenance"]["inputs"]
+    spec = json.loads((run / "ensemble.json").read_text())
+    (run / "ensemble.json").write_text(json.dumps({**spec, "method": "equal"}))
+    with pytest.raises(StaleError, match="ensemble.json"):
+        Manifest.read(RunDir(run))

@@ -182,8 +182,9 @@ def export(cfg: ExportConfig) -> Manifest:
                                         latency_images=cfg.latency_images, parity_images=cfg.parity_images,
                                         threads=cfg.threads, progress=cfg.progress)
     options = (" --int8" if cfg.int8 else "") + (f" --models {','.join(cfg.models)}" if cfg.models else "")
+    options += f" --budget-ms {cfg.budget_ms:g}" if cfg.budget_ms else ""
     manifest.write(run_dir, f"python export.py --data-dir {cfg.data_dir} --out-dir {{root}}{options}",
-                   with_ensemble=not cfg.models)
+                   with_ensemble=not cfg.models or bool(cfg.budget_ms))  # the budget reads its method and candidates
     rows = [{"run": e["run"], "fold": f["fold"], "max_abs_diff": f["parity_max_abs_diff"],
              "same_decoding": f["parity_same_decoding"], **({"int8": f["int8_path"]} if "int8_path" in f else {})}
             for e in manifest.members for f in e["folds"]]
