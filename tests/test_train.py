@@ -17,7 +17,7 @@ from utils.run import RunDir
 from utils.train import kfold
 from utils.train.config import TrainConfig
 from utils.train.distributed import Dist
-from utils.train.model import AttributeModel, HeadLoss, load_checkpoint
+from utils.train.model import AttributeModel, HeadLoss, WarmupCosine, load_checkpoint
 
 TINY = ["--model", "resnet18", "--n-folds", "3", "--img-size", "32", "--batch-size", "16",
         "--workers", "0", "--progress", "false", "--amp", "off"]
@@ -154,6 +154,25 @@ def test_resume_refuses_a_changed_config_and_takes_a_safe_change(tiny_data, tmp_
     kfold.train(cfg_for(tiny_data, tmp_path, *args[:2], "--epochs", "3", *args[4:], "--resume", "--workers", "0"))
     history = pd.read_csv(saved.parent / "history.csv")
     assert history["epoch"].tolist() == [1, 2, 3] and (saved.parent / "metrics.json").is_file()
+
+
+def test_resume_with_more_epochs_continues_the_learning_rate_without_a_jump(tiny_data, tmp_path, capsys):
+    """Stopped after 2 of 3 epochs (no warm-up), the rate is at 0.2575 of its base; resumed with 6
+    epochs it goes on down from there to the floor at the new end (the new cosine recomputed at that
+    step would jump up to 0.505)."""
+    args = ["--model", "test_resnet", "--frozen-backbone", "--fold", "0", "--warmup-epochs", "0", "--lr-head", "0.01"]
+    kfold.train(cfg_for(tiny_data, tmp_path, *args, "--epochs", "3", "--stop-after", "2"))
+    kfold.train(cfg_for(tiny_data, tmp_path, *args, "--epochs", "6", "--resume", "--patience", "0"))
+    lr = pd.read_csv(tmp_path / "test_resnet" / "fold0" / "history.csv")["lr_head"].to_numpy() / 0.01
+    assert lr[1] == pytest.approx(0.01 + 0.99 * 0.25)
+    assert lr[2] == pytest.approx(0.01 + (lr[1] - 0.01) * 0.5 * (1 + np.cos(np.pi / 4)))  # a quarter of the new cosine
+    assert np.all(np.diff(lr) < 0)
+    assert lr[-1] == pytest.approx(0.01)
+    assert "epochs changed: the schedule of" in capsys.readouterr().out
+    schedule = WarmupCosine(100, 10)
+    before = schedule(60)
+    schedule.retarget(60, 300)
+    assert schedule(60) == pytest.approx(before) and schedule(300) == pytest.approx(0.01)
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ from utils.train.config import TrainConfig
 from utils.train.distributed import Dist
 from utils.train.engine import native_bf16, train_one_epoch
 from utils.train.fold import model_args
-from utils.train.model import AttributeModel, HeadLoss, build_optimizer, data_config, warmup_cosine
+from utils.train.model import AttributeModel, HeadLoss, WarmupCosine, build_optimizer, data_config
 from utils.train.throughput import configure_device, keep_freed_memory, loader_workers, use_channels_last
 
 CORES = os.cpu_count() or 1  # the decode cache is built with every core, as train.py builds it
@@ -109,7 +109,7 @@ class Case:
         self.model.to(memory_format=fmt)
         net = torch.compile(self.model) if compiled else self.model
         opt = build_optimizer(self.model, 1e-4, 1e-3, 0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(10_000, 0))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(10_000, 0))
         run = lambda b: train_one_epoch(net, b, opt, sched, self.device, prep=self.prep, amp_dtype=dtype,
                                         clip_grad=1.0, channels_last=channels_last, progress=False)
         start = time.perf_counter()

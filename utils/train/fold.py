@@ -176,7 +176,9 @@ class Fold:
             self.schema.check_same(Schema.from_dict(last["schema"]), f"checkpoint {last_path}")
             self.model.load_state_dict(last["state_dict"])
             optimizer.load_state_dict(last["optimizer"])
-            scheduler.load_state_dict(last["scheduler"])
+            planned = [schedule.total for schedule in scheduler.lr_lambdas]  # for this run's epochs
+            scheduler.load_state_dict(last["scheduler"])  # the schedule as it was when the fold stopped
+            self.continue_schedule(scheduler, planned)
             if scaler is not None and last.get("scaler"):
                 scaler.load_state_dict(last["scaler"])
             if self.ema is not None:
@@ -187,6 +189,20 @@ class Fold:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "metrics.json").unlink(missing_ok=True)  # incomplete until this training finishes
             save_config(self.cfg, self.dir / "config.yaml")
+
+    def continue_schedule(self, scheduler, planned: list[int]) -> None:
+        """A fold resumed with another ``epochs`` (``planned``: each group's steps for this run's)
+        goes on with its learning rate where it was and decays it to the end of the new schedule,
+        rather than jumping to the new cosine's value at this step (utils.train.model.WarmupCosine)."""
+        step, changed = scheduler.last_epoch, None
+        for schedule, total in zip(scheduler.lr_lambdas, planned):
+            if schedule.total != total:  # (groups may share one schedule: retargeted once)
+                changed = (schedule.total, total)
+                schedule.retarget(step, total)
+        if changed:
+            self.log(f"epochs changed: the schedule of {changed[0]} steps now ends at {changed[1]}; the learning "
+                     f"rate goes on from {scheduler.lr_lambdas[0](step):.3g} of its base at step {step}, decaying "
+                     f"smoothly to the new end")
 
     # -- the epochs
     def epochs(self, train_epoch: Callable, checkpoint: Callable, optimizer,

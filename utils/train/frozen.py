@@ -36,7 +36,7 @@ from utils.ensemble.metric import score_logits
 from utils.io import atomic_write
 from utils.train.engine import autocast, model_input, train_step
 from utils.train.fold import Fold
-from utils.train.model import group_lrs, load_checkpoint, warmup_cosine
+from utils.train.model import WarmupCosine, group_lrs, load_checkpoint
 
 
 UNUSABLE = "unusable image (embedded as a grey placeholder)"
@@ -86,7 +86,7 @@ class FrozenFold:
         self.optimizer = torch.optim.AdamW([{"params": heads, "lr": cfg.lr_head, "role": "head"}],
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(cfg.epochs * steps, int(cfg.warmup_epochs * steps)))
+            self.optimizer, WarmupCosine(cfg.epochs * steps, int(cfg.warmup_epochs * steps)))
         self.best = None  # (state dict, epoch, val score) of the best epoch of this process
 
     # -- the cache

@@ -389,14 +389,30 @@ def group_lrs(optimizer) -> dict:
     return lrs
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int, min_factor: float = 0.01):
-    """LambdaLR factor: linear warm-up, then cosine decay to ``min_factor``."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
+class WarmupCosine:
+    """LambdaLR factor: linear warm-up, then cosine decay to ``min_factor`` at ``total`` steps.
+
+    An object rather than a closure, so that LambdaLR's state_dict carries it into last.pt. A fold
+    resumed with another number of epochs continues its schedule smoothly (``retarget``): from the
+    step it stopped at, the factor decays from where it was to ``min_factor`` at the new end,
+    instead of jumping to the new schedule's value at that step."""
+
+    def __init__(self, total: int, warmup: int, min_factor: float = 0.01):
+        self.total, self.warmup, self.min_factor = int(total), int(warmup), float(min_factor)
+        self.start, self.start_factor = 0, 1.0  # the cosine runs from step ``start`` at ``start_factor``
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / max(1, self.warmup)
+        begin = max(self.warmup, self.start)
+        progress = (step - begin) / max(1, self.total - begin)
+        return self.min_factor + (self.start_factor - self.min_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def retarget(self, step: int, total: int) -> None:
+        """End at ``total`` steps instead, going on from ``step`` without a jump."""
+        if step >= self.warmup:
+            self.start, self.start_factor = int(step), self(step)
+        self.total = int(total)
 
 
 def load_checkpoint(path: str | Path, schema: Schema | None = None) -> tuple[AttributeModel, dict]:

@@ -20,7 +20,7 @@ from utils.ensemble.metric import score_logits
 from utils.train.distributed import gather_rows
 from utils.train.engine import predict, train_one_epoch
 from utils.train.fold import Fold
-from utils.train.model import build_optimizer, load_checkpoint, warmup_cosine
+from utils.train.model import WarmupCosine, build_optimizer, load_checkpoint
 
 
 class FoldTrainer:
@@ -48,7 +48,7 @@ class FoldTrainer:
         steps_per_epoch = len(self.trn_loader)
         self.optimizer = build_optimizer(f.model, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay, cfg.layer_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)))
+            self.optimizer, WarmupCosine(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)))
         self.scaler = torch.amp.GradScaler("cuda") if f.dtype == torch.float16 else None
         self.net = f.model
         if d.world > 1:
