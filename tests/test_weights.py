@@ -98,6 +98,24 @@ def test_conversion_keeps_the_classifier_only_where_the_model_has_one():
     assert set(with_head) - set(backbone) == {"classifier.weight", "classifier.bias"}
 
 
+def test_a_resampler_call_that_changes_nothing_is_not_a_resample():
+    """timm's deprecated converter resize_pos_embed calls the resampler whatever the sizes: given a
+    grid of the model's own size, nothing is resampled, and nothing is refused. A grid of the same
+    token count in another layout is resampled at the same shape, and is refused."""
+    from timm.models import vision_transformer as vit
+
+    from utils.train.model import _recorded_resamples, _refuse_resamples
+
+    posemb = torch.randn(1, 1 + 16, 8)
+    with _recorded_resamples() as calls:
+        assert torch.equal(vit.resize_pos_embed(posemb, torch.zeros(1, 17, 8)), posemb)
+    assert calls == []
+    _refuse_resamples(calls, "a file", "a model")
+    with _recorded_resamples() as calls:
+        vit.resample_abs_pos_embed(torch.randn(1, 1 + 8, 8), new_size=(2, 4), old_size=(4, 2))
+    assert calls == [("position embedding", (1, 9, 8), (1, 9, 8))]
+
+
 def test_weights_that_timm_would_resample_are_refused_unless_asked(tmp_path):
     """A patch-8 ViT's file into a patch-16 model: timm's filter resizes the patch and position
     embeddings without a word. The kit refuses, naming them; --pretrained-resample accepts."""

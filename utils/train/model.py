@@ -50,7 +50,10 @@ RESAMPLERS = {"resample_patch_embed": "patch embedding", "resample_abs_pos_embed
 def _recorded_resamples():
     """Record every resampling timm's checkpoint filters do inside the block (a patch-8 ViT's weights
     resized into a patch-16 model, a position embedding to another grid): (tensor, shape before,
-    shape after). timm does it silently; the caller decides whether it was asked for."""
+    shape after). timm does it silently; the caller decides whether it was asked for. A call that
+    gives back what it was given (some converters call the resamplers whatever the sizes) resampled
+    nothing and is not recorded; one that changes the values at the same shape (a grid of the same
+    number of tokens in another layout) is."""
     import sys
 
     import timm  # noqa: F401  (its model modules, whose filters call the resamplers, are loaded with it)
@@ -60,7 +63,8 @@ def _recorded_resamples():
     def recording(fn, what):
         def resample(tensor, *args, **kwargs):
             out = fn(tensor, *args, **kwargs)
-            calls.append((what, tuple(tensor.shape), tuple(out.shape)))
+            if out is not tensor and (out.shape != tensor.shape or not torch.equal(out, tensor)):
+                calls.append((what, tuple(tensor.shape), tuple(out.shape)))
             return out
         return resample
 
