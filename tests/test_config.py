@@ -128,3 +128,15 @@ def test_augmentation_names_and_parameters_are_checked_when_parsed():
         parse_config(TrainConfig, ["--category-aug", "{Bags: {zoom: {p: 1}}}"])
     with pytest.raises(ConfigError, match=r"key 'category_aug\[Bags\]': rotate takes a mapping of p, degrees; got 0.3"):
         parse_config(TrainConfig, ["--category-aug", "{Bags: {rotate: 0.3}}"])
+
+
+def test_head_combinations_that_cannot_train_are_refused_when_parsed():
+    from utils.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"key 'head': knn votes over cached embeddings; it needs frozen_backbone"):
+        TrainConfig(head="knn")
+    with pytest.raises(ConfigError, match=r"key 'ema_decay': a kNN head trains nothing to average"):
+        TrainConfig(head="knn", frozen_backbone=True, ema_decay=0.99)
+    with pytest.raises(ConfigError, match=r"key 'teacher': a kNN head has nothing to train"):
+        TrainConfig(head="knn", frozen_backbone=True, teacher="runs/x/ensemble.json")
+    assert TrainConfig(head="knn", frozen_backbone=True).head == "knn"

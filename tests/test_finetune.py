@@ -277,3 +277,43 @@ def test_a_knn_vote_never_finds_the_row_itself_or_its_own_fold(tiny_data, tmp_pa
     torch.testing.assert_close(fold.model.heads.bank, F.normalize(frozen.trn_x[: len(fold.trn)], dim=1))
     nearest = (F.normalize(frozen.val_x, dim=1) @ fold.model.heads.bank.T).max(1).values
     assert (nearest < 1 - 1e-4).all()  # no validation row finds its own embedding in the bank
+
+
+def test_a_knn_bank_holds_each_usable_original_image_once(tiny_data, tmp_path):
+    """Augmented copies (augment.py's rows) take their source's embedding, and an unusable image is
+    a grey placeholder: neither votes. The bank holds the fold's original train rows with a usable
+    image, each once, with its own labels; the checkpoint rebuilds it."""
+    import shutil
+
+    import torch.nn.functional as F
+
+    from utils.data.schema import ID, image_path
+    from utils.train.frozen import FrozenFold
+
+    data_dir = shutil.copytree(tiny_data, tmp_path / "data")
+    data = read_dataset(data_dir)
+    _, table = RunDir(tmp_path / "folds").prepare(data, 3, 42)
+    outside = table[table.fold != 0][ID].to_numpy()
+    image_path(data_dir / "train_images", outside[0]).write_bytes(b"")  # unusable
+    train = data.train.assign(source_id=data.train[ID], image=[f"train_images/{i:06d}.jpg" for i in data.train[ID]])
+    copies = train[train[ID].isin(outside[:20])].assign(**{ID: lambda t: t[ID] + 10_000})
+    augmented = data_dir / "augmented_train.csv"
+    pd.concat([train, copies]).to_csv(augmented, index=False)
+    cfg = TrainConfig(model="test_resnet", n_folds=3, img_size=32, fold="0", frozen_backbone=True, head="knn",
+                      progress=False, data_dir=str(data_dir), out_dir=str(tmp_path / "run"), workers=0,
+                      train_csv=str(augmented), max_bad_images=0.05)
+    data = read_dataset(data_dir, str(augmented))
+    schema, table = RunDir(cfg.out_dir).prepare(data, 3, 42)
+    frozen = FrozenFold(Fold(cfg, schema, table, data, 0, Dist(), RunDir(cfg.out_dir)))
+    fold = frozen.fold
+    assert len(fold.trn) == len(outside) + 20
+    voters = fold.trn[(fold.trn[ID] < 10_000) & (fold.trn[ID] != outside[0])]
+    heads = fold.model.heads
+    assert len(heads.bank) == len(voters) == len(outside) - 1
+    keep = fold.trn.index.isin(voters.index)
+    torch.testing.assert_close(heads.bank, F.normalize(frozen.trn_x[: len(fold.trn)][keep], dim=1))
+    torch.testing.assert_close(heads.votes, torch.from_numpy(schema.one_hot(schema.encode(voters))).float())
+    frozen.fit()
+    model, ckpt = load_checkpoint(fold.dir / "best.pt", schema)
+    assert ckpt["model_args"]["knn_bank"] == len(voters)
+    torch.testing.assert_close(model.heads.bank, heads.bank)

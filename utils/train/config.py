@@ -158,6 +158,9 @@ class TrainConfig(CommonConfig):
             raise ConfigError(f"key 'grad_accum' must divide batch_size ({self.batch_size}), got {self.grad_accum}")
         if self.head == "knn" and not self.frozen_backbone:
             raise ConfigError("key 'head': knn votes over cached embeddings; it needs frozen_backbone: true")
+        if self.head == "knn" and self.ema_decay:
+            raise ConfigError("key 'ema_decay': a kNN head trains nothing to average (its EMA copy would keep an "
+                              "empty bank); set ema_decay: 0")
         if self.teacher and self.head == "knn":
             raise ConfigError("key 'teacher': a kNN head has nothing to train; use head linear or mlp for a student")
         check_aug(self.aug)

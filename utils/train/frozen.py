@@ -186,13 +186,19 @@ class FrozenFold:
         return x, targets
 
     def fill_bank(self) -> None:
-        """The kNN bank: the fold's train rows (plain embeddings) and their labels."""
-        f = self.fold
-        onehot = torch.from_numpy(f.schema.one_hot(f.rows["targets"][: len(f.trn)]))
+        """The kNN bank: the fold's original train rows with a usable image (plain embeddings), each
+        once, and their labels. An augmented copy (augment.py) takes its source's embedding, so it
+        would repeat its source's vote; an unusable image is a grey placeholder, which would vote
+        with a label it does not show. The bank's size goes into the checkpoint's model arguments."""
+        f, n = self.fold, len(self.fold.trn)
+        original = (f.trn["source_id"] == f.trn[ID]).to_numpy() if "source_id" in f.trn else np.ones(n, bool)
+        keep = original & self.cache["train_usable"][self.positions(f.trn)]
+        onehot = torch.from_numpy(f.schema.one_hot(f.rows["targets"][:n][keep]))
         counts, prior = onehot.sum(0), torch.zeros(f.schema.n_logits)
         for h in f.schema.heads:
             prior[h.logits] = counts[h.logits] / counts[h.logits].sum().clamp(min=1)
-        f.model.heads.fill(self.trn_x[: len(f.trn)], onehot, prior)
+        f.model.heads.fill(self.trn_x[:n][torch.from_numpy(keep)], onehot, prior)
+        f.model_args["knn_bank"] = int(keep.sum())
 
     # -- the epoch loop, on cached embeddings
     def resume(self) -> None:

@@ -222,15 +222,18 @@ class KNNHeads(nn.Module):
 
     def __init__(self, in_features: int, bank_size: int, n_logits: int, k: int = 10):
         super().__init__()
-        self.k = min(k, bank_size)
+        self.k_asked, self.k = k, min(k, bank_size)
         self.register_buffer("bank", torch.zeros(bank_size, in_features))  # L2-normalised embeddings
         self.register_buffer("votes", torch.zeros(bank_size, n_logits))  # each row's labels, one-hot per head
         self.register_buffer("prior", torch.zeros(n_logits))  # per head, class shares in the bank
 
     def fill(self, embeddings: torch.Tensor, onehot: torch.Tensor, prior: torch.Tensor) -> None:
-        self.bank.copy_(F.normalize(embeddings.float(), dim=1))
-        self.votes.copy_(onehot)
+        """The bank's rows, however many (the buffers take their size)."""
+        device = self.bank.device
+        self.bank = F.normalize(embeddings.float(), dim=1).to(device)
+        self.votes = onehot.float().to(device)
         self.prior.copy_(prior)
+        self.k = min(self.k_asked, len(self.bank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nearest = (F.normalize(x.float(), dim=1) @ self.bank.T).topk(self.k, dim=1).indices
