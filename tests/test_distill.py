@@ -289,3 +289,42 @@ def test_a_student_trains_and_the_budgeted_export_serves_what_fits(run, tiny_dat
     # test_provenance checks)
     with pytest.raises(DataError, match=r"nothing fits a budget of 0 ms for the max of 8 on this machine: the fastest is .* at \d"):
         budget.choose_serving(RunDir(run), exported, read_dataset(tiny_data), budget_ms=0.01, merge=False, **timing)
+
+
+def _forge(path, logits_of, rd):
+    """Rewrite a teacher's logits file with ``logits_of(n)``'s rows for its ids, keeping its provenance
+    (so the kit takes it as the teacher made it)."""
+    from utils import provenance
+    from utils.io import save_logits
+
+    ids, logits = load_logits(path)
+    save_logits(path, ids, logits_of(len(ids)), rd.schema.fingerprint, int(np.load(path)["fold"]),
+                provenance.read(path))
+
+
+@pytest.mark.slow
+def test_an_honest_student_learns_what_its_folds_teacher_models_said_end_to_end(run, tiny_data):
+    """A teacher whose fold-0 model says the last class of every head on its own training rows, while
+    its out-of-fold logits say the first: a student of it (alpha 0: the teacher alone) predicts the last
+    class in honest mode and the first in optimistic mode. Falling back to the out-of-fold targets
+    in honest mode fails here, whatever weights a search picked."""
+    rd, teacher = RunDir(run), "test_byobnet"
+    schema = rd.schema
+    first, last = np.zeros(schema.n_logits, np.float32), np.zeros(schema.n_logits, np.float32)
+    for h in schema.heads:
+        first[h.logits.start], last[h.logits.stop - 1] = 20, 20
+    for k in range(3):
+        _forge(rd.fold_file(teacher, k, "oof_logits.npz"), lambda n: np.tile(first, (n, 1)), rd)
+    prepare_teacher(str(run / teacher), rd, read_dataset(tiny_data), [0], torch.device("cpu"))  # infold_logits.npz
+    _forge(rd.fold_file(teacher, 0, INFOLD), lambda n: np.tile(last, (n, 1)), rd)
+    predicted = {}
+    for mode in ("honest", "optimistic"):
+        run_script("train.py", "--model", "test_resnet", "--frozen-backbone", "--teacher", str(run / teacher),
+                   "--distill-mode", mode, "--distill-alpha", "0", "--distill-t", "1", "--distill-test", "false",
+                   "--epochs", "20", "--lr-head", "0.05", "--patience", "0", "--name", f"student_{mode}",
+                   "--data-dir", str(tiny_data), "--out-dir", str(run), "--n-folds", "3", "--img-size", "32",
+                   "--workers", "0", "--fold", "0", "--progress", "false")
+        _, oof = load_logits(rd.fold_file(f"student_{mode}", 0, "oof_logits.npz"))
+        predicted[mode] = np.mean([np.mean(oof[:, h.logits].argmax(1) == (0 if mode == "optimistic" else h.width - 1))
+                                   for h in schema.heads])
+    assert predicted["honest"] > 0.95 and predicted["optimistic"] > 0.95, predicted
