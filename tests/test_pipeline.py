@@ -6,10 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import MODELS, pipeline, run_script
-from utils.data.schema import Schema, read_dataset
+from tests.conftest import MODELS, TRAIN, pipeline, run_script
+from utils.data.schema import ID, Schema, image_path, read_dataset
 from utils.ensemble.metric import validate_submission
 from utils.errors import DataError
+from utils.io import load_logits
+from utils.run import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +147,34 @@ def test_onnx_file_from_another_schema_is_refused(run):
         with pytest.raises(DataError, match=r"exported for another schema.*Men Tshirts/color.*zebra"):
             make_session(path, 1, Schema.from_dict(d))
         assert make_session(path, 1, schema).get_inputs()[0].name == "image"  # its own schema is accepted
+
+
+@pytest.mark.slow
+def test_a_run_trained_with_the_mirror_is_served_with_it(tiny_data, tmp_path):
+    """A run trained with tta_hflip made its OOF and test logits with the mirror averaged in (its
+    ensemble weights rest on them); exported and served, on both backends, it gives those test
+    logits again, not the plain image's, which differ here by far more than the tolerance."""
+    import torch
+
+    from utils.ensemble.blend import load_ensemble
+    from utils.serve.members import Member, onnx_members, preprocess_batch, run_members, torch_members
+
+    dirs = ["--data-dir", str(tiny_data), "--out-dir", str(tmp_path)]
+    run_script("train.py", "--model", "test_byobnet", *dirs, *TRAIN, "--tta-hflip", "true", "--name", "mirror",
+               "--amp", "off")  # fp32 test logits: served ones match them to 1e-3
+    run_script("export.py", *dirs, "--parity-images", "4", "--timing-images", "2", "--progress", "false")
+    rd, test = RunDir(tmp_path), read_dataset(tiny_data).test
+    ens, schema = load_ensemble(rd, ["mirror"]), rd.schema
+    ids = test[ID].to_numpy()[:16]
+    for members in (onnx_members(rd, ens, schema, False, 2)[0], torch_members(ens, schema)):
+        (member,) = members
+        assert member.hflip
+        x = preprocess_batch([image_path(tiny_data / "test_images", i) for i in ids], member.prep)
+        with torch.inference_mode():  # as infer.py serves
+            served = run_members(members, {member.prep: x})["mirror"]
+            plain = run_members([Member("plain", member.folds, member.prep)], {member.prep: x})["plain"]
+        for k in range(3):
+            saved_ids, saved = load_logits(rd.fold_file("mirror", k, "test_logits.npz"))
+            saved = saved[pd.Series(np.arange(len(saved_ids)), index=saved_ids)[ids].to_numpy()]
+            np.testing.assert_allclose(served[k], saved, atol=1e-3)
+            assert np.abs(plain[k] - saved).max() > 2e-2
