@@ -230,32 +230,36 @@ def test_tracking_logs_the_history_to_local_tensorboard_and_mlflow_files(tiny_da
         np.testing.assert_allclose([v for _, v in logged], history.val_score, rtol=1e-6)
 
 
-def test_the_frozen_cache_key_changes_with_everything_an_embedding_depends_on(tiny_data):
-    """Architecture arguments, weights, autocast dtype and, with views, the seed: each a new key."""
-    import dataclasses
+def test_the_frozen_cache_key_changes_with_everything_an_embedding_depends_on(tiny_data, tmp_path, monkeypatch):
+    """Through the call site that gathers what the key hashes (FrozenFold.embeddings): architecture
+    arguments, weights, autocast dtype, timm's version and, with views, the seed each give another
+    cache file; the same everything finds the same one."""
+    import timm
 
-    from utils.data.transforms import Preprocess
-    from utils.train.config import TrainConfig
-    from utils.train.frozen import cache_key
-    from utils.train.model import create_backbone
+    from utils.train.frozen import FrozenFold
 
-    cfg, prep = TrainConfig(model="test_resnet", img_size=32), Preprocess(32, (0.5,) * 3, (0.5,) * 3)
-    paths = sorted((tiny_data / "train_images").glob("*.jpg"))[:4]
+    weights = tmp_path / "weights.pth"  # fixed weights, whatever the seed
+    torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
+    data, run_dir = read_dataset(tiny_data), RunDir(tmp_path / "run")
+    schema, table = run_dir.prepare(data, 3, 42)
 
-    def key(cfg, dtype=None, seed=0):
-        torch.manual_seed(seed)
-        arch = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "keep_head": cfg.keep_head, "img_size": cfg.img_size}
-        return cache_key(create_backbone(cfg.model, model_kwargs=cfg.model_kwargs), arch, cfg.frozen_views,
-                         [cfg.aug, cfg.category_aug, cfg.seed], prep, paths, dtype)
+    def key(**changes) -> str:
+        cfg = TrainConfig(**{"model": "test_resnet", "n_folds": 3, "img_size": 32, "frozen_backbone": True,
+                             "progress": False, "workers": 0, "data_dir": str(tiny_data), "out_dir": str(run_dir.path),
+                             "pretrained_file": str(weights), "amp": "off", **changes})
+        return FrozenFold(Fold(cfg, schema, table, data, 0, Dist(), run_dir)).cache_path.stem
 
-    base = key(cfg)
-    assert key(cfg) == base  # the same everything: the same key (the cache is found again)
-    assert key(dataclasses.replace(cfg, model_kwargs={"global_pool": "max"})) != base  # same weights, other pooling
-    assert key(cfg, seed=1) != base  # other weights
-    assert key(cfg, dtype=torch.bfloat16) != base
-    assert key(dataclasses.replace(cfg, seed=7)) == base  # without views the seed changes no embedding
-    views = dataclasses.replace(cfg, frozen_views=1)
-    assert key(views) != key(dataclasses.replace(views, seed=7))
+    base = key()
+    assert key() == base  # the same everything: the same key (the cache is found again)
+    assert key(seed=7) == base  # without views the seed changes no embedding
+    assert key(model_kwargs={"global_pool": "max"}) != base  # same weights, other pooling
+    assert key(pretrained_file=None) != base  # other weights
+    assert key(amp="bf16") != base
+    assert key(img_size=40) != base
+    assert key(frozen_views=1) != key(frozen_views=1, seed=7)
+    monkeypatch.setattr(timm, "__version__", "0.0.1")
+    assert key() != base
+    assert len(list((run_dir.path / "embeddings").glob("*.npz"))) == 8
 
 
 def test_a_knn_vote_never_finds_the_row_itself_or_its_own_fold(tiny_data, tmp_path):

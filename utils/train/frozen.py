@@ -100,7 +100,7 @@ class FrozenFold:
         arch = {"model": cfg.model, **{k: f.model_args[k] for k in ("model_kwargs", "keep_head", "img_size")}}
         key = cache_key(f.model.backbone, arch, cfg.frozen_views, [cfg.aug, cfg.category_aug, cfg.seed], f.prep,
                         train_paths + test_paths, f.dtype)
-        path = f.run_dir.path / "embeddings" / f"{key}.npz"
+        self.cache_path = path = f.run_dir.path / "embeddings" / f"{key}.npz"
         if f.d.main:
             if path.is_file():
                 print(f"fold {f.fold}: embeddings reused from {path}")
