@@ -328,3 +328,25 @@ def test_an_honest_student_learns_what_its_folds_teacher_models_said_end_to_end(
         predicted[mode] = np.mean([np.mean(oof[:, h.logits].argmax(1) == (0 if mode == "optimistic" else h.width - 1))
                                    for h in schema.heads])
     assert predicted["honest"] > 0.95 and predicted["optimistic"] > 0.95, predicted
+
+
+def test_a_merged_candidate_that_differs_from_its_separate_sessions_is_refused(run, tiny_data, monkeypatch):
+    """The budget exports each merged candidate and checks it against the separate sessions it
+    replaces: a graph whose biases were baked in wrong (+0.5) is an error naming the difference; the
+    right one passes and serves."""
+    from utils.data.schema import image_path
+    from utils.data.transforms import Preprocess
+
+    rd, manifest = RunDir(run), json.loads((run / "onnx" / "manifest.json").read_text())
+    entries = {e["run"]: e for e in manifest["members"]}
+    models = list(entries)
+    prep = Preprocess.from_dict(entries[models[0]]["preprocess"])
+    v = budget.Variant(models, np.ones(len(models)), np.zeros(rd.schema.n_logits, np.float32), 0.5, format="merged")
+    paths = [image_path(tiny_data / "test_images", i) for i in read_dataset(tiny_data).test[ID][:4]]
+    predict_one = budget.predict_fn(rd, v, prep, entries, "budget_ok.onnx", paths, threads=1)
+    assert len(predict_one((paths[0], None))) == 1
+    real = budget.export_graph
+    monkeypatch.setattr(budget, "export_graph", lambda folds, w, b, schema, p, path: real(folds, w, b + 0.5, schema, p, path))
+    with pytest.raises(RuntimeError, match=r"budget_bad.onnx \(.*\): the merged graph differs from its separate sessions "
+                                           r"on 4 images \(max \|diff\| 5\.00e-01"):
+        budget.predict_fn(rd, v, prep, entries, "budget_bad.onnx", paths, threads=1)
