@@ -4,12 +4,18 @@ PYTHON ?= python3
 DATA ?= data/demo
 OUT ?= runs/demo
 
-.PHONY: install test test-fast demo demo-real demo-data clean
+.PHONY: install postgres test test-fast demo demo-real demo-data clean
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
 
-test: install
+# the PostgreSQL server that the shared-search test starts (Debian's package; installed when missing)
+postgres:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || \
+	  echo "PostgreSQL's server is not installed and could not be (apt-get install postgresql, as root)"
+
+test: install postgres
 	$(PYTHON) -m pytest -q tests
 
 # unit tests and one tiny end-to-end pipeline (tests marked slow left out)

@@ -13,7 +13,6 @@ from utils.ensemble.blend import load_oof
 from utils.ensemble.metric import score_logits, validate_submission
 from utils.errors import StaleError
 from utils.run import RunDir
-from utils.serve import budget
 from utils.serve.manifest import Manifest
 
 TRAIN = ["--model", "test_resnet", "--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs", "1",

@@ -1,14 +1,12 @@
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_script
+from tests.conftest import run_script
 from utils.config import parse_config
 from utils.data.schema import IGNORE_INDEX, Schema, read_dataset
 from utils.errors import DataError
@@ -173,23 +171,6 @@ def test_resume_with_more_epochs_continues_the_learning_rate_without_a_jump(tiny
     before = schedule(60)
     schedule.retarget(60, 300)
     assert schedule(60) == pytest.approx(before) and schedule(300) == pytest.approx(0.01)
-
-
-@pytest.mark.slow
-def test_ddp_two_cpu_processes(tiny_data, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "train.py", "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), *TINY, "--epochs", "1", "--fold", "1",
-           "--channels-last", "on", *FINETUNE, "--model", "test_resnet"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("fold 1 epoch 1/1") == 1  # only rank 0 prints and writes
-    assert proc.stdout.count("decoded 288 images once") == 1  # rank 0 builds the decode cache, rank 1 maps it
-    folds = pd.read_csv(tmp_path / "folds.csv")
-    ids, oof = load_logits(tmp_path / "test_resnet" / "fold1" / "oof_logits.npz")
-    # the two ranks' validation shards are gathered: every validation row once, in order
-    assert sorted(ids) == sorted(folds.id[folds.fold == 1])
-    assert len(ids) == len(set(ids))
 
 
 def test_pretrained_hub_unreachable_names_both_options(monkeypatch):

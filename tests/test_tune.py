@@ -9,7 +9,7 @@ import yaml
 from utils.train import tune
 from tests.conftest import ROOT, run_script
 from utils.config import parse_config
-from utils.errors import NonFiniteLoss
+from utils.errors import DataError, NonFiniteLoss
 from utils.train import kfold
 
 
@@ -150,3 +150,19 @@ def test_a_students_search_takes_its_teacher_from_the_run_folder_of_the_folds(ti
     assert (run / "tune" / "st" / "trial0000" / "test_resnet" / "fold0" / "metrics.json").is_file()
     assert (run / "test_byobnet" / "fold0" / "infold_logits.npz").is_file()  # the honest targets were made
     assert yaml.safe_load((tmp_path / "t.yaml").read_text())["model"] == "test_resnet"
+
+
+def test_a_storage_whose_driver_is_missing_says_which_to_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_psycopg(name, *args, **kwargs):
+        if name.split(".")[0] == "psycopg":
+            raise ModuleNotFoundError("No module named 'psycopg'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_psycopg)
+    with pytest.raises(DataError, match=r"--storage postgresql://kit@127\.0\.0\.1:1/tune: its database driver is not "
+                                        r"installed \(No module named 'psycopg'\); for PostgreSQL `pip install"):
+        tune.make_storage("postgresql://kit@127.0.0.1:1/tune")

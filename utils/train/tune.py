@@ -103,8 +103,13 @@ def make_storage(url: str | None, heartbeat: int = 60):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.x
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                                          heartbeat_stale_trial_callback=retry)
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                                              heartbeat_stale_trial_callback=retry)
+        except ImportError as err:  # the database's driver (psycopg for postgresql://, in requirements.txt)
+            raise DataError(f"--storage {url}: its database driver is not installed ({err.__cause__ or err}); for "
+                            f"PostgreSQL `pip install 'psycopg[binary]'`, for MySQL `pip install pymysql` and a "
+                            f"mysql+pymysql:// URL") from None
 
 
 def storage_file(url: str | None) -> Path | None:
