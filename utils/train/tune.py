@@ -5,7 +5,10 @@ Every train.py key works here too (they are the base of each trial). The objecti
 competition score on the fold's validation rows, from ``utils.train.kfold.train_fold`` itself, reported after
 every epoch so the pruner (median or Hyperband, ``--pruner``) can stop a bad trial early. The
 search space is ``configs/tune_space.yaml`` (``--space``). A trial that fails (non-finite loss,
-out of memory, ...) is recorded as failed with its reason and the study goes on.
+out of memory, ...) is recorded as failed with its reason and the study goes on; a worker none of
+whose study's trials completed fails (status 2) with their reasons. A trial trains in its own
+folder but takes the folds, a student's ``--teacher`` and the decode and embedding caches from
+``--out-dir``, the run folder they came from.
 
 Writes: the best parameters as ``configs/tuned_<model>.yaml`` (``--tuned-config``), which
 ``train.py --config`` takes as it is; under ``<out-dir>/tune/<study>/``: one folder per trial,
