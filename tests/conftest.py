@@ -23,7 +23,7 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small generated dataset in the competition layout, shared by the tests (read-only)."""
-    from utils.data.demo_data import generate
+    from utils.tools.demo_data import generate
 
     return generate(tmp_path_factory.mktemp("data") / "tiny", n_train=240, n_test=48, seed=7,
                     workers=2, progress=False)
@@ -44,8 +44,8 @@ def other_data(tmp_path_factory) -> Path:
     import pandas as pd
     from PIL import Image
 
-    from utils.data.demo_data import write_tables
     from utils.data.schema import ATTR_COLS, CATEGORY, ID, LEN
+    from utils.tools.demo_data import write_tables
 
     out, rng = tmp_path_factory.mktemp("data") / "other", np.random.default_rng(3)
     colours = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
@@ -115,7 +115,7 @@ class _Output(io.StringIO):
 
 
 def run_script(*args, cwd=ROOT, check=True, env=None, timeout=600, marker=None):
-    """Run a top-level script (``train.py ...``) or module (``-m utils.ensemble.metric ...``) as a user would,
+    """Run a top-level script (``train.py ...``) or module (``-m utils.metric ...``) as a user would,
     and return a CompletedProcess. It runs in this process (``runpy``, ``__main__``, its own argv,
     its output captured): what the command does is the same, without a new interpreter's seconds
     of imports. Code (``-c``) and a custom ``env`` get a real process; so do the tests that must

@@ -4,7 +4,7 @@ import pytest
 
 from tests.conftest import OTHER_WORLD, run_script
 from utils.data.schema import ATTR_COLS, CATEGORY, DUMMY, ID, LEN, Schema, read_dataset, read_submission
-from utils.ensemble.metric import validate_submission
+from utils.metric import validate_submission
 
 FAST = ["--img-size", "32", "--batch-size", "16", "--epochs", "1", "--workers", "0", "--n-folds", "2",
         "--progress", "false"]
@@ -100,13 +100,13 @@ def _idx_files(folder, n: int, seed: int, short_class: int | None = None) -> Non
 
 
 def test_the_real_photo_dataset_is_written_in_the_competition_layout(tmp_path):
-    """utils.data.real_data on idx files: three categories of its own, one attribute each, labels from the
+    """utils.tools.real_data on idx files: three categories of its own, one attribute each, labels from the
     photos' classes (held-out test labels only in test_solution.csv), a share missing."""
     import numpy as np
     from PIL import Image
 
-    from utils.data.real_data import CLASSES, build
     from utils.errors import DataError
+    from utils.tools.real_data import CLASSES, build
 
     _idx_files(tmp_path / "idx", 60, seed=0)
     out = build(tmp_path / "real", source=str(tmp_path / "idx"), n_train=50, n_test=20, missing=0.2, progress=False)
@@ -136,8 +136,8 @@ def test_a_rebuild_into_the_same_folder_gives_exactly_a_fresh_build(tmp_path):
     photo beside a new label: every file equals a fresh build's (and the same options again keep
     the photos, as an interrupted build goes on). A source with too few photos of a class is
     refused, naming the class and the counts, before a file changes."""
-    from utils.data.real_data import build
     from utils.errors import DataError
+    from utils.tools.real_data import build
 
     _idx_files(tmp_path / "idx", 60, seed=0)
     idx, again = str(tmp_path / "idx"), tmp_path / "again"
@@ -161,7 +161,7 @@ def test_a_rebuild_into_the_same_folder_gives_exactly_a_fresh_build(tmp_path):
 
 def test_a_regenerated_demo_dataset_gives_exactly_a_fresh_one(tmp_path):
     """The demo generator too: another seed into the same folder rewrites every image."""
-    from utils.data.demo_data import generate
+    from utils.tools.demo_data import generate
 
     generate(tmp_path / "again", n_train=12, n_test=4, seed=0, workers=1, progress=False)
     generate(tmp_path / "again", n_train=10, n_test=4, seed=1, workers=1, progress=False)

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_script
+from utils.blend import load_oof
 from utils.data.schema import Schema, read_dataset
-from utils.ensemble.blend import load_oof
-from utils.ensemble.metric import score_logits, validate_submission
 from utils.errors import StaleError
+from utils.metric import score_logits, validate_submission
 from utils.run import RunDir
 from utils.serve.manifest import Manifest
 

@@ -106,7 +106,7 @@ def test_no_train_default_names_the_competitions_data():
     """Category rules belong in a profile (configs/visual_taxonomy.yaml), not in a default."""
     import json
 
-    from utils.data.demo_data import COUNTS
+    from utils.tools.demo_data import COUNTS
     from utils.train.config import TrainConfig
 
     defaults = json.dumps(dataclasses.asdict(TrainConfig()))

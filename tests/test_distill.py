@@ -9,18 +9,18 @@ import torch
 
 from tests.conftest import run_script
 from tests.test_ensemble import synthetic  # noqa: F401 (a fixture)
-from utils.ensemble.blend import head_log_softmax, load_oof
-from utils.serve import budget
-from utils.train.distill import (INFOLD, DistillLoss, honest_teacher_scores, prepare_teacher, soft_targets, student_rows,
-                           teacher_scores)
+from utils.blend import head_log_softmax, load_oof
 from utils.data.schema import ID, IGNORE_INDEX, read_dataset
-from utils.ensemble.metric import validate_submission
 from utils.errors import DataError
 from utils.io import load_logits
+from utils.metric import validate_submission
 from utils.run import RunDir
-from utils.serve.members import Member, run_members, trained_with_tta
+from utils.serve import budget
+from utils.serve.members import Member, run_members
+from utils.train.distill import (INFOLD, DistillLoss, honest_teacher_scores, prepare_teacher, soft_targets,
+                                 student_rows, teacher_scores)
 from utils.train.fold import split_fold
-from utils.train.model import HeadLoss
+from utils.train.model import HeadLoss, trained_with_tta
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def test_an_optimistic_student_is_flagged_where_its_scores_are_ranked(run, tiny_
     from utils.train.kfold import report_oof
 
     data = read_dataset(tiny_data)
-    proc = run_script("-m", "utils.ensemble.compare_runs", "--data-dir", str(tiny_data), "--out-dir", str(run))
+    proc = run_script("-m", "utils.tools.compare_runs", "--data-dir", str(tiny_data), "--out-dir", str(run))
     for r in runs:
         line = next(x for x in proc.stdout.splitlines() if x.lstrip().startswith(r + " "))
         assert ("optimistic: a student that saw its validation labels" in line) == (r == runs[0])

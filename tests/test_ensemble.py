@@ -2,15 +2,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from utils.data.demo_data import COUNTS, sample_labels
+from utils.blend import blend, head_log_softmax, load_oof
 from utils.data.schema import Schema
 from utils.ensemble import search
-from utils.ensemble.blend import blend, head_log_softmax, load_oof
-from utils.ensemble.metric import score
 from utils.errors import DataError
 from utils.io import save_logits
+from utils.metric import score
 from utils.run import RunDir
 from utils.serve.submission import make_submission
+from utils.tools.demo_data import COUNTS, sample_labels
 
 
 def sphere(x):

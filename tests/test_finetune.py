@@ -12,8 +12,8 @@ import torch
 from tests.conftest import run_script
 from utils.config import parse_config
 from utils.data.schema import Schema, read_dataset
-from utils.ensemble.metric import score_logits
 from utils.errors import DataError
+from utils.metric import score_logits
 from utils.run import RunDir
 from utils.train.config import TrainConfig
 from utils.train.distributed import Dist

@@ -1,17 +1,16 @@
 import numpy as np
 import pandas as pd
+import pytest
 
-from utils.data.demo_data import generate
 from utils.data.folds import make_folds, stratification_matrix
 from utils.data.schema import Schema, read_dataset
 from utils.errors import DataError
 from utils.run import RunDir
-
-import pytest
+from utils.tools.demo_data import generate
 
 
 def test_fold_shares_of_frequent_classes_match_the_whole():
-    from utils.data.demo_data import COUNTS, sample_labels
+    from utils.tools.demo_data import COUNTS, sample_labels
     train = sample_labels(3000, np.random.default_rng(0))
     train.insert(0, "id", np.arange(len(train)))
     schema = Schema.fit(train, {c: list(a) for c, a in COUNTS.items()})
@@ -74,7 +73,7 @@ def test_demo_data_is_deterministic_and_valid(tmp_path):
 
 
 def test_demo_data_follows_the_real_imbalance(tmp_path):
-    from utils.data.demo_data import ROWS, sample_labels
+    from utils.tools.demo_data import ROWS, sample_labels
     df = sample_labels(20000, np.random.default_rng(0))
     share = df.Category.value_counts(normalize=True)
     total = sum(ROWS.values())

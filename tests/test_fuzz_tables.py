@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from utils.data.schema import Schema, read_category_attributes, read_submission, read_test, read_train
-from utils.ensemble.metric import validate_submission
 from utils.errors import DataError
+from utils.metric import validate_submission
 
 N_TABLES = 200
 

@@ -109,6 +109,60 @@ def test_no_import_cycle():
     assert cycles == []
 
 
+# the pipeline's stages, in the order data flows through them; shared modules sit at utils/'s top
+STAGES = ["data", "train", "ensemble", "serve"]
+OUTSIDE = ["tools", "bench"]  # generators, command-line tools and benchmarks: users of the stages, never used by them
+
+
+def layer(module: str) -> tuple[str, int]:
+    """("stage", its position), ("outside", 99) for a tool or benchmark, else ("shared", -1)."""
+    part = module.split(".")[1] if module.startswith("utils.") else ""
+    if part in STAGES:
+        return "stage", STAGES.index(part)
+    return ("outside", 99) if part in OUTSIDE else ("shared", -1)
+
+
+def layering_offences(g: dict[str, set[str]]) -> list[str]:
+    """A stage imports only earlier stages and the shared modules; a shared module imports only
+    shared modules and the first stage (the layout's contract: schema, folds); nothing in a stage
+    or shared imports a tool or a benchmark."""
+    found = []
+    for module, deps in g.items():
+        if not module.startswith("utils."):
+            continue
+        kind, level = layer(module)
+        for dep in sorted(deps):
+            dep_kind, dep_level = layer(dep)
+            if kind == "outside" or dep_kind == "shared":
+                continue
+            if dep_kind == "outside":
+                found.append(f"{module} imports {dep}, a tool")
+            elif kind == "shared" and dep_level > 0:
+                found.append(f"{module} (shared) imports {dep}, a later stage than data")
+            elif kind == "stage" and dep_level > level:
+                found.append(f"{module} ({STAGES[level]}) imports {dep} ({STAGES[dep_level]}), a later stage")
+    return found
+
+
+def test_a_stage_imports_only_earlier_stages_and_shared_modules():
+    """Whoever edits a stage breaks only the stages after it: data -> train -> ensemble -> serve,
+    each importing only what comes before it and the shared modules at utils/'s top (config,
+    errors, io, provenance, plots, run, metric, blend); tools and benchmarks are used, never users."""
+    folders = {p.name for p in (ROOT / "utils").iterdir() if (p / "__init__.py").is_file()}
+    assert folders == set(STAGES + OUTSIDE)
+    assert layering_offences(graph()) == []
+
+
+def test_the_layering_check_sees_each_kind_of_offence():
+    g = {"utils.data.dataset": {"utils.train.model", "utils.io"}, "utils.train.fold": {"utils.metric", "utils.data.schema"},
+         "utils.serve.infer": {"utils.tools.baseline", "utils.ensemble.search"}, "utils.run": {"utils.ensemble.search"},
+         "utils.tools.baseline": {"utils.serve.submission"}, "utils.metric": {"utils.data.schema"}}
+    assert sorted(layering_offences(g)) == [
+        "utils.data.dataset (data) imports utils.train.model (train), a later stage",
+        "utils.run (shared) imports utils.ensemble.search, a later stage than data",
+        "utils.serve.infer imports utils.tools.baseline, a tool"]
+
+
 def config_classes():
     """(command, config dataclass) of every command line of the kit: the class each script or
     ``python -m`` module hands to ``run_command``."""
@@ -124,8 +178,8 @@ def config_classes():
 
 def test_every_option_of_every_command_has_help_and_valid_choices():
     classes = config_classes()
-    assert {m for m, _ in classes} >= {*SCRIPTS, "utils.ensemble.baseline", "utils.ensemble.metric", "utils.data.demo_data",
-                                       "utils.ensemble.compare_runs", "utils.bench.train", "utils.bench.memory",
+    assert {m for m, _ in classes} >= {*SCRIPTS, "utils.tools.baseline", "utils.metric", "utils.tools.demo_data",
+                                       "utils.tools.compare_runs", "utils.bench.train", "utils.bench.memory",
                                        "utils.bench.ensemble", "utils.bench.latency"}
     for module, cls in classes:
         for f in dataclasses.fields(cls):

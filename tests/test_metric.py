@@ -5,7 +5,7 @@ from sklearn.metrics import f1_score
 
 from tests.conftest import run_script
 from utils.data.schema import ATTR_COLS, DUMMY, Schema, read_dataset
-from utils.ensemble.metric import f1_scores, score, validate_submission
+from utils.metric import f1_scores, score, validate_submission
 from utils.serve.submission import majority_logits, make_submission
 
 
@@ -75,11 +75,11 @@ def test_both_zero_scores_zero():
 
 
 def test_cli_prints_one_for_the_solution_and_baseline_below(tiny_data, tmp_path):
-    out = run_script("-m", "utils.ensemble.metric", "--submission", str(tiny_data / "test_solution.csv"),
+    out = run_script("-m", "utils.metric", "--submission", str(tiny_data / "test_solution.csv"),
                      "--solution", str(tiny_data / "test_solution.csv"))
     assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(1.0)
-    run_script("-m", "utils.ensemble.baseline", "--data-dir", str(tiny_data), "--out", str(tmp_path / "b.csv"))
-    out = run_script("-m", "utils.ensemble.metric", "--submission", str(tmp_path / "b.csv"),
+    run_script("-m", "utils.tools.baseline", "--data-dir", str(tiny_data), "--out", str(tmp_path / "b.csv"))
+    out = run_script("-m", "utils.metric", "--submission", str(tmp_path / "b.csv"),
                      "--solution", str(tiny_data / "test_solution.csv"))
     assert 0.1 < float(out.stdout.strip().splitlines()[-1]) < 0.7
 

@@ -8,9 +8,9 @@ import pytest
 
 from tests.conftest import MODELS, TRAIN, pipeline, run_script
 from utils.data.schema import ID, Schema, image_path, read_dataset
-from utils.ensemble.metric import validate_submission
 from utils.errors import DataError
 from utils.io import load_logits
+from utils.metric import validate_submission
 from utils.run import RunDir
 
 
@@ -58,8 +58,8 @@ def torch_blend(run, data_dir):
     """The torch backend's blended scores of every test row, in test.csv order."""
     import torch
 
+    from utils.blend import combine_members, load_ensemble
     from utils.data.schema import image_path, read_test
-    from utils.ensemble.blend import combine_members, load_ensemble
     from utils.run import RunDir
     from utils.serve.members import preprocess_batch, run_members, torch_members
 
@@ -125,7 +125,8 @@ def test_the_same_seed_reproduces_the_pipeline(run, tiny_data, tmp_path):
 def test_inference_memory_stays_flat(run, tiny_data):
     """2,000 rows of 32 px images through the streaming loop; holding on to every batch's images
     would add 0.9 x 2,000 x 3 x 32 x 32 x 4 bytes = 22 MB after the first tenth."""
-    from utils.bench.memory import BenchMemoryConfig, main as bench_memory
+    from utils.bench.memory import BenchMemoryConfig
+    from utils.bench.memory import main as bench_memory
     from utils.config import parse_config
 
     stats = bench_memory(parse_config(BenchMemoryConfig, ["--data-dir", str(tiny_data), "--out-dir", str(run),
@@ -156,7 +157,7 @@ def test_a_run_trained_with_the_mirror_is_served_with_it(tiny_data, tmp_path):
     logits again, not the plain image's, which differ here by far more than the tolerance."""
     import torch
 
-    from utils.ensemble.blend import load_ensemble
+    from utils.blend import load_ensemble
     from utils.serve.members import Member, onnx_members, preprocess_batch, run_members, torch_members
 
     dirs = ["--data-dir", str(tiny_data), "--out-dir", str(tmp_path)]

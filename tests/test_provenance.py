@@ -11,9 +11,9 @@ import torch
 
 from tests.conftest import run_script
 from utils import provenance
+from utils.blend import load_ensemble
 from utils.data.dataset import ImageDataset
 from utils.data.schema import ID, image_path, read_dataset
-from utils.ensemble.blend import load_ensemble
 from utils.errors import StaleError
 from utils.run import RunDir
 from utils.serve.members import onnx_members, preprocess_batch, torch_members

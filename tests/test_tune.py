@@ -6,11 +6,10 @@ import optuna
 import pytest
 import yaml
 
-from utils.train import tune
 from tests.conftest import ROOT, run_script
 from utils.config import parse_config
 from utils.errors import DataError, NonFiniteLoss
-from utils.train import kfold
+from utils.train import kfold, tune
 
 
 def tiny_args(data, out, *extra):

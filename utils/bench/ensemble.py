@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 
 from utils.bench import machine
+from utils.blend import head_log_softmax
 from utils.config import option, run_command
-from utils.data.demo_data import COUNTS, sample_labels
 from utils.data.schema import Schema
-from utils.ensemble.blend import head_log_softmax
 from utils.ensemble.search import BlendObjective, Budget, fit_weights
+from utils.tools.demo_data import COUNTS, sample_labels
 
 
 @dataclass

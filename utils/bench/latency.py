@@ -22,10 +22,10 @@ import torch
 from tqdm import tqdm
 
 from utils.bench import machine
+from utils.blend import combine_members, expand_weights
 from utils.config import DataConfig, option, run_command
 from utils.data.schema import CATEGORY, ID, Schema, image_path, read_dataset
 from utils.data.transforms import Preprocess
-from utils.ensemble.blend import combine_members, expand_weights
 from utils.serve.graph import EnsembleGraph, LogitsOnly, export_onnx, quantize_int8
 from utils.serve.members import onnx_runner, preprocess_batch, single_stream_ms
 from utils.train.model import AttributeModel, data_config

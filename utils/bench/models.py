@@ -41,8 +41,8 @@ def measure_one(config: str, steps: int) -> dict:
     import torch
 
     from utils.config import parse_config
-    from utils.data.demo_data import COUNTS, sample_labels
     from utils.data.schema import Schema
+    from utils.tools.demo_data import COUNTS, sample_labels
     from utils.train.config import TrainConfig
     from utils.train.fold import model_args
     from utils.train.model import AttributeModel, HeadLoss, build_optimizer

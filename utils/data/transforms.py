@@ -31,9 +31,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.train.config import DEFAULT_AUG, INTERPOLATIONS as INTERPOLATION_NAMES, check_aug, check_category_aug
+from utils.data.augmentations import DEFAULT_AUG
+from utils.data.augmentations import INTERPOLATIONS as INTERPOLATION_NAMES
+from utils.data.augmentations import check_aug, check_category_aug
 
-# DEFAULT_AUG (every augmentation and its parameters) lives with the config, in utils/train/config.py
+# DEFAULT_AUG (every augmentation and its parameters): utils/data/augmentations.py, torch-free
 INTERPOLATIONS = dict(zip(INTERPOLATION_NAMES, (cv2.INTER_AREA, cv2.INTER_LINEAR, cv2.INTER_CUBIC)))
 
 

@@ -2,7 +2,7 @@
 
 A blend is ``sum_m w_m log p_m`` (+ one additive bias per class) over members' per-head
 log-probabilities, decoded by argmax within each head; its objective is the competition score,
-computed with ``utils.ensemble.metric``'s own ``f1_scores`` and ``final_score``. Weights are non-negative
+computed with ``utils.metric``'s own ``f1_scores`` and ``final_score``. Weights are non-negative
 and normalised; one per model, or one per (model, head).
 
 Methods: ``sto`` (Siberian Tiger Optimization), ``caruana`` (greedy forward selection with
@@ -20,9 +20,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from utils.blend import normalise_weights
 from utils.data.schema import Schema
-from utils.ensemble.blend import normalise_weights
-from utils.ensemble.metric import f1_scores, final_score
+from utils.metric import f1_scores, final_score
 
 METHODS = ("equal", "caruana", "nelder_mead", "tpe", "random", "sto")
 

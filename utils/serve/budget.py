@@ -33,16 +33,16 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from utils.blend import combine_members, head_log_softmax, load_oof
 from utils.data.schema import CATEGORY, ID, image_path
 from utils.data.transforms import Preprocess
-from utils.ensemble.blend import combine_members, head_log_softmax, load_oof
 from utils.ensemble.search import BlendObjective, Budget, fit, nested_cv
 from utils.errors import DataError
 from utils.io import atomic_write_csv
 from utils.run import RunDir
 from utils.serve.graph import export_graph
-from utils.serve.members import (MERGED_PARITY, fold_members, merged_parity, onnx_runner, report_skipped,
-                                 run_members, single_stream_ms, usable_batch)
+from utils.serve.members import (MERGED_PARITY, fold_members, merged_parity, onnx_runner, report_skipped, run_members,
+                                 single_stream_ms, usable_batch)
 
 
 @dataclass

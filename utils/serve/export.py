@@ -16,20 +16,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+from utils.blend import combine_members, ensemble_digest, load_ensemble
 from utils.config import CommonConfig, option
 from utils.data.schema import ID, Schema, image_path, read_dataset
 from utils.data.transforms import Preprocess
-from utils.ensemble.blend import combine_members, ensemble_digest, load_ensemble
-from utils.ensemble.metric import score_logits
 from utils.errors import DataError
+from utils.metric import score_logits
 from utils.run import RunDir
 from utils.serve.budget import choose_serving, mergeable
 from utils.serve.graph import LogitsOnly, export_graph, export_onnx, metadata, quantize_int8
 from utils.serve.manifest import Manifest
 from utils.serve.members import (MERGED_PARITY, fold_members, merged_parity, mirrored, onnx_runner, parity,
-                                 placeholder_batch, report_skipped, run_members, single_stream_ms, trained_with_tta,
-                                 usable_batch)
-from utils.train.model import checkpoint_preprocess, load_checkpoint
+                                 placeholder_batch, report_skipped, run_members, single_stream_ms, usable_batch)
+from utils.train.model import checkpoint_preprocess, load_checkpoint, trained_with_tta
 
 
 @dataclass

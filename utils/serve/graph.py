@@ -11,9 +11,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from utils.blend import expand_weights
 from utils.data.schema import Schema
 from utils.data.transforms import Preprocess
-from utils.ensemble.blend import expand_weights
 from utils.errors import DataError
 from utils.io import atomic_path
 from utils.train.model import load_checkpoint
@@ -33,7 +33,7 @@ class LogitsOnly(nn.Module):
 class EnsembleGraph(nn.Module):
     """A whole ensemble in one graph: for every member, per-head log-softmax of each fold's logits,
     averaged over folds, weighted per logit, summed, plus the biases -> blended scores [B, L]
-    (the same arithmetic as utils.ensemble.blend.combine_members).
+    (the same arithmetic as utils.blend.combine_members).
 
     The per-head log-softmax is one padded operation, not one per head: logits [..., L] are
     gathered into [..., heads, widest head] (padding at -1e30, which softmax weighs 0), normalised
@@ -79,7 +79,7 @@ def metadata(schema: Schema, run: str, prep: Preprocess, **extra) -> dict:
 
 def export_graph(fold_paths: list[list[Path]], weights, biases, schema: Schema, prep: Preprocess, path: Path) -> None:
     """Runs' fold checkpoints (one list per run), blended with ``weights`` and ``biases``, as one
-    ONNX graph: what separate sessions blended by utils.ensemble.blend.combine_members compute."""
+    ONNX graph: what separate sessions blended by utils.blend.combine_members compute."""
     fold_models = [[load_checkpoint(p, schema)[0] for p in paths] for paths in fold_paths]
     graph = EnsembleGraph(fold_models, expand_weights(weights, schema), biases, schema)
     export_onnx(graph, path, prep.img_size, metadata(schema, "ensemble", prep))

@@ -24,11 +24,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from utils.blend import combine_members, load_ensemble, load_test_logits
 from utils.config import CommonConfig, option
 from utils.data.dataset import TestImages
 from utils.data.schema import CATEGORY, ID, read_category_attributes, read_test
-from utils.ensemble.baseline import solution_score
-from utils.ensemble.blend import combine_members, load_ensemble, load_test_logits
+from utils.metric import solution_score
 from utils.run import RunDir
 from utils.serve.members import onnx_members, run_members, torch_members
 from utils.serve.submission import make_submission, submission_from_predictions, write_submission

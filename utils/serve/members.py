@@ -10,15 +10,15 @@ from typing import Callable
 import numpy as np
 import torch
 
+from utils.blend import combine_members, ensemble_digest
 from utils.data.dataset import read_or_placeholder
 from utils.data.schema import Schema
 from utils.data.transforms import Preprocess
-from utils.ensemble.blend import combine_members, ensemble_digest
 from utils.errors import DataError
 from utils.run import RunDir
 from utils.serve.graph import make_session
 from utils.serve.manifest import Manifest
-from utils.train.model import checkpoint_preprocess, load_checkpoint
+from utils.train.model import checkpoint_preprocess, load_checkpoint, trained_with_tta
 
 
 @dataclass
@@ -42,11 +42,6 @@ def torch_members(ens: dict, schema: Schema) -> list[Member]:
             folds.append(lambda x, m=model: m.logits(torch.from_numpy(x)).float().numpy())
         members.append(Member(run, folds, checkpoint_preprocess(ckpt), trained_with_tta(ckpt)))
     return members
-
-
-def trained_with_tta(ckpt: dict) -> bool:
-    """Whether a checkpoint's run scored its OOF and test logits with the mirror averaged in."""
-    return bool(ckpt.get("config", {}).get("tta_hflip", False))
 
 
 def onnx_runner(path: Path, threads: int, schema: Schema | None = None) -> Callable[[np.ndarray], np.ndarray]:

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 
 from utils.data.schema import ATTR_COLS, CATEGORY, ID, LEN, Schema
-from utils.ensemble.metric import validate_submission
 from utils.io import atomic_write_csv
+from utils.metric import validate_submission
 
 
 def make_submission(ids, categories, logits: np.ndarray, schema: Schema) -> pd.DataFrame:

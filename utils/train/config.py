@@ -2,9 +2,9 @@
 command parses its config and checks it against the data before importing anything heavy (a
 profile meant for another dataset is refused in well under a second).
 
-``TrainConfig`` is train.py's (and tune.py's) config; ``DEFAULT_AUG`` the online augmentations and
-their parameters (built by ``utils/data/transforms.py``), checked by ``check_aug`` when the config is
-parsed and, for the category rules, by ``TrainConfig.check_data`` once the tables are read.
+``TrainConfig`` is train.py's (and tune.py's) config. Its augmentations are the data stage's
+(``DEFAULT_AUG`` in utils/data/augmentations.py), checked by ``check_aug`` when the config is parsed
+and, for the category rules, by ``TrainConfig.check_data`` once the tables are read.
 """
 from __future__ import annotations
 
@@ -12,54 +12,13 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from utils.config import CommonConfig, option
+from utils.data.augmentations import DEFAULT_AUG, INTERPOLATIONS, RESIZES, check_aug, check_category_aug
 from utils.data.schema import CATEGORY
 from utils.errors import ConfigError
 
 AMP = ("auto", "bf16", "fp16", "off")
 LOSSES = ("ce", "weighted_ce", "focal", "logit_adjusted")
 HEADS = ("linear", "mlp", "knn")
-RESIZES = ("squash", "pad")
-INTERPOLATIONS = ("area", "linear", "cubic")
-DEFAULT_AUG = {
-    "random_resized_crop": {"p": 1.0, "scale": [0.75, 1.0], "ratio": [0.8, 1.25]},
-    "hflip": {"p": 0.5},
-    "rotate": {"p": 0.0, "degrees": 10},
-    "shear": {"p": 0.0, "degrees": 12},
-    "perspective": {"p": 0.2, "scale": [0.02, 0.06]},
-    "distort": {"p": 0.0, "limit": 0.15},
-    "color_jitter": {"p": 0.5, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02},
-    "sharpen_blur": {"p": 0.0},
-    "augmix": {"p": 0.0, "width": 3, "depth": [1, 3], "alpha": 1.0},
-    "gauss_noise": {"p": 0.2, "std": [0.02, 0.06]},
-    "coarse_dropout": {"p": 0.3, "holes": [1, 4], "size": [0.05, 0.15]},
-    "neckline_crop": {"p": 0.0, "top": [0.0, 0.1], "height": [0.55, 0.8]},
-}
-
-
-def check_aug(aug: dict, where: str = "aug") -> None:
-    """``aug`` names only known augmentations and parameters (a misspelt one would be ignored)."""
-    if not isinstance(aug, dict):
-        raise ConfigError(f"key '{where}' must map augmentation names to their settings, got {aug!r}")
-    for name, params in aug.items():
-        if name not in DEFAULT_AUG:
-            raise ConfigError(f"key '{where}': unknown augmentation '{name}'; known: {', '.join(DEFAULT_AUG)}")
-        if params is not None and not isinstance(params, dict):
-            raise ConfigError(f"key '{where}': {name} takes a mapping of {', '.join(DEFAULT_AUG[name])}; got {params!r}")
-        unknown = sorted(set(params or {}) - set(DEFAULT_AUG[name]))
-        if unknown:
-            raise ConfigError(f"key '{where}': {name} has no parameter {', '.join(unknown)}; it takes "
-                              f"{', '.join(DEFAULT_AUG[name])}")
-
-
-def check_category_aug(category_aug: dict, categories: list[str], source: str = "the data") -> None:
-    """Every category that ``category_aug`` names is one of ``categories`` (a rule for a category the
-    data lacks is a profile meant for another dataset)."""
-    unknown = [c for c in category_aug if c not in categories]
-    if unknown:
-        raise ConfigError(f"key 'category_aug' has rules for categories {unknown} that {source} does not have; "
-                          f"it has {list(categories)}. A profile made for another dataset (e.g. "
-                          f"configs/visual_taxonomy.yaml) does not fit this one; drop it, or replace the rules "
-                          f"whole: --category-aug '!replace {{}}'")
 
 
 @dataclass
@@ -98,7 +57,7 @@ class TrainConfig(CommonConfig):
                                       "it from there at every epoch (see utils/data/decoded.py); false: decode on the fly")
     interpolation: str = option("area", "resize interpolation", choices=INTERPOLATIONS)
     aug: dict = option(help="online augmentations: {name: {p, params}}; p: 0 switches one off "
-                            "(every one and its parameters: DEFAULT_AUG in utils/train/config.py)",
+                            "(every one and its parameters: DEFAULT_AUG in utils/data/augmentations.py)",
                       factory=lambda: dict(DEFAULT_AUG))
     category_aug: dict = option(help="per-category overrides of aug, {category: {name: {p, params}}} (the seed's "
                                      "category-aware augmentations: configs/visual_taxonomy.yaml)", factory=dict)

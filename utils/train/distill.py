@@ -37,15 +37,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils import provenance
+from utils.blend import blend, combine_members, head_log_softmax, load_oof, load_test_logits
 from utils.data.dataset import ImageDataset, make_loader
 from utils.data.schema import CATEGORY, ID, IGNORE_INDEX, Schema, image_path, row_paths
-from utils.ensemble.blend import blend, combine_members, head_log_softmax, load_oof, load_test_logits
 from utils.errors import DataError
 from utils.io import load_logits, save_logits
 from utils.run import RunDir
-from utils.serve.members import trained_with_tta
 from utils.train.engine import predict
-from utils.train.model import HeadLoss, checkpoint_preprocess, load_checkpoint
+from utils.train.model import HeadLoss, checkpoint_preprocess, load_checkpoint, trained_with_tta
 
 INFOLD = "infold_logits.npz"  # a fold's predictions on its own training rows (an honest student's targets)
 

@@ -27,9 +27,9 @@ from utils import provenance
 from utils.config import save_config
 from utils.data.schema import CATEGORY, ID, Dataset, Schema, row_paths
 from utils.data.transforms import Preprocess
-from utils.ensemble.metric import score_logits
 from utils.errors import ConfigError, DataError
 from utils.io import atomic_torch_save, atomic_write_csv, atomic_write_json, load_torch, save_logits
+from utils.metric import score_logits
 from utils.plots import history_plot
 from utils.run import RunDir
 from utils.train.config import TrainConfig

@@ -32,12 +32,11 @@ import torch
 from utils import provenance
 from utils.data.dataset import ImageDataset, make_loader
 from utils.data.schema import CATEGORY, ID, IGNORE_INDEX, image_path, row_paths
-from utils.ensemble.metric import score_logits
 from utils.io import atomic_write
+from utils.metric import score_logits
 from utils.train.engine import autocast, model_input, train_step
 from utils.train.fold import Fold
 from utils.train.model import WarmupCosine, group_lrs, load_checkpoint
-
 
 UNUSABLE = "unusable image (embedded as a grey placeholder)"
 

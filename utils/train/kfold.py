@@ -11,10 +11,10 @@ from typing import Callable
 
 import pandas as pd
 
+from utils.blend import load_oof
 from utils.data.schema import ID, Dataset, Schema, read_dataset
-from utils.ensemble.blend import load_oof
-from utils.ensemble.metric import score_logits, summarize
 from utils.io import atomic_write_json
+from utils.metric import score_logits, summarize
 from utils.run import RunDir
 from utils.train.config import TrainConfig
 from utils.train.distributed import Dist, setup_distributed, teardown

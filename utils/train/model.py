@@ -436,3 +436,8 @@ def load_checkpoint(path: str | Path, schema: Schema | None = None) -> tuple[Att
 
 def checkpoint_preprocess(ckpt: dict) -> Preprocess:
     return Preprocess.from_dict(ckpt["preprocess"])
+
+
+def trained_with_tta(ckpt: dict) -> bool:
+    """Whether a checkpoint's run scored its OOF and test logits with the mirror averaged in."""
+    return bool(ckpt.get("config", {}).get("tta_hflip", False))

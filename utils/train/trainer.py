@@ -16,7 +16,7 @@ import torch
 from utils.data.dataset import EpochSampler, ImageDataset, balanced_weights, make_loader
 from utils.data.decoded import DecodedImages
 from utils.data.schema import CATEGORY, ID, image_path, row_paths
-from utils.ensemble.metric import score_logits
+from utils.metric import score_logits
 from utils.train.distributed import gather_rows
 from utils.train.engine import predict, train_one_epoch
 from utils.train.fold import Fold

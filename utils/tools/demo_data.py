@@ -1,6 +1,6 @@
 """A generated demo dataset in the competition layout, with learnable visual cues.
 
-    python -m utils.data.demo_data --out data/demo [--n-train 2000 --n-test 400 --seed 0]
+    python -m utils.tools.demo_data --out data/demo [--n-train 2000 --n-test 400 --seed 0]
 
 Writes train.csv, test.csv, category_attributes.parquet, sample_submission.csv,
 train_images/, test_images/ and test_solution.csv (the true test labels). The five real

@@ -10,7 +10,7 @@ The head's score is the harmonic mean of the two (0 when both are 0). A head who
 empty for every row is left out (F1 is undefined there). A category scores the mean of its heads;
 the final score is the mean of the categories.
 
-    python -m utils.ensemble.metric --submission submission.csv --solution data/demo/test_solution.csv
+    python -m utils.metric --submission submission.csv --solution data/demo/test_solution.csv
 
 prints the per-category table, then the final score alone on its last line.
 """
@@ -110,6 +110,15 @@ def score(solution: pd.DataFrame, submission: pd.DataFrame,
     table = pd.DataFrame(rows)
     final, _ = summarize(table)
     return final, table
+
+
+def solution_score(data_dir: Path, sub: pd.DataFrame, category_attrs) -> float | None:
+    """The score of ``sub`` against ``<data_dir>/test_solution.csv``, or None without one."""
+    path = Path(data_dir) / "test_solution.csv"
+    if not path.is_file():
+        return None
+    final, _ = score(read_submission(path), sub, category_attrs)
+    return final
 
 
 def validate_submission(sub: pd.DataFrame, test: pd.DataFrame, schema) -> list[str]:

@@ -1,34 +1,22 @@
 """The majority-class baseline: every head predicts its most frequent train class.
 
-    python -m utils.ensemble.baseline --data-dir data/demo --out runs/demo/baseline_submission.csv
+    python -m utils.tools.baseline --data-dir data/demo --out runs/demo/baseline_submission.csv
 
 Prints the score when ``<data-dir>/test_solution.csv`` exists (the demo data has one).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
-import pandas as pd
 
 from utils.config import DataConfig, option, run_command
-from utils.data.schema import CATEGORY, ID, Schema, read_dataset, read_submission
-from utils.ensemble.metric import score
+from utils.data.schema import CATEGORY, ID, Schema, read_dataset
+from utils.metric import solution_score
 from utils.serve.submission import majority_logits, make_submission, write_submission
 
 
 @dataclass
 class BaselineConfig(DataConfig):
     out: str = option("runs/demo/baseline_submission.csv", "the submission to write")
-
-
-def solution_score(data_dir: Path, sub: pd.DataFrame, category_attrs) -> float | None:
-    """The score of ``sub`` against ``<data_dir>/test_solution.csv``, or None without one."""
-    path = Path(data_dir) / "test_solution.csv"
-    if not path.is_file():
-        return None
-    final, _ = score(read_submission(path), sub, category_attrs)
-    return final
 
 
 def main(cfg: BaselineConfig) -> float | None:

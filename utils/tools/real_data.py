@@ -1,7 +1,7 @@
 """A real-photo dataset in the competition layout: Zalando's Fashion-MNIST product photos, with
 categories and attributes of their own, and the official test photos held out with their labels.
 
-    python -m utils.data.real_data --out data/real                   # 4,000 train, 2,000 test photos
+    python -m utils.tools.real_data --out data/real                   # 4,000 train, 2,000 test photos
 
 The photos (28 x 28 grey, ten classes; MIT licence) are read from the first place that has the
 four idx files: ``--source``, Debian's package ``dataset-fashion-mnist``
@@ -29,10 +29,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.config import option, run_command
-from utils.data.demo_data import build_record, write_tables
 from utils.data.schema import ATTR_COLS, CATEGORY, ID, LEN
 from utils.errors import DataError
 from utils.io import atomic_path
+from utils.tools.demo_data import build_record, write_tables
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -111,7 +111,7 @@ def build(out: str | Path, source: str | None = None, n_train: int = 4000, n_tes
           missing: float = 0.15, seed: int = 0, progress: bool = True) -> Path:
     """Write the dataset into ``out``. Building into a folder again gives what a fresh build gives:
     with the same options an interrupted build goes on, with others every photo is written anew
-    (``build.json`` records the options; utils.data.demo_data.build_record)."""
+    (``build.json`` records the options; utils.tools.demo_data.build_record)."""
     out, folder = Path(out), find_source(source)
     rng = np.random.default_rng(seed)
     splits = {}

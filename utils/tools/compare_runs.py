@@ -1,7 +1,7 @@
 """Compare finished runs on their OOF predictions: the competition score, and the F1 of the rare
 classes (those with less than ``--rare-share`` of their head's labelled train rows).
 
-    python -m utils.ensemble.compare_runs --data-dir data/demo --out-dir runs/demo --runs resnet18,resnet18_la
+    python -m utils.tools.compare_runs --data-dir data/demo --out-dir runs/demo --runs resnet18,resnet18_la
 
 This is how BENCHMARKS.md's loss and augmentation tables were measured.
 """
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from utils.blend import load_oof
 from utils.config import CommonConfig, option, run_command
 from utils.data.schema import ID, Schema, read_dataset
-from utils.ensemble.blend import load_oof
-from utils.ensemble.metric import score_logits
+from utils.metric import score_logits
 from utils.run import RunDir
 
 
