@@ -19,6 +19,7 @@ from utils.train.config import TrainConfig
 from utils.train.distributed import Dist
 from utils.train.engine import predict, train_step
 from utils.train.fold import Fold
+from utils.train.kfold import fit
 from utils.train.model import AttributeModel, HeadLoss, build_optimizer, group_lrs, load_checkpoint, load_from_file
 from utils.train.trainer import FoldTrainer
 
@@ -145,8 +146,7 @@ def test_ema_weights_are_the_ones_scored_and_saved(tiny_data, tmp_path):
     schema, table = RunDir(tmp_path).prepare(data, 3, cfg.seed)
     fold = Fold(cfg, schema, table, data, 0, Dist(), RunDir(tmp_path), RunDir(tmp_path).fold_dir(cfg.run_name, 0))
     trainer = FoldTrainer(fold)
-    trainer.resume()
-    trainer.fit()
+    fit(fold, trainer)
     best = torch.load(tmp_path / "test_vit" / "fold0" / "best.pt", weights_only=True)
     ema, raw = fold.ema.module.state_dict(), fold.model.state_dict()
     assert all(torch.equal(best["state_dict"][k], ema[k]) for k in ema)
@@ -317,7 +317,7 @@ def test_a_knn_bank_holds_each_usable_original_image_once(tiny_data, tmp_path):
     keep = fold.trn.index.isin(voters.index)
     torch.testing.assert_close(heads.bank, F.normalize(frozen.trn_x[: len(fold.trn)][keep], dim=1))
     torch.testing.assert_close(heads.votes, torch.from_numpy(schema.one_hot(schema.encode(voters))).float())
-    frozen.fit()
+    fit(fold, frozen)
     model, ckpt = load_checkpoint(fold.dir / "best.pt", schema)
     assert ckpt["model_args"]["knn_bank"] == len(voters)
     torch.testing.assert_close(model.heads.bank, heads.bank)

@@ -1,8 +1,8 @@
 """One fold of a run: what both training routes share. ``Fold`` holds the fold's rows, its model
 and preprocessing, what it trains on (a student's teacher targets included), the record of its
-epochs, its checkpoints and the files it writes. The route that trains it owns its own loop:
-``utils/train/trainer.py`` fine-tunes on images (``FoldTrainer``), ``utils/train/frozen.py``
-trains heads on cached embeddings (``FrozenFold``); ``utils/train/kfold.py`` picks one per fold.
+epochs, its checkpoints and the files it writes. The epoch loop (``utils/train/kfold.py``, ``fit``)
+is written once for both routes: ``utils/train/trainer.py`` fine-tunes on images (``FoldTrainer``),
+``utils/train/frozen.py`` trains heads on cached embeddings (``FrozenFold``).
 
 Writes, in <out_dir>/<name>/fold<k>/ (name defaults to the model; see utils/run.py):
   best.pt            the best checkpoint; describes itself (model, args, preprocessing, schema)
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch
@@ -36,7 +35,7 @@ from utils.train.config import TrainConfig
 from utils.train.distill import DistillLoss, prepare_teacher, student_rows
 from utils.train.distributed import Dist
 from utils.train.engine import amp_dtype
-from utils.train.model import AttributeModel, HeadLoss, data_config, group_lrs
+from utils.train.model import AttributeModel, HeadLoss, data_config
 from utils.train.throughput import loader_workers, use_channels_last
 from utils.train.tracking import Tracker
 
@@ -204,32 +203,7 @@ class Fold:
                      f"rate goes on from {scheduler.lr_lambdas[0](step):.3g} of its base at step {step}, decaying "
                      f"smoothly to the new end")
 
-    # -- the epochs
-    def epochs(self, train_epoch: Callable, checkpoint: Callable, optimizer,
-               report: Callable[[int, float], None] | None = None) -> bool:
-        """The remaining epochs of a route: ``train_epoch(epoch) -> (stats, val score)``, recorded,
-        then ``checkpoint(improved, epoch, val score)``; ``report(epoch, val_score)`` after each
-        (tune.py prunes with it). Returns False when stopped early by ``stop_after`` (the fold is
-        not finished)."""
-        cfg, epochs_this_run = self.cfg, 0
-        for epoch in range(self.state["epoch"] + 1, cfg.epochs):
-            stats, val_score = train_epoch(epoch)
-            improved = self.record(epoch, stats, val_score, group_lrs(optimizer))
-            checkpoint(improved, epoch, val_score)
-            self.log(f"fold {self.fold} epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f}  val "
-                     f"{val_score:.4f}{' *' if improved else ''}  {stats['images_per_s'] * self.d.world:.1f} img/s "
-                     f"(waiting for data {stats['data_wait']:.0%})")
-            if report is not None:
-                report(epoch, val_score)
-            epochs_this_run += 1
-            if cfg.patience and self.state["bad_epochs"] >= cfg.patience:
-                self.log(f"early stop, no improvement for {cfg.patience} epochs")
-                break
-            if cfg.stop_after and epochs_this_run >= cfg.stop_after and epoch + 1 < cfg.epochs:
-                self.log(f"stopped after {epochs_this_run} epoch(s) (stop_after); continue with --resume")
-                return False
-        return True
-
+    # -- the record
     def record(self, epoch: int, stats: dict, val_score: float, lrs: dict) -> bool:
         """Append the epoch to the history (and the tracker) and update best/patience; True when it
         improved."""

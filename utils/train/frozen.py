@@ -33,10 +33,9 @@ from utils import provenance
 from utils.data.dataset import ImageDataset, make_loader
 from utils.data.schema import CATEGORY, ID, IGNORE_INDEX, image_path, row_paths
 from utils.io import atomic_write
-from utils.metric import score_logits
 from utils.train.engine import autocast, model_input, train_step
 from utils.train.fold import Fold
-from utils.train.model import WarmupCosine, group_lrs, load_checkpoint
+from utils.train.model import WarmupCosine, load_checkpoint
 
 UNUSABLE = "unusable image (embedded as a grey placeholder)"
 
@@ -68,8 +67,8 @@ def cache_key(backbone: torch.nn.Module, arch: dict, views: int, view_aug: list 
 
 
 class FrozenFold:
-    """Trains ``fold``'s heads on cached embeddings of its frozen backbone: ``resume``, ``fit``,
-    ``finalise``, as the fine-tuned route."""
+    """Trains ``fold``'s heads on cached embeddings of its frozen backbone: to the epoch loop, a route
+    like the fine-tuned one (an epoch of training, predictions, the best checkpoint's model)."""
 
     def __init__(self, fold: Fold):
         self.fold = f = fold
@@ -86,7 +85,7 @@ class FrozenFold:
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupCosine(cfg.epochs * steps, int(cfg.warmup_epochs * steps)))
-        self.best = None  # (state dict, epoch, val score) of the best epoch of this process
+        self.scaler = None  # heads train in fp32
 
     # -- the cache
     def embeddings(self, train: pd.DataFrame) -> dict:
@@ -199,38 +198,20 @@ class FrozenFold:
         f.model.heads.fill(self.trn_x[:n][torch.from_numpy(keep)], onehot, prior)
         f.model_args["knn_bank"] = int(keep.sum())
 
-    # -- the epoch loop, on cached embeddings
-    def resume(self) -> None:
-        self.fold.resume(self.optimizer, self.scheduler)
+    # -- what the epoch loop (utils/train/kfold.py) asks of a route
+    save_each_epoch = False  # an epoch takes a fraction of a second: the loop keeps the best weights in
+    # memory and writes the checkpoints once, when training stops (an interrupted fold trains its heads
+    # again: seconds)
 
-    def fit(self, report=None) -> bool:
-        """Epochs take a fraction of a second here, so the best weights are kept in memory and the
-        checkpoints written once, when the fold's training stops (an interrupted fold trains its
-        heads again: seconds)."""
-        f = self.fold
-        if f.cfg.head == "knn":
-            stats, val_score = self.train_epoch(0)  # nothing to train: one pass scores and saves the bank
-            self.checkpoint(f.record(0, stats, val_score, group_lrs(self.optimizer)), 0, val_score)
-            f.log(f"fold {f.fold}: kNN vote (k={f.model.heads.k}) over {len(f.trn)} train rows: "
-                  f"val {val_score:.4f}")
-            finished = True
-        else:
-            finished = f.epochs(self.train_epoch, self.checkpoint, self.optimizer, report)
-        if f.d.main:
-            if self.best is not None:  # (none when a resumed fold had no epoch left to train)
-                f.save_best(*self.best)
-            f.save_last(self.optimizer, self.scheduler)
-        return finished
+    @property
+    def epochs(self) -> int:
+        return 1 if self.fold.cfg.head == "knn" else self.fold.cfg.epochs  # a kNN vote trains nothing
 
-    def checkpoint(self, improved: bool, epoch: int, val_score: float) -> None:
-        if improved:
-            self.best = ({k: v.clone() for k, v in self.fold.scored.state_dict().items()}, epoch, val_score)
-
-    def train_epoch(self, epoch: int) -> tuple[dict, float]:
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over the fold's train embeddings (every view), in a seeded order."""
         f, cfg = self.fold, self.fold.cfg
         start, total = time.perf_counter(), 0.0
         if cfg.head != "knn":
-            torch.manual_seed(cfg.seed * 1000 + epoch)
             f.model.train()
             heads = HeadsOnly(f.model)
             order = torch.randperm(len(self.trn_x), generator=torch.Generator().manual_seed(cfg.seed * 10_007 + epoch))
@@ -241,23 +222,25 @@ class FrozenFold:
                 if f.ema is not None:
                     f.ema.update(f.model)
         seconds = time.perf_counter() - start
-        stats = {"loss": total / len(self.trn_x), "images_per_s": len(self.trn_x) / max(seconds, 1e-9),
-                 "seconds": seconds, "data_wait": 0.0}  # embeddings already in memory
-        return stats, score_logits(f.schema, f.val_targets, self.head_logits(self.val_x))[0]
+        return {"loss": total / len(self.trn_x), "images_per_s": len(self.trn_x) / max(seconds, 1e-9),
+                "seconds": seconds, "data_wait": 0.0}  # embeddings already in memory
 
     @torch.no_grad()
-    def head_logits(self, x: torch.Tensor, model=None) -> np.ndarray:
-        model = (model or self.fold.scored).eval()
+    def head_logits(self, x: torch.Tensor, model) -> np.ndarray:
+        model.eval()
         return torch.cat([model.head_logits(b) for b in x.split(1024)]).numpy()
 
-    def finalise(self) -> dict:
-        """OOF and test logits from the best checkpoint's heads on the cached embeddings."""
+    def validate(self, model, mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in the fold's validation rows, logits) from the cached plain embeddings (the
+        mirror is not embedded: ``mirror`` has no effect on this route)."""
+        return np.arange(len(self.fold.val)), self.head_logits(self.val_x, model)
+
+    def predict_test(self, model, mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        return self.cache["test_ids"], self.head_logits(torch.from_numpy(self.cache["test"]), model)
+
+    def best_model(self):
         f = self.fold
-        best, _ = load_checkpoint(f.dir / "best.pt", f.schema)
-        test = None
-        if f.cfg.predict_test:
-            test = (self.cache["test_ids"], self.head_logits(torch.from_numpy(self.cache["test"]), best))
-        return f.write_outputs(np.arange(len(f.val)), self.head_logits(self.val_x, best), test)
+        return load_checkpoint(f.dir / "best.pt", f.schema)[0]
 
 
 class HeadsOnly(torch.nn.Module):

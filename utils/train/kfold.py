@@ -1,7 +1,8 @@
 """Training every fold of a run: what ``python train.py`` does, and what ``tune.py`` calls for each
 trial (``train_fold``). A fold (``utils.train.fold.Fold``: rows, model, record, outputs) is
 fine-tuned by ``utils.train.trainer.FoldTrainer``, or, with ``frozen_backbone: true``, its heads
-trained on cached embeddings by ``utils.train.frozen.FrozenFold``.
+trained on cached embeddings by ``utils.train.frozen.FrozenFold``; either route runs through the one
+epoch loop, ``fit``, which reads top to bottom.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from typing import Callable
 
 import pandas as pd
+import torch
 
 from utils.blend import load_oof
 from utils.data.schema import ID, Dataset, Schema, read_dataset
@@ -20,6 +22,7 @@ from utils.train.config import TrainConfig
 from utils.train.distributed import Dist, setup_distributed, teardown
 from utils.train.fold import Fold
 from utils.train.frozen import FrozenFold
+from utils.train.model import group_lrs
 from utils.train.throughput import configure_device
 from utils.train.trainer import FoldTrainer
 
@@ -38,13 +41,63 @@ def train_fold(cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data: Data
         return done
     shared = Fold(cfg, schema, train, data, fold, d, root or out, out.fold_dir(cfg.run_name, fold))
     try:
-        route = (FrozenFold if cfg.frozen_backbone else FoldTrainer)(shared)
-        route.resume()
-        if not route.fit(report):
-            return {"stopped": True, **shared.state}
-        return route.finalise()
+        return fit(shared, (FrozenFold if cfg.frozen_backbone else FoldTrainer)(shared), report)
     finally:
         shared.close()
+
+
+def fit(f: Fold, route, report: Callable[[int, float], None] | None = None) -> dict:
+    """The epoch loop of one fold, for either route (``FoldTrainer`` or ``FrozenFold``): resume, then
+    each epoch trains (the route's steps), validates (the route's predictions), is recorded, keeps
+    the best weights, checkpoints, is reported (``report(epoch, val score)``: tune.py prunes with
+    it) and may stop the loop (patience, ``stop_after``); then the best checkpoint predicts the
+    validation rows (OOF) and the test set, and the fold's files are written."""
+    cfg, d = f.cfg, f.d
+    f.resume(route.optimizer, route.scheduler, route.scaler)
+    best = None  # this process's best epoch: (epoch, val score, validation positions, their logits, weights)
+    ran, stopped = 0, False
+    for epoch in range(f.state["epoch"] + 1, route.epochs):
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: the same with or without resume
+        stats = route.train_epoch(epoch)
+        f.check_bad()
+        idx, logits = route.validate(f.scored)
+        val_score, _ = score_logits(f.schema, f.val_targets[idx], logits)
+        improved = f.record(epoch, stats, val_score, group_lrs(route.optimizer))
+        if improved:
+            weights = None if route.save_each_epoch else {k: v.clone() for k, v in f.scored.state_dict().items()}
+            best = (epoch, val_score, idx, logits, weights)
+        if route.save_each_epoch and d.main:
+            if improved:
+                f.save_best(f.scored.state_dict(), epoch, val_score)
+            f.save_last(route.optimizer, route.scheduler, route.scaler)
+        f.log(f"fold {f.fold} epoch {epoch + 1}/{route.epochs}: loss {stats['loss']:.4f}  val {val_score:.4f}"
+              f"{' *' if improved else ''}  {stats['images_per_s'] * d.world:.1f} img/s "
+              f"(waiting for data {stats['data_wait']:.0%})")
+        if report is not None:
+            report(epoch, val_score)
+        ran += 1
+        if cfg.patience and f.state["bad_epochs"] >= cfg.patience:
+            f.log(f"early stop, no improvement for {cfg.patience} epochs")
+            break
+        if cfg.stop_after and ran >= cfg.stop_after and epoch + 1 < route.epochs:
+            f.log(f"stopped after {ran} epoch(s) (stop_after); continue with --resume")
+            stopped = True
+            break
+    if not route.save_each_epoch and d.main:  # the checkpoints once, when training stops
+        if best is not None:  # (none when a resumed fold had no epoch left to train)
+            f.save_best(best[4], best[0], best[1])
+        f.save_last(route.optimizer, route.scheduler, route.scaler)
+    if stopped:
+        return {"stopped": True, **f.state}
+
+    d.barrier()  # best.pt is written
+    model = route.best_model()
+    if best is not None and best[0] + 1 == f.state["best_epoch"] and not cfg.tta_hflip:
+        idx, oof = best[2], best[3]  # best.pt holds the weights that made these logits: no second pass
+    else:
+        idx, oof = route.validate(model, mirror=cfg.tta_hflip)
+    test = route.predict_test(model, mirror=cfg.tta_hflip) if cfg.predict_test else None
+    return f.write_outputs(idx, oof, test)
 
 
 # ----------------------------------------------------------------------------- every fold

@@ -1,22 +1,21 @@
 """The fine-tuned route of one fold (``FoldTrainer``): the backbone and heads trained end to end on
-images, fed by the decode cache. Its loop: train an epoch over the fold's images, validate, keep
-the best weights; then the best checkpoint predicts the fold's validation rows (OOF) and the test
-set. What it shares with the frozen route (rows, model, record, checkpoints, outputs) is the
-``Fold`` it is given (utils/train/fold.py).
+images, fed by the decode cache. It gives the epoch loop (``utils/train/kfold.py``, ``fit``) an
+epoch of training over the fold's images, its predictions of the validation and test images, and
+the best checkpoint's model; the loop owns the rest. What it shares with the frozen route (rows,
+model, record, checkpoints, outputs) is the ``Fold`` it is given (utils/train/fold.py).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
 
+import numpy as np
 import pandas as pd
 import torch
 
 from utils.data.dataset import EpochSampler, ImageDataset, balanced_weights, make_loader
 from utils.data.decoded import DecodedImages
 from utils.data.schema import CATEGORY, ID, image_path, row_paths
-from utils.metric import score_logits
 from utils.train.distributed import gather_rows
 from utils.train.engine import predict, train_one_epoch
 from utils.train.fold import Fold
@@ -24,7 +23,8 @@ from utils.train.model import WarmupCosine, build_optimizer, load_checkpoint
 
 
 class FoldTrainer:
-    """Fine-tunes ``fold``: ``resume``, ``fit`` (the epoch loop, checkpointing each epoch), ``finalise``."""
+    """Fine-tunes ``fold``: its images, loaders, optimiser and schedule, and what the epoch loop asks of
+    a route: an epoch of training, validation and test predictions, the best checkpoint's model."""
 
     def __init__(self, fold: Fold):
         self.fold = f = fold
@@ -81,57 +81,40 @@ class FoldTrainer:
         part = torch.utils.data.Subset(ds, list(range(f.d.rank, len(ds), f.d.world)))
         return make_loader(part, f.per_rank_batch, f.workers, persistent=persistent, device=f.d.device)
 
-    def resume(self) -> None:
-        self.fold.resume(self.optimizer, self.scheduler, self.scaler)
+    # -- what the epoch loop (utils/train/kfold.py) asks of a route
+    save_each_epoch = True  # an epoch takes long: best.pt and last.pt after each, for --resume
 
-    def fit(self, report: Callable[[int, float], None] | None = None) -> bool:
-        return self.fold.epochs(self.train_epoch, self.checkpoint, self.optimizer, report)
+    @property
+    def epochs(self) -> int:
+        return self.fold.cfg.epochs
 
-    def train_epoch(self, epoch: int) -> tuple[dict, float]:
-        """One epoch of training, then the validation score."""
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over the fold's train images: {"loss", "images_per_s", "seconds", "data_wait"}."""
         f, cfg = self.fold, self.fold.cfg
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: the same with or without resume
         self.sampler.set_epoch(epoch)  # the epoch reaches the workers with each row's key
         f.model.freeze_backbone(epoch < cfg.freeze_epochs)
-        stats = train_one_epoch(self.net, self.trn_loader, self.optimizer, self.scheduler, f.d.device,
-                                prep=f.prep, amp_dtype=f.dtype, scaler=self.scaler, clip_grad=cfg.clip_grad,
-                                grad_accum=cfg.grad_accum, ema=f.ema, channels_last=f.channels_last,
-                                keys=self.trn_keys, bad=f.bad,
-                                desc=f"fold {f.fold} epoch {epoch + 1}/{cfg.epochs}", progress=f.progress)
-        f.check_bad()
-        idx, logits = gather_rows(*predict(f.scored, self.val_loader, f.d.device, prep=f.prep,
-                                           amp_dtype=f.dtype, channels_last=f.channels_last,
-                                           desc="validate", progress=f.progress), f.d)
-        val_score, _ = score_logits(f.schema, f.val_targets[idx], logits)
-        self.last_validation = (epoch, idx, logits)  # the OOF logits, when this epoch is the best
-        return stats, val_score
+        return train_one_epoch(self.net, self.trn_loader, self.optimizer, self.scheduler, f.d.device,
+                               prep=f.prep, amp_dtype=f.dtype, scaler=self.scaler, clip_grad=cfg.clip_grad,
+                               grad_accum=cfg.grad_accum, ema=f.ema, channels_last=f.channels_last,
+                               keys=self.trn_keys, bad=f.bad,
+                               desc=f"fold {f.fold} epoch {epoch + 1}/{cfg.epochs}", progress=f.progress)
 
-    def checkpoint(self, improved: bool, epoch: int, val_score: float) -> None:
-        """best.pt when the epoch improved; last.pt (everything resume needs) and the history always."""
+    def predict(self, model, loader, desc: str, mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
         f = self.fold
-        if not f.d.main:
-            return
-        if improved:
-            f.save_best(f.scored.state_dict(), epoch, val_score)
-        f.save_last(self.optimizer, self.scheduler, self.scaler)
+        return gather_rows(*predict(model, loader, f.d.device, prep=f.prep, amp_dtype=f.dtype, hflip=mirror,
+                                    channels_last=f.channels_last, desc=desc, progress=f.progress), f.d)
 
-    def finalise(self) -> dict:
-        """The best checkpoint predicts the fold's validation rows (OOF) and the test set; writes
-        both logits files, then metrics.json (its presence marks the fold complete)."""
-        f, cfg, d = self.fold, self.fold.cfg, self.fold.d
-        d.barrier()
+    def validate(self, model, mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in the fold's validation rows, logits), gathered from every rank."""
+        return self.predict(model, self.val_loader, "validate", mirror)
+
+    def predict_test(self, model, mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(test ids, logits) of every test row."""
+        f = self.fold
+        idx, logits = self.predict(model, self.shard(f.data.test, f.data.test_images), "test", mirror)
+        return f.data.test[ID].to_numpy()[idx], logits
+
+    def best_model(self):
+        f = self.fold
         best, _ = load_checkpoint(f.dir / "best.pt", f.schema)
-        best.to(d.device, memory_format=torch.channels_last if f.channels_last else torch.contiguous_format)
-        run = lambda loader, desc: gather_rows(*predict(best, loader, d.device, prep=f.prep, amp_dtype=f.dtype,
-                                                        hflip=cfg.tta_hflip, channels_last=f.channels_last,
-                                                        desc=desc, progress=f.progress), d)
-        last = getattr(self, "last_validation", None)
-        if last is not None and last[0] + 1 == f.state["best_epoch"] and not cfg.tta_hflip:
-            idx, oof = last[1], last[2]  # best.pt holds the weights that just validated: no second pass
-        else:
-            idx, oof = run(self.val_loader, "OOF")
-        test = None
-        if cfg.predict_test:
-            test_idx, test_logits = run(self.shard(f.data.test, f.data.test_images), "test")
-            test = (f.data.test[ID].to_numpy()[test_idx], test_logits)
-        return f.write_outputs(idx, oof, test)
+        return best.to(f.d.device, memory_format=torch.channels_last if f.channels_last else torch.contiguous_format)
