@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -46,6 +47,16 @@ def train_fold(cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data: Data
         shared.close()
 
 
+class BestEpoch(NamedTuple):
+    """The best epoch of this process: its validation rows' logits (the OOF logits when no later
+    epoch beats it) and, for a route that checkpoints once at the end, its weights."""
+    epoch: int
+    score: float
+    idx: np.ndarray
+    logits: np.ndarray
+    weights: dict | None
+
+
 def fit(f: Fold, route, report: Callable[[int, float], None] | None = None) -> dict:
     """The epoch loop of one fold, for either route (``FoldTrainer`` or ``FrozenFold``): resume, then
     each epoch trains (the route's steps), validates (the route's predictions), is recorded, keeps
@@ -54,7 +65,7 @@ def fit(f: Fold, route, report: Callable[[int, float], None] | None = None) -> d
     validation rows (OOF) and the test set, and the fold's files are written."""
     cfg, d = f.cfg, f.d
     f.resume(route.optimizer, route.scheduler, route.scaler)
-    best = None  # this process's best epoch: (epoch, val score, validation positions, their logits, weights)
+    best = None  # this process's best epoch
     ran, stopped = 0, False
     for epoch in range(f.state["epoch"] + 1, route.epochs):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: the same with or without resume
@@ -65,7 +76,7 @@ def fit(f: Fold, route, report: Callable[[int, float], None] | None = None) -> d
         improved = f.record(epoch, stats, val_score, group_lrs(route.optimizer))
         if improved:
             weights = None if route.save_each_epoch else {k: v.clone() for k, v in f.scored.state_dict().items()}
-            best = (epoch, val_score, idx, logits, weights)
+            best = BestEpoch(epoch, val_score, idx, logits, weights)
         if route.save_each_epoch and d.main:
             if improved:
                 f.save_best(f.scored.state_dict(), epoch, val_score)
@@ -85,15 +96,16 @@ def fit(f: Fold, route, report: Callable[[int, float], None] | None = None) -> d
             break
     if not route.save_each_epoch and d.main:  # the checkpoints once, when training stops
         if best is not None:  # (none when a resumed fold had no epoch left to train)
-            f.save_best(best[4], best[0], best[1])
+            f.save_best(best.weights, best.epoch, best.score)
         f.save_last(route.optimizer, route.scheduler, route.scaler)
     if stopped:
         return {"stopped": True, **f.state}
 
     d.barrier()  # best.pt is written
-    model = route.best_model()
-    if best is not None and best[0] + 1 == f.state["best_epoch"] and not cfg.tta_hflip:
-        idx, oof = best[2], best[3]  # best.pt holds the weights that made these logits: no second pass
+    reuse = best is not None and best.epoch + 1 == f.state["best_epoch"] and not cfg.tta_hflip
+    model = route.best_model() if cfg.predict_test or not reuse else None
+    if reuse:
+        idx, oof = best.idx, best.logits  # best.pt holds the weights that made these logits: no second pass
     else:
         idx, oof = route.validate(model, mirror=cfg.tta_hflip)
     test = route.predict_test(model, mirror=cfg.tta_hflip) if cfg.predict_test else None
