@@ -165,3 +165,41 @@ def test_a_storage_whose_driver_is_missing_says_which_to_install(monkeypatch):
     with pytest.raises(DataError, match=r"--storage postgresql://kit@127\.0\.0\.1:1/tune: its database driver is not "
                                         r"installed \(No module named 'psycopg'\); for PostgreSQL `pip install"):
         tune.make_storage("postgresql://kit@127.0.0.1:1/tune")
+
+
+def _postgres_error(sqlstate_error, message):
+    """The SQLAlchemy error a worker gets from PostgreSQL (psycopg) for a CREATE TABLE."""
+    import sqlalchemy.exc
+
+    wrap = sqlalchemy.exc.IntegrityError if sqlstate_error.__name__ == "UniqueViolation" else \
+        sqlalchemy.exc.ProgrammingError
+    return wrap("CREATE TABLE studies (...)", {}, sqlstate_error(message))
+
+
+@pytest.mark.parametrize("error", ["DuplicateTable", "DuplicateObject", "UniqueViolation"])
+def test_a_worker_that_loses_the_race_to_create_postgresql_tables_retries(monkeypatch, error):
+    """Workers that start together on an empty PostgreSQL database race to create Optuna's tables;
+    each way of losing (seen on a real server: a unique violation while both create, a table or
+    type that already exists when the winner committed between the loser's check and its CREATE)
+    is retried; a real SQL error is not."""
+    import psycopg.errors
+
+    calls = []
+
+    def create_study(**kwargs):
+        calls.append(kwargs["study_name"])
+        if len(calls) == 1:
+            raise _postgres_error(getattr(psycopg.errors, error), 'relation "studies" already exists')
+        return "study"
+
+    monkeypatch.setattr(optuna, "create_study", create_study)
+    monkeypatch.setattr(tune, "make_storage", lambda url, heartbeat: None)
+    monkeypatch.setattr(tune.time, "sleep", lambda s: None)
+    assert tune.open_study("s", "postgresql://kit@db/tune", 60, "none", 2) == "study" and calls == ["s", "s"]
+
+    calls.clear()
+    denied = _postgres_error(psycopg.errors.InsufficientPrivilege, "permission denied for schema public")
+    monkeypatch.setattr(optuna, "create_study", lambda **kwargs: calls.append(1) or (_ for _ in ()).throw(denied))
+    with pytest.raises(type(denied), match="permission denied"):
+        tune.open_study("s", "postgresql://kit@db/tune", 60, "none", 2)
+    assert calls == [1]

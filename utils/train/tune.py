@@ -144,11 +144,15 @@ def storage_lock(url: str | None):
 def open_study(study_name: str, storage: str | None, heartbeat: int, pruner: str, epochs: int, attempts: int = 8):
     """Create the study, or load it when another worker did. Workers started at the same instant
     on a fresh storage race to create its tables and the study: on a local file they take turns
-    (``storage_lock``); on a database server the loser of a race retries after a random wait."""
+    (``storage_lock``); on a database server the loser of a race retries after a random wait. The
+    losers' errors depend on when they lost: a unique violation while both create a table, or (on
+    PostgreSQL) a table or type that "already exists" when the winner committed between their check
+    and their CREATE."""
     import optuna
     import sqlalchemy.exc
 
-    races = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError, optuna.exceptions.DuplicatedStudyError)
+    races = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
+             optuna.exceptions.DuplicatedStudyError)
     for attempt in range(attempts):
         try:
             with storage_lock(storage):
@@ -157,6 +161,8 @@ def open_study(study_name: str, storage: str | None, heartbeat: int, pruner: str
                                            sampler=optuna.samplers.TPESampler(seed=None),
                                            pruner=make_pruner(pruner, epochs))
         except races as err:
+            if isinstance(err, sqlalchemy.exc.ProgrammingError) and "already exists" not in str(err):
+                raise  # a real SQL error (permissions, a schema from another Optuna), not a lost race
             if attempt == attempts - 1:
                 raise DataError(f"could not open study {study_name!r} in {storage} after {attempts} attempts: "
                                 f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
