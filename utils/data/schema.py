@@ -460,7 +460,7 @@ def read_dataset(root: str | Path, train_csv: str | None = None) -> Dataset:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found (make the demo data with "
-                        f"`python -m utils.data.demo_data --out {root}`, or see the README)")
+                        f"`python -m utils.tools.demo_data --out {root}`, or see the README)")
     category_attrs = read_category_attributes(root / "category_attributes.parquet")
     train = read_train(Path(train_csv) if train_csv else root / "train.csv", category_attrs)
     test = read_test(root / "test.csv", sorted(train[CATEGORY].unique()))
