@@ -76,6 +76,43 @@ def test_bias_fitting_improves_macro_f1_in_sample(synthetic):
     assert obj.score(w, bias) > obj.score(w)
 
 
+def _fit_bias_point_by_point(obj, weights, rounds, span, steps):
+    """The bias search scored one grid point at a time, through the metric's own f1_scores."""
+    from utils.metric import f1_scores
+
+    w, bias = obj.head_weights(weights), np.zeros(obj.schema.n_logits, dtype=np.float32)
+    grid = np.linspace(-span, span, steps).astype(np.float32)
+    for j, h in enumerate(obj.schema.heads):
+        z, y, b = obj.blended(j, w), obj.y[j], np.zeros(h.width, dtype=np.float32)
+        best = f1_scores(y, z.argmax(axis=1), h.width)[2]
+        for _ in range(rounds):
+            for c in range(h.width):
+                keep = b[c]
+                for value in grid:
+                    b[c] = value
+                    s = f1_scores(y, (z + b).argmax(axis=1), h.width)[2]
+                    if s > best + 1e-12:
+                        best, keep = s, value
+                b[c] = keep
+        bias[h.logits] = b
+    return bias
+
+
+@pytest.mark.parametrize("decimals", [None, 0])
+def test_the_bias_search_scores_its_grid_at_once_exactly_as_point_by_point(synthetic, decimals):
+    """The same biases as trying each grid point in turn, ties included: logits rounded to whole
+    numbers make many rows tie between classes, where argmax's first-index rule decides."""
+    train, schema, targets, logits, _ = synthetic
+    members = np.stack([head_log_softmax(z, schema) for z in logits])
+    if decimals is not None:
+        members = np.round(members, decimals)
+    obj = search.BlendObjective(members, targets, schema)
+    w = np.array([0.2, 0.3, 0.5])
+    fast, slow = obj.fit_bias(w, rounds=2, span=2.0, steps=9), _fit_bias_point_by_point(obj, w, 2, 2.0, 9)
+    assert np.count_nonzero(slow) > 10
+    np.testing.assert_array_equal(fast, slow)
+
+
 def test_pure_noise_shows_no_nested_gain(synthetic):
     """Weights fitted on noise look good in sample; held-out folds must not show that gain.
     (Biases are left out here: on noise they still learn each head's class prior, a real gain

@@ -5,7 +5,7 @@ from sklearn.metrics import f1_score
 
 from tests.conftest import run_script
 from utils.data.schema import ATTR_COLS, DUMMY, Schema, read_dataset
-from utils.metric import f1_scores, score, validate_submission
+from utils.metric import f1_score_rows, f1_scores, score, validate_submission
 from utils.serve.submission import majority_logits, make_submission
 
 
@@ -68,6 +68,18 @@ def test_f1_scores_match_sklearn_on_random_data():
         assert micro == pytest.approx(f1_score(y_true, y_pred, average="micro"))
         assert macro == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
         assert s == pytest.approx(0 if micro + macro == 0 else 2 * micro * macro / (micro + macro))
+
+
+def test_f1_score_rows_equal_f1_scores_row_by_row():
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        n_labels = int(rng.integers(1, 12))
+        y_true = rng.integers(0, n_labels, size=int(rng.integers(1, 200)))
+        y_preds = np.minimum(rng.integers(0, n_labels, size=(7, len(y_true))), rng.integers(0, n_labels, (7, 1)))
+        y_preds[0] = y_true  # a perfect row, and one with no hit at all
+        y_preds[1] = (y_true + 1) % n_labels
+        rows = f1_score_rows(y_true, y_preds, n_labels)
+        assert rows == pytest.approx([f1_scores(y_true, p, n_labels)[2] for p in y_preds], abs=1e-12)
 
 
 def test_both_zero_scores_zero():

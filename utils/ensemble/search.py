@@ -22,7 +22,7 @@ import pandas as pd
 
 from utils.blend import normalise_weights
 from utils.data.schema import Schema
-from utils.metric import f1_scores, final_score
+from utils.metric import f1_score_rows, f1_scores, final_score
 
 METHODS = ("equal", "caruana", "nelder_mead", "tpe", "random", "sto")
 
@@ -87,7 +87,9 @@ class BlendObjective:
     def fit_bias(self, weights: np.ndarray, rounds: int, span: float, steps: int) -> np.ndarray:
         """One additive bias per class, by coordinate ascent per head: each head's score depends
         only on its own biases, and the final score is a mean of head scores, so heads are fitted
-        independently. A bias is kept only when it strictly improves its head."""
+        independently. A bias is kept only when it strictly improves its head. The grid of one
+        class is scored at once: moving class c's bias changes a row's prediction only between c
+        and the row's best other class, so every grid point's predictions follow from one argmax."""
         w = self.head_weights(weights)
         bias = np.zeros(self.schema.n_logits, dtype=np.float32)
         grid = np.linspace(-span, span, steps).astype(np.float32)
@@ -98,10 +100,15 @@ class BlendObjective:
             best = f1_scores(y, z.argmax(axis=1), h.width)[2]
             for _ in range(rounds):
                 for c in range(h.width):
+                    others = z + b
+                    others[:, c] = -np.inf
+                    rival = others.argmax(axis=1)  # the first best other class, as argmax breaks ties
+                    top = others[np.arange(len(y)), rival]
+                    mine = z[:, c] + grid[:, None]  # [steps, N]: class c's logit at each grid point
+                    wins = (mine > top) | ((mine == top) & (c < rival))
+                    scores = f1_score_rows(y, np.where(wins, c, rival), h.width)
                     keep = b[c]
-                    for value in grid:
-                        b[c] = value
-                        s = f1_scores(y, (z + b).argmax(axis=1), h.width)[2]
+                    for value, s in zip(grid, scores):  # in grid order: the first strict improvement wins
                         if s > best + 1e-12:
                             best, keep = s, value
                     b[c] = keep
