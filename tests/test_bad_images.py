@@ -13,6 +13,8 @@ from utils.data.schema import Schema, read_dataset
 from utils.errors import StaleError
 from utils.metric import score_logits, validate_submission
 from utils.run import RunDir
+from utils.serve import budget
+from utils.serve import export as export_module
 from utils.serve.manifest import Manifest
 
 TRAIN = ["--model", "test_resnet", "--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs", "1",
@@ -155,7 +157,7 @@ def test_inference_writes_every_row_whatever_the_image(tiny_data, tiny_run, tmp_
 
 
 @pytest.mark.slow
-def test_export_skips_and_reports_bad_parity_calibration_and_timing_images(tiny_data, tiny_run, tmp_path):
+def test_export_skips_and_reports_bad_parity_calibration_and_timing_images(tiny_data, tiny_run, tmp_path, monkeypatch):
     """An unreadable image among export's parity (validation), int8 calibration (train) and timing
     (test) images is skipped and named, as training and infer.py tolerate it; every merged graph,
     the budget's too, is checked against its separate sessions on several images."""
@@ -168,6 +170,14 @@ def test_export_skips_and_reports_bad_parity_calibration_and_timing_images(tiny_
     export = ["export.py", "--data-dir", str(data), "--out-dir", str(run), "--int8", "--budget-ms", "100000",
               "--parity-images", "4", "--timing-images", "4", "--latency-images", "6", "--calib-images", "16",
               "--progress", "false", "--models", "test_byobnet,test_efficientnet"]
+    exported = {}  # what export measured of each run: its manifest entry, its fp32 and int8 OOF logits
+
+    def export_run(run_name, *args, **kwargs):
+        exported[run_name] = real_export_run(run_name, *args, **kwargs)
+        return exported[run_name]
+
+    real_export_run = export_module.export_run
+    monkeypatch.setattr(export_module, "export_run", export_run)
     proc = run_script(*export, "--int8-max-drop", "1")
     assert f"fold 0: parity: 1 unreadable image(s) skipped: {first_val:06d}.jpg" in proc.stdout
     assert f"fold 0: int8 calibration: 1 unreadable image(s) skipped: {first_calib:06d}.jpg" in proc.stdout
@@ -183,13 +193,14 @@ def test_export_skips_and_reports_bad_parity_calibration_and_timing_images(tiny_
         assert entry["oof_fp32"] == pytest.approx(trained, abs=2e-3) and 0 < entry["oof_int8"] <= 1
     table = pd.read_csv(run / "onnx" / "budget.csv", keep_default_na=False)
     assert set(table["int8"]) - {"-"} and set(table["tail"]) == {"max of 6"}
-    # the gate, in export itself, on the drops it measured: a limit between the two runs' drops makes
-    # int8 candidates of the run below it only
+    # the gate, on the drops and int8 logits export measured: a limit between the two runs' drops makes
+    # int8 candidates of the run below it only (the budget's choice, as export.py makes it)
+    assert set(exported) == {e["run"] for e in manifest["members"]}
     drops = sorted(e["oof_fp32"] - e["oof_int8"] for e in manifest["members"])
     assert drops[0] < drops[1]
     limit = (drops[0] + drops[1]) / 2
-    run_script(*export, f"--int8-max-drop={limit!r}")  # (= : the limit may be negative)
-    manifest = json.loads((run / "onnx" / "manifest.json").read_text())
+    budget.choose_serving(RunDir(run), exported, read_dataset(data), budget_ms=100000, int8_max_drop=limit,
+                          merge=True, latency_images=6, parity_images=4, threads=2, progress=False)
     below = {e["run"] for e in manifest["members"] if e["oof_fp32"] - e["oof_int8"] < limit}
     table = pd.read_csv(run / "onnx" / "budget.csv", keep_default_na=False)
     assert len(below) == 1 and {r for v in table["int8"] if v != "-" for r in v.split(",")} == below

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -70,6 +72,18 @@ def test_demo_data_is_deterministic_and_valid(tmp_path):
             assert im.width == 512 and 259 <= im.height <= 1080
     solution = pd.read_csv(a / "test_solution.csv")
     assert (solution.id == data.test.id).all()
+    # a narrower build: the same tables, each picture shrunk whole (its aspect kept, to the pixel)
+    small = generate(tmp_path / "small", n_train=30, n_test=10, seed=3, workers=1, progress=False, width=128)
+    for name in ("train.csv", "test.csv", "test_solution.csv"):
+        assert (small / name).read_bytes() == (a / name).read_bytes()
+    for i in data.train.id:
+        with Image.open(a / "train_images" / f"{i:06d}.jpg") as big, \
+                Image.open(small / "train_images" / f"{i:06d}.jpg") as im:
+            assert im.width == 128 and abs(im.height - big.height / 4) <= 0.5
+            shrunk = np.asarray(big.convert("RGB").resize(im.size, Image.Resampling.BOX), dtype=np.float32)
+            diff = np.abs(np.asarray(im.convert("RGB"), dtype=np.float32) - shrunk).mean()
+            assert diff < 8, diff  # JPEG's losses (twice here) on a noisy photo; another picture differs by tens
+    assert json.loads((small / "build.json").read_text())["width"] == 128  # a rebuild at 512 starts afresh
 
 
 def test_demo_data_follows_the_real_imbalance(tmp_path):

@@ -3,6 +3,7 @@ test imports one; no two modules import each other (at module or function level)
 and a value outside an option's choices is refused when the config is parsed."""
 import ast
 import dataclasses
+import functools
 import importlib
 import typing
 
@@ -19,10 +20,16 @@ def module_name(path) -> str:
     return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
 
 
+@functools.lru_cache(maxsize=None)
+def parse(source: str) -> ast.Module:
+    """A module's syntax tree, parsed once per text (the tests walk every file several times)."""
+    return ast.parse(source)
+
+
 def imports_of(path) -> set[str]:
     """Every kit module (script or utils.*) that ``path`` imports, anywhere in the file."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(parse(path.read_text())):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -65,7 +72,7 @@ def script_runs(path) -> list[str]:
     """How ``path`` would run a kit script at run time: importing runpy, or an argv (a list or tuple
     literal) holding a script's file name, as subprocess or multiprocessing would be given."""
     found, files = [], {f"{s}.py" for s in SCRIPTS}
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(parse(path.read_text())):
         if isinstance(node, ast.Import) and any(a.name == "runpy" for a in node.names) or \
                 isinstance(node, ast.ImportFrom) and node.module == "runpy":
             found.append(f"line {node.lineno}: imports runpy")
@@ -169,7 +176,7 @@ def config_classes():
     found = []
     files = [ROOT / f"{s}.py" for s in SCRIPTS] + sorted((ROOT / "utils").rglob("*.py"))
     for path in files:
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "run_command":
                 module = importlib.import_module(module_name(path))
                 found.append((module.__name__, getattr(module, node.args[1].id)))
