@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -78,8 +79,8 @@ def _user_exists(name: str) -> bool:
 @pytest.mark.slow
 def test_three_tune_workers_share_a_study_on_postgresql_and_survive_one_killed_midtrial(tiny_data, tmp_path,
                                                                                         postgres):
-    """Three workers start together on one study through postgresql://; one is killed mid-trial. The
-    other two finish their trials; a worker started later sees the killed trial's heartbeats stopped,
+    """Three workers (two new processes and this one) run one study through postgresql:// together;
+    one is killed mid-trial. The other two finish their trials; a worker started later sees the killed trial's heartbeats stopped,
     marks it failed and runs its parameters again; every trial ends in exactly one final state."""
     import optuna
 
@@ -87,14 +88,22 @@ def test_three_tune_workers_share_a_study_on_postgresql_and_survive_one_killed_m
                                   postgres, "--study-name", "s", "--heartbeat", "1", "--pruner", "none",
                                   "--batch-size", "16", "--tuned-config", str(tmp_path / "t.yaml"))]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    others = [subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    rc, output, _ = launch(args, "epoch 1/2", kill_after=0.0)  # the third, killed once its first epoch is done
-    assert rc == -signal.SIGKILL, output[-3000:]
-    killed_at = time.monotonic()
-    for worker in others:
-        out, _ = worker.communicate(timeout=600)
-        assert worker.returncode == 0, out[-3000:]
+    other = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    killed = {}
+
+    def kill_the_third():  # once its first epoch is done
+        killed["rc"], killed["output"], _ = launch(args, "epoch 1/2", kill_after=0.0)
+        killed["at"] = time.monotonic()
+
+    watcher = threading.Thread(target=kill_the_third)
+    watcher.start()
+    run_script(*args)  # one of the two that finish: this process, while the others run
+    watcher.join(timeout=600)
+    assert killed["rc"] == -signal.SIGKILL, killed["output"][-3000:]
+    killed_at = killed["at"]
+    out, _ = other.communicate(timeout=600)
+    assert other.returncode == 0, out[-3000:]
     time.sleep(max(0.0, killed_at + 2.5 - time.monotonic()))  # past the grace period: 2 x heartbeat
     later = run_script(*args)  # a worker started later continues the same study
     study = optuna.load_study(study_name="s", storage=postgres)

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 import time
@@ -82,45 +83,59 @@ def test_space_keys_must_be_train_keys(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sqlite", "journal"])
-def test_three_workers_started_in_the_same_instant_on_a_fresh_storage_all_run(tiny_data, tmp_path, kind):
+def test_three_workers_started_in_the_same_instant_on_a_fresh_storage_all_run(tiny_data, tmp_path):
     """The README's pattern with every worker released at once (after its imports, so that they
-    meet at the storage's creation): two new processes and this one. None crashes, and the study
-    holds the sum of their trials."""
-    storage = f"sqlite:///{tmp_path}/study.db" if kind == "sqlite" else f"journal:{tmp_path}/study.journal"
-    go = tmp_path / "go"
-    code = ("import os, sys, time\nfrom utils.train import tune\nfrom utils.config import run_command\n"
-            f"open(os.environ['READY'], 'w').close()\nwhile not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
-            "sys.argv = ['tune.py'] + sys.argv[1:]\nrun_command(tune.tune, tune.TuneConfig, tune.__doc__, model_config=True)\n")
-    args = tiny_args(tiny_data, tmp_path / "run", "--n-trials", "1", "--storage", storage, "--study-name", "s",
-                     "--pruner", "none", "--tuned-config", str(tmp_path / "t.yaml"), "--batch-size", "16")
+    meet at the storage's creation): two new processes and this one, on a fresh SQLite file, then
+    (the same processes, their imports paid once) on a fresh journal file. None crashes, and each
+    study holds the sum of their trials."""
+    storages = {"sqlite": f"sqlite:///{tmp_path}/study.db", "journal": f"journal:{tmp_path}/study.journal"}
+    runs = {kind: tiny_args(tiny_data, tmp_path / kind, "--n-trials", "1", "--storage", storage, "--study-name",
+                            "s", "--pruner", "none", "--tuned-config", str(tmp_path / f"{kind}.yaml"),
+                            "--batch-size", "16") for kind, storage in storages.items()}
+    code = ("import json, os, sys, time\nfrom utils.train import tune\nfrom utils.config import run_command\n"
+            "for kind, args in json.loads(sys.argv[1]).items():\n"
+            "    open(os.environ['READY'] + kind, 'w').close()\n"
+            "    while not os.path.exists(os.environ['GO'] + kind): time.sleep(0.001)\n"
+            "    sys.argv = ['tune.py', *args]\n"
+            "    run_command(tune.tune, tune.TuneConfig, tune.__doc__, model_config=True)\n"
+            "    open(os.environ['READY'] + kind + '.done', 'w').close()\n")
     workers = []
     for k in range(2):
-        env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "READY": str(tmp_path / f"ready{k}")}
-        workers.append(subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
+        env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+               "READY": str(tmp_path / f"ready{k}_"), "GO": str(tmp_path / "go_")}
+        workers.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(runs)], cwd=ROOT, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    deadline = time.monotonic() + 300
-    while not all((tmp_path / f"ready{k}").exists() for k in range(2)) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    go.touch()
-    run_script("tune.py", *args)  # the third worker
+    for kind, storage in storages.items():
+        def wait_for(suffix):  # every worker's file of this step (a worker that ended without it: its output)
+            files = [tmp_path / f"ready{k}_{kind}{suffix}" for k in range(2)]
+            deadline = time.monotonic() + 300
+            while not all(f.exists() or w.poll() is not None for f, w in zip(files, workers)) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert all(f.exists() for f in files), [(w.returncode, *(o[-3000:] for o in w.communicate()))
+                                                    for f, w in zip(files, workers) if not f.exists()]
+
+        wait_for("")
+        (tmp_path / f"go_{kind}").touch()
+        run_script("tune.py", *runs[kind])  # the third worker
+        wait_for(".done")
+        study = optuna.load_study(study_name="s", storage=tune.make_storage(storage))
+        assert sorted(t.number for t in study.trials) == [0, 1, 2], kind  # 1 + 1 + 1, none lost
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials), kind
+        tuned = tmp_path / f"{kind}.yaml"
+        best = yaml.safe_load(tuned.read_text())
+        assert best["model"] == "test_resnet" and set(best) - {"model"} == set(tune.load_space("configs/tune_space.yaml"))
+        study_dir = tmp_path / kind / "tune" / "s"
+        assert (study_dir / "trials.csv").is_file() and (study_dir / "history.png").stat().st_size > 0
+        assert not list(study_dir.glob(".*.tmp"))
     for w in workers:
         out, err = w.communicate(timeout=600)
         assert w.returncode == 0, err[-3000:]
-    study = optuna.load_study(study_name="s", storage=tune.make_storage(storage))
-    assert sorted(t.number for t in study.trials) == [0, 1, 2]  # 1 + 1 + 1, none lost
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    tuned = tmp_path / "t.yaml"
-    best = yaml.safe_load(tuned.read_text())
-    assert best["model"] == "test_resnet" and set(best) - {"model"} == set(tune.load_space("configs/tune_space.yaml"))
-    study_dir = tmp_path / "run" / "tune" / "s"
-    assert (study_dir / "trials.csv").is_file() and (study_dir / "history.png").stat().st_size > 0
-    assert not list(study_dir.glob(".*.tmp"))
-    if kind == "journal":  # the written YAML is a train.py config as it is
-        run_script("train.py", "--config", str(tuned), "--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "final"),
-                   "--n-folds", "3", "--img-size", "32", "--epochs", "1", "--fold", "0", "--workers", "0",
-                   "--progress", "false")
-        assert (tmp_path / "final" / "test_resnet" / "fold0" / "oof_logits.npz").is_file()
+    # the written YAML is a train.py config as it is
+    run_script("train.py", "--config", str(tmp_path / "journal.yaml"), "--data-dir", str(tiny_data), "--out-dir",
+               str(tmp_path / "final"), "--n-folds", "3", "--img-size", "32", "--epochs", "1", "--fold", "0",
+               "--workers", "0", "--progress", "false")
+    assert (tmp_path / "final" / "test_resnet" / "fold0" / "oof_logits.npz").is_file()
 
 
 def test_a_search_in_which_no_trial_completed_exits_non_zero(tiny_data, tmp_path, lr_space, monkeypatch):
