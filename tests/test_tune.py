@@ -105,32 +105,38 @@ def test_three_workers_started_in_the_same_instant_on_a_fresh_storage_all_run(ti
                "READY": str(tmp_path / f"ready{k}_"), "GO": str(tmp_path / "go_")}
         workers.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(runs)], cwd=ROOT, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for kind, storage in storages.items():
-        def wait_for(suffix):  # every worker's file of this step (a worker that ended without it: its output)
-            files = [tmp_path / f"ready{k}_{kind}{suffix}" for k in range(2)]
-            deadline = time.monotonic() + 300
-            while not all(f.exists() or w.poll() is not None for f, w in zip(files, workers)) \
-                    and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert all(f.exists() for f in files), [(w.returncode, *(o[-3000:] for o in w.communicate()))
-                                                    for f, w in zip(files, workers) if not f.exists()]
 
-        wait_for("")
-        (tmp_path / f"go_{kind}").touch()
-        run_script("tune.py", *runs[kind])  # the third worker
-        wait_for(".done")
-        study = optuna.load_study(study_name="s", storage=tune.make_storage(storage))
-        assert sorted(t.number for t in study.trials) == [0, 1, 2], kind  # 1 + 1 + 1, none lost
-        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials), kind
-        tuned = tmp_path / f"{kind}.yaml"
-        best = yaml.safe_load(tuned.read_text())
-        assert best["model"] == "test_resnet" and set(best) - {"model"} == set(tune.load_space("configs/tune_space.yaml"))
-        study_dir = tmp_path / kind / "tune" / "s"
-        assert (study_dir / "trials.csv").is_file() and (study_dir / "history.png").stat().st_size > 0
-        assert not list(study_dir.glob(".*.tmp"))
-    for w in workers:
-        out, err = w.communicate(timeout=600)
-        assert w.returncode == 0, err[-3000:]
+    def wait_for(step: str):  # every worker's file of this step (a worker that ended without it: its output)
+        files = [tmp_path / f"ready{k}_{step}" for k in range(2)]
+        deadline = time.monotonic() + 300
+        while not all(f.exists() or w.poll() is not None for f, w in zip(files, workers)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all(f.exists() for f in files), [(w.returncode, *(o[-3000:] for o in w.communicate()))
+                                                for f, w in zip(files, workers) if not f.exists()]
+
+    try:
+        for kind, storage in storages.items():
+            wait_for(kind)
+            (tmp_path / f"go_{kind}").touch()
+            run_script("tune.py", *runs[kind])  # the third worker
+            wait_for(f"{kind}.done")
+            study = optuna.load_study(study_name="s", storage=tune.make_storage(storage))
+            assert sorted(t.number for t in study.trials) == [0, 1, 2], kind  # 1 + 1 + 1, none lost
+            assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials), kind
+            tuned = tmp_path / f"{kind}.yaml"
+            best = yaml.safe_load(tuned.read_text())
+            assert best["model"] == "test_resnet" and set(best) - {"model"} == set(tune.load_space("configs/tune_space.yaml"))
+            study_dir = tmp_path / kind / "tune" / "s"
+            assert (study_dir / "trials.csv").is_file() and (study_dir / "history.png").stat().st_size > 0
+            assert not list(study_dir.glob(".*.tmp"))
+        for w in workers:
+            out, err = w.communicate(timeout=600)
+            assert w.returncode == 0, err[-3000:]
+    finally:  # a worker left waiting for a step that will not come is stopped
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.communicate()
     # the written YAML is a train.py config as it is
     run_script("train.py", "--config", str(tmp_path / "journal.yaml"), "--data-dir", str(tiny_data), "--out-dir",
                str(tmp_path / "final"), "--n-folds", "3", "--img-size", "32", "--epochs", "1", "--fold", "0",
