@@ -15,7 +15,7 @@ from utils.train import kfold, tune
 
 def tiny_args(data, out, *extra):
     return ["--model", "test_resnet", "--data-dir", str(data), "--out-dir", str(out), "--config",
-            "configs/tune_tiny.yaml", "--img-size", "32", "--epochs", "1", *extra]
+            "configs/tune_tiny.yaml", "--img-size", "32", "--epochs", "1", "--workers", "0", *extra]
 
 
 def fake_train_fold(cfg, schema, table, data, fold, d, report=None, root=None):
