@@ -256,9 +256,10 @@ def test_a_run_trained_with_tta_is_served_with_the_mirror(tmp_path):
 
 @pytest.mark.slow
 def test_a_student_trains_and_the_budgeted_export_serves_what_fits(run, tiny_data, tmp_path):
-    proc = run_script("train.py", "--model", "test_resnet", "--teacher", str(run / "ensemble.json"), "--name", "student",
-                      "--data-dir", str(tiny_data), "--out-dir", str(run), "--n-folds", "3", "--img-size", "32",
-                      "--batch-size", "16", "--epochs", "1", "--workers", "0", "--fold", "all", "--progress", "false")
+    proc = run_script("train.py", "--model", "test_resnet", "--frozen-backbone", "--teacher", str(run / "ensemble.json"),
+                      "--name", "student", "--data-dir", str(tiny_data), "--out-dir", str(run), "--n-folds", "3",
+                      "--img-size", "32", "--batch-size", "16", "--epochs", "1", "--workers", "0", "--fold", "all",
+                      "--progress", "false")  # the frozen route: the fine-tuned student trains in test_bad_images
     assert proc.stdout.count("a student of") == 3 and "48 unlabelled test rows" in proc.stdout
     assert RunDir(run).complete_runs() == ["student", "test_byobnet", "test_efficientnet"]
     args = ["export.py", "--data-dir", str(tiny_data), "--out-dir", str(run), "--latency-images", "8",
