@@ -92,18 +92,18 @@ def test_three_tune_workers_share_a_study_on_postgresql_and_survive_one_killed_m
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     other = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
-    killed = {}
+    third = {}
 
     def kill_the_third():  # once its first epoch is done
-        killed["rc"], killed["output"], _ = launch(args, "epoch 1/2", kill_after=0.0)
-        killed["at"] = time.monotonic()
+        third["rc"], third["output"], _ = launch(args, "epoch 1/2", kill_after=0.0)
+        third["killed_at"] = time.monotonic()
 
     watcher = threading.Thread(target=kill_the_third)
     watcher.start()
     run_script(*args)  # one of the two that finish: this process, while the others run
     watcher.join(timeout=600)
-    assert killed["rc"] == -signal.SIGKILL, killed["output"][-3000:]
-    killed_at = killed["at"]
+    assert third["rc"] == -signal.SIGKILL, third["output"][-3000:]
+    killed_at = third["killed_at"]
     out, _ = other.communicate(timeout=600)
     assert other.returncode == 0, out[-3000:]
     time.sleep(max(0.0, killed_at + 2.5 - time.monotonic()))  # past the grace period: 2 x heartbeat
