@@ -252,10 +252,13 @@ class _Canvas:
         return _value_index(self.cat, attr, self.labels.get(attr))
 
 
+WIDTH = 512  # every image is drawn this wide (its geometry is in these pixels), then shrunk if asked
+
+
 def render(cat: str, labels: dict, height: int, seed: int) -> Image.Image:
-    """One product image 512 wide; ``labels`` maps attribute -> value (None = not given)."""
+    """One product image WIDTH wide; ``labels`` maps attribute -> value (None = not given)."""
     rng = np.random.default_rng(seed)
-    W, H = 512, height
+    W, H = WIDTH, height
     bg = tuple(int(v) for v in rng.integers(170, 256, size=3))
     img = Image.new("RGB", (W, H), bg)
     draw = ImageDraw.Draw(img)
@@ -477,7 +480,7 @@ def _camera(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 def _render_row(job) -> None:
     path, cat, labels, height, seed, width = job
     img = render(cat, labels, height, seed)
-    if width != img.width:  # drawn at 512 wide, then shrunk whole: the same picture in fewer pixels
+    if width != img.width:  # drawn WIDTH wide, then shrunk whole: the same picture in fewer pixels
         img = img.resize((width, max(1, round(img.height * width / img.width))), Image.Resampling.BOX)
     with atomic_path(path) as tmp:
         img.save(tmp, format="JPEG", quality=90)
@@ -530,14 +533,14 @@ def build_record(out: Path, recipe: dict):
 
 
 def generate(out: str | Path, n_train: int = 2000, n_test: int = 400, seed: int = 0,
-             workers: int = 2, progress: bool = True, width: int = 512) -> Path:
-    """The demo dataset in ``out``. ``width``: the images' width in pixels (drawn 512 wide, then
+             workers: int = 2, progress: bool = True, width: int = WIDTH) -> Path:
+    """The demo dataset in ``out``. ``width``: the images' width in pixels (drawn WIDTH wide, then
     shrunk whole; heights follow): a smaller one decodes faster, for a quick test set."""
     if width < 8:
         raise ValueError(f"width must be at least 8 pixels, got {width}")
     out = Path(out)
     recipe = {"generator": "demo", "n_train": n_train, "n_test": n_test, "seed": seed}
-    with build_record(out, recipe if width == 512 else {**recipe, "width": width}):
+    with build_record(out, recipe if width == WIDTH else {**recipe, "width": width}):
         _generate(out, n_train, n_test, seed, workers, progress, width)
     return out
 
@@ -580,7 +583,7 @@ class DemoDataConfig:
     n_test: int = option(400, "test images")
     seed: int = option(0, "the same seed gives byte-identical files")
     workers: int = option(2, "processes drawing images")
-    width: int = option(512, "image width in pixels (drawn 512 wide, then shrunk whole): smaller decodes faster")
+    width: int = option(WIDTH, "image width in pixels (drawn 512 wide, then shrunk whole): smaller decodes faster")
 
 
 def main(cfg: DemoDataConfig) -> None:
