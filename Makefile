@@ -9,17 +9,19 @@ OUT ?= runs/demo
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
 
-# the PostgreSQL server that the shared-search test starts (Debian's package; installed when missing)
-postgres:
-	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || \
-	  echo "PostgreSQL's server is not installed and could not be (apt-get install postgresql, as root)"
+# $(call apt-install,CHECK,PACKAGE,WHAT): when the command CHECK fails, install Debian's PACKAGE
+# (as root); when that fails too, say so and go on
+apt-install = @($(1)) >/dev/null 2>&1 || \
+	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null) || \
+	echo "$(3) is not installed and could not be (apt-get install $(2), as root)"
 
-# the real photos of make demo-real (Debian's package; installed when missing, else torchvision downloads them)
+# the PostgreSQL server that the shared-search test starts
+postgres:
+	$(call apt-install,command -v initdb || ls /usr/lib/postgresql/*/bin/initdb,postgresql,PostgreSQL's server)
+
+# the real photos of make demo-real (when they cannot be installed, torchvision downloads them)
 fashion-mnist:
-	@ls /usr/share/datasets/fashion-mnist >/dev/null 2>&1 || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) || \
-	  echo "Debian's dataset-fashion-mnist is not installed and could not be (apt-get install dataset-fashion-mnist, as root)"
+	$(call apt-install,ls /usr/share/datasets/fashion-mnist,dataset-fashion-mnist,Debian's dataset-fashion-mnist)
 
 test: install postgres
 	$(PYTHON) -m pytest -q tests
