@@ -207,6 +207,34 @@ def test_train_killed_then_resumed_matches_an_uninterrupted_run(tiny_data, tmp_p
     assert no_temporary_files(cut) == [], why
 
 
+def test_a_run_stopped_between_its_history_and_its_checkpoint_resumes_to_the_full_history(tiny_data, tmp_path,
+                                                                                        monkeypatch):
+    """A moment of an epoch's end that a random kill rarely hits: right after the second epoch's
+    ``last.pt`` is written (the checkpoint resume takes: no epoch left to train). The resumed fold's
+    history.csv has every epoch."""
+    from utils.train import fold as fold_module
+
+    class Killed(Exception):
+        pass
+
+    writes, real = [], fold_module.atomic_torch_save
+
+    def save_then_stop(path, obj):  # stops right after the second epoch's last.pt is written
+        real(path, obj)
+        writes.append(path.name)
+        if writes.count("last.pt") == 2:
+            raise Killed
+
+    args = ["train.py", "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), *TRAIN, "--workers", "0",
+            "--fold", "0"]
+    monkeypatch.setattr(fold_module, "atomic_torch_save", save_then_stop)
+    assert run_script(*args, check=False).returncode == 1
+    monkeypatch.setattr(fold_module, "atomic_torch_save", real)
+    run_script(*args, "--resume", "true")
+    history = pd.read_csv(tmp_path / "test_resnet" / "fold0" / "history.csv")
+    assert list(history.epoch) == [1, 2]
+
+
 def test_augment_killed_then_rerun_writes_the_same_images(tiny_data, tmp_path, seed):
     def args(out):
         return ["augment.py", "--data-dir", str(tiny_data), "--out-dir", str(out), "--attr", "all",

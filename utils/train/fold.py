@@ -235,15 +235,17 @@ class Fold:
                                                  "val_score": val_score})
 
     def save_last(self, optimizer, scheduler, scaler=None) -> None:
-        """Everything resume needs, and the history."""
+        """The history, then everything resume needs: ``last.pt`` is written last, so a run killed
+        between the two resumes before this epoch and writes its history again (the other order
+        left a history one epoch short when the resumed fold had no epoch left to train)."""
+        history = pd.DataFrame(self.state["history"])
+        atomic_write_csv(self.dir / "history.csv", history)
+        history_plot(history, self.dir / "history.png")
         atomic_torch_save(self.dir / "last.pt", {
             **self.state, "state_dict": self.model.state_dict(), "schema": self.schema.to_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler else {},
             "ema": self.ema.state_dict() if self.ema is not None else {}})
-        history = pd.DataFrame(self.state["history"])
-        atomic_write_csv(self.dir / "history.csv", history)
-        history_plot(history, self.dir / "history.png")
 
     # -- outputs
     def made_from(self) -> dict:
