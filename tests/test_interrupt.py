@@ -180,7 +180,7 @@ def test_a_dead_but_unreaped_writer_counts_as_dead(tmp_path):
 # ----------------------------------------------------------------------------- the scripts
 
 TRAIN = ["--model", "test_resnet", "--n-folds", "2", "--img-size", "32", "--batch-size", "16", "--epochs", "2",
-         "--workers", "1", "--progress", "false", "--fold", "all"]
+         "--workers", "1", "--progress", "false", "--fold", "all", "--batch-aug", "on"]  # batches seeded per batch
 
 
 def test_train_killed_then_resumed_matches_an_uninterrupted_run(tiny_data, tmp_path, seed):

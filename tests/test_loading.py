@@ -199,10 +199,14 @@ def test_the_training_benchmark_measures_what_it_documents(tiny_data):
     table = main(parse_config(BenchTrainConfig, args))
     measured = table.dropna(subset=["img_per_s"]).set_index("measure")
     assert {"decode cache, built once", "loader alone", "loader alone, decoding on the fly",
+            "loader alone, batched: the gathers", "loader alone, batched: gathers + augmentation on cpu",
             "ceiling, channels_last (auto)", "ceiling, contiguous", "full step",
-            "full step, decoding on the fly"} <= set(measured.index)
+            "full step, decoding on the fly", "full step, batched (augmented on cpu)"} <= set(measured.index)
     assert (measured.img_per_s > 0).all()
-    for row in ("full step", "full step, decoding on the fly"):
+    # the batched path's augmentation is work on top of its gathers
+    assert measured.loc["loader alone, batched: the gathers", "img_per_s"] > \
+        measured.loc["loader alone, batched: gathers + augmentation on cpu", "img_per_s"]
+    for row in ("full step", "full step, decoding on the fly", "full step, batched (augmented on cpu)"):
         assert 0 < measured.loc[row, "of_ceiling"] and 0 <= measured.loc[row, "data_wait"] < 1
 
 
@@ -234,3 +238,4 @@ def test_a_step_reuses_the_memory_the_step_before_freed(monkeypatch):
     assert changed == 1 and kept < 100  # the 96 MB stayed: no page is faulted in again
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     assert keep_freed_memory() is False  # glibc variables the user set win
+

@@ -140,17 +140,18 @@ def test_two_nodes_train_the_fold_that_two_ranks_of_one_node_train(tiny_data, tm
     """Two ranks on one node (DDP on gloo): only rank 0 prints and writes, rank 0 builds the decode
     cache and rank 1 maps it, the validation shards are gathered (every row once). torchrun
     --nnodes 2 with a c10d rendezvous on 127.0.0.1 (two launchers of one rank each, as two machines
-    would run it) gives the same fold's OOF logits."""
+    would run it) gives the same fold's OOF logits. Both augment per batch (utils/data/batched.py)."""
     import pandas as pd
 
     train = ["--model", "test_resnet", "--data-dir", str(tiny_data), "--n-folds", "3", "--img-size", "32",
              "--batch-size", "16", "--epochs", "1", "--fold", "1", "--workers", "0", "--progress", "false",
              "--channels-last", "on", "--ema-decay", "0.9", "--grad-accum", "2", "--head", "mlp", "--head-hidden",
-             "32", "--layer-decay", "0.8"]
+             "32", "--layer-decay", "0.8", "--batch-aug", "on"]
     (one_node,) = torchrun([["--nproc-per-node", "2", "--master-port", str(free_port())]],
                            [*train, "--out-dir", str(tmp_path / "one")])
     assert one_node.stdout.count("fold 1 epoch 1/1") == 1
     assert one_node.stdout.count("decoded 288 images once") == 1
+    assert one_node.stdout.count("augmented per batch on the device") == 1  # each rank its share of the batch
     folds = pd.read_csv(tmp_path / "one" / "folds.csv")
     ids, _ = load_logits(tmp_path / "one" / "test_resnet" / "fold1" / "oof_logits.npz")
     assert sorted(ids) == sorted(folds.id[folds.fold == 1]) and len(ids) == len(set(ids))

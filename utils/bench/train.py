@@ -8,7 +8,10 @@
 For each model and size, images per second of:
   decode cache      decoding every image once, with every core (utils/data/decoded.py)
   loader            the data loader alone (augment, collate), ``workers`` processes: reading the
-                    decode cache, as training does, and decoding on the fly
+                    decode cache, as training does, and decoding on the fly; and the batched path
+                    (utils/data/batched.py): its workers' gathers alone, then with the augmentation on
+                    the device; images/s per worker where the workers do all the work
+  full, batched     the full step fed by the batched path
   ceiling           the model-only step: the kit's own step (forward, head losses, backward,
                     clipping, AdamW) on batches already in memory; nothing can train faster
   full step         the same step fed by the real loader (persistent workers, decode cache)
@@ -39,10 +42,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import BatchSampler
 
 from utils.bench import fresh_process, machine
 from utils.config import DataConfig, option, parse_config, run_command
-from utils.data.dataset import EpochSampler, ImageDataset, make_loader
+from utils.data.batched import BatchAugment
+from utils.data.dataset import Batches, EpochSampler, ImageDataset, make_loader
 from utils.data.decoded import DecodedImages, decode_workers
 from utils.data.schema import CATEGORY, Schema, read_dataset, row_paths
 from utils.data.transforms import Preprocess
@@ -51,7 +56,7 @@ from utils.train.distributed import Dist
 from utils.train.engine import native_bf16, train_one_epoch
 from utils.train.fold import model_args
 from utils.train.model import AttributeModel, HeadLoss, WarmupCosine, build_optimizer, data_config
-from utils.train.throughput import configure_device, keep_freed_memory, loader_workers, use_channels_last
+from utils.train.throughput import configure_device, input_rate, keep_freed_memory, loader_workers, use_channels_last
 
 CORES = os.cpu_count() or 1  # the decode cache is built with every core, as train.py builds it
 
@@ -101,7 +106,16 @@ class Case:
         return make_loader(ds, self.cfg.batch_size, workers, EpochSampler(len(ds), 0), drop_last=True, persistent=True,
                            device=self.device)
 
-    def steps(self, batches, channels_last: bool, dtype=None, compiled: bool = False) -> dict:
+    def batched(self, workers: int):
+        """(the batched path's loader, its BatchAugment): batches gathered from the decode cache by
+        ``workers`` processes, augmented on the device (utils/data/batched.py)."""
+        ds = ImageDataset(self.paths, self.rows[CATEGORY], self.targets, None, self.prep, augment_seed=0,
+                          images=self.images)
+        sampler = BatchSampler(EpochSampler(len(ds), 0), self.cfg.batch_size, drop_last=True)
+        augment = BatchAugment(self.size, self.recipe.aug, self.recipe.category_aug, self.schema.categories)
+        return make_loader(Batches(ds), None, workers, sampler, persistent=True, device=self.device), augment
+
+    def steps(self, batches, channels_last: bool, dtype=None, compiled: bool = False, augment=None) -> dict:
         """``train_one_epoch``'s stats (images/s, data wait) of the kit's training step over
         ``batches``, after two untimed warm-up steps, whose seconds are kept in ``warmup_s``
         (with ``compiled``, the compile time)."""
@@ -111,7 +125,7 @@ class Case:
         opt = build_optimizer(self.model, 1e-4, 1e-3, 0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(10_000, 0))
         run = lambda b: train_one_epoch(net, b, opt, sched, self.device, prep=self.prep, amp_dtype=dtype,
-                                        clip_grad=1.0, channels_last=channels_last, progress=False)
+                                        clip_grad=1.0, channels_last=channels_last, augment=augment, progress=False)
         start = time.perf_counter()
         run(itertools.islice(iter(batches), 2))
         self.warmup_s = time.perf_counter() - start
@@ -128,13 +142,12 @@ class Case:
                  "target": t[k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]} for k in range(n)]
 
 
-def loader_only(case: Case, workers: int, cached: bool = True) -> float:
-    loader = case.loader(workers, cached)
-    next(iter(loader))  # worker start-up, not decode speed
-    start, n = time.perf_counter(), 0
-    for batch in loader:
-        n += len(batch["image"])
-    return n / (time.perf_counter() - start)
+def loader_only(case: Case, workers: int, cached: bool = True, batched: bool = False, augment: bool = True) -> float:
+    """Images per second of the loader alone over the case's images, its workers' start left out:
+    the per-image path (``cached``: reading the decode cache, else decoding), or the batched one
+    (its gathers, and with ``augment`` its augmentation on the device)."""
+    loader, on_device = case.batched(workers) if batched else (case.loader(workers, cached), None)
+    return input_rate(loader, case.device, on_device if augment else None, batches=len(loader))
 
 
 def train_quietly(argv: list[str]) -> None:
@@ -173,20 +186,29 @@ def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
     label, memory = f"{case.name} {case.size}", case.in_memory()
     loaders = {w: case.loader(w) for w in cfg.workers_sweep}
     decoding = case.loader(cfg.workers, cached=False)
-    runs = {"ceiling": (memory, cl), "other": (memory, not cl), "decoding": (decoding, cl),
-            **{f"full{w}": (loader, cl) for w, loader in loaders.items()}}
-    repeats = [{key: case.steps(batches, fmt) for key, (batches, fmt) in runs.items()} for _ in range(cfg.repeats)]
+    batched, augment = case.batched(cfg.workers)
+    runs = {"ceiling": (memory, cl, None), "other": (memory, not cl, None), "decoding": (decoding, cl, None),
+            "batched": (batched, cl, augment), **{f"full{w}": (loader, cl, None) for w, loader in loaders.items()}}
+    repeats = [{key: case.steps(batches, fmt, augment=aug) for key, (batches, fmt, aug) in runs.items()}
+               for _ in range(cfg.repeats)]
     first_steps = case.first_warmup_s
     rates = pd.DataFrame([{key: stats["images_per_s"] for key, stats in r.items()} for r in repeats])
     waits = pd.DataFrame([{key: stats["data_wait"] for key, stats in r.items()} for r in repeats])
     median = lambda key: float(rates[key].median())
     of = lambda key: float((rates[key] / rates["ceiling"]).median())
     waiting = lambda key: float(waits[key].median())
+    w = max(cfg.workers, 1)
+    per_image, gathers = loader_only(case, cfg.workers), loader_only(case, cfg.workers, batched=True, augment=False)
     rows = [{"case": label, "measure": "decode cache, built once", "workers": decode_workers(len(case.paths), CORES),
              "img_per_s": case.decode_rate},
-            {"case": label, "measure": "loader alone", "workers": cfg.workers, "img_per_s": loader_only(case, cfg.workers)},
+            {"case": label, "measure": "loader alone", "workers": cfg.workers, "img_per_s": per_image,
+             "per_worker": per_image / w},
             {"case": label, "measure": "loader alone, decoding on the fly", "workers": cfg.workers,
              "img_per_s": loader_only(case, cfg.workers, cached=False)},
+            {"case": label, "measure": "loader alone, batched: the gathers", "workers": cfg.workers,
+             "img_per_s": gathers, "per_worker": gathers / w},
+            {"case": label, "measure": f"loader alone, batched: gathers + augmentation on {case.device.type}",
+             "workers": cfg.workers, "img_per_s": loader_only(case, cfg.workers, batched=True)},
             {"case": label, "measure": f"ceiling, {'channels_last' if cl else 'contiguous'} (auto)",
              "img_per_s": median("ceiling"), "first_steps_s": first_steps},
             {"case": label, "measure": f"ceiling, {'contiguous' if cl else 'channels_last'}",
@@ -195,6 +217,9 @@ def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
               "of_ceiling": of(f"full{w}"), "data_wait": waiting(f"full{w}")} for w in cfg.workers_sweep]
     rows.append({"case": label, "measure": "full step, decoding on the fly", "workers": cfg.workers,
                  "img_per_s": median("decoding"), "of_ceiling": of("decoding"), "data_wait": waiting("decoding")})
+    rows.append({"case": label, "measure": f"full step, batched (augmented on {case.device.type})",
+                 "workers": cfg.workers, "img_per_s": median("batched"), "of_ceiling": of("batched"),
+                 "data_wait": waiting("batched")})
     ceiling = median("ceiling")
     if cfg.epoch:
         w = loader_workers("auto", Dist())

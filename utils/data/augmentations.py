@@ -25,6 +25,15 @@ DEFAULT_AUG = {
 }
 
 
+def merge_aug(base: dict, override: dict | None) -> dict:
+    """``base``'s settings with ``override``'s on top, augmentation by augmentation (a category's
+    rules over ``aug``, ``aug`` over DEFAULT_AUG)."""
+    out = {k: dict(v) for k, v in base.items()}
+    for name, params in (override or {}).items():
+        out[name] = {**out.get(name, DEFAULT_AUG[name]), **(params or {})}
+    return out
+
+
 def check_aug(aug: dict, where: str = "aug") -> None:
     """``aug`` names only known augmentations and parameters (a misspelt one would be ignored)."""
     if not isinstance(aug, dict):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from utils.data.batched import batch_seed
 from utils.data.schema import IGNORE_INDEX, Schema, image_path
 from utils.data.transforms import Preprocess, Transform
 
@@ -67,12 +68,49 @@ class ImageDataset(torch.utils.data.Dataset):
         x = torch.from_numpy(self.transform(image, self.categories[i], seed))
         item = {"image": x, "index": i, "ok": not error, "error": error}
         if self.targets is not None:
-            t = self.targets[i] if not error else np.full(self.targets.shape[1], IGNORE_INDEX)
-            item["target"] = torch.as_tensor(t, dtype=torch.long)
-            if self.soft is not None:  # a bad image learns nothing from the teacher either
-                item["target"] = {"hard": item["target"], "soft": torch.as_tensor(self.soft[i], dtype=torch.float32),
-                                  "soft_heads": torch.as_tensor(self.soft_heads[i] & (not error))}
+            item["target"] = self.target(i, np.array(not error))
         return item
+
+    def target(self, rows, ok: np.ndarray):
+        """The training target of ``rows`` (a row, or an array of them): the labels, IGNORE_INDEX for
+        an unusable image; for a student also the teacher's probabilities."""
+        t = np.where(ok[..., None], self.targets[rows], IGNORE_INDEX)
+        hard = torch.as_tensor(t, dtype=torch.long)
+        if self.soft is None:
+            return hard
+        return {"hard": hard, "soft": torch.as_tensor(self.soft[rows], dtype=torch.float32),  # a bad image
+                "soft_heads": torch.as_tensor(self.soft_heads[rows] & ok[..., None])}  # learns nothing from it
+
+    def gather(self, keys: list) -> dict:
+        """A whole batch of ``(row, epoch)`` keys read from the decode cache in one copy, not
+        augmented: the batched path's item (``Batches``; utils/data/batched.py augments it on the
+        device with each row's category and the batch's ``seed``). The keys of the per-image items,
+        collated, plus "category" and "seed"; "image" is uint8 [B, 3, S, S] in NHWC memory."""
+        rows = np.array([k[0] for k in keys], dtype=np.int64)
+        pixels, errors = self.images.gather(self.slots[rows])
+        ok = np.array([not e for e in errors])
+        batch = {"image": torch.from_numpy(pixels).permute(0, 3, 1, 2), "index": torch.from_numpy(rows),
+                 "ok": torch.from_numpy(ok), "error": errors, "category": [self.categories[i] for i in rows],
+                 "seed": batch_seed(self.augment_seed or 0, keys[0][1] if keys else 0, rows)}
+        if self.targets is not None:
+            batch["target"] = self.target(rows, ok)
+        return batch
+
+
+class Batches(torch.utils.data.Dataset):
+    """The batched path's dataset: ``dataset.gather`` of each batch of keys that a
+    ``BatchSampler`` yields (a loader over it takes ``batch_size=None``)."""
+
+    def __init__(self, dataset: ImageDataset):
+        if dataset.images is None:
+            raise ValueError("the batched path reads the decode cache; this dataset has none")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, keys: list) -> dict:
+        return self.dataset.gather(keys)
 
 
 class EpochSampler(Sampler):

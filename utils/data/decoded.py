@@ -109,6 +109,26 @@ class DecodedImages:
         start = self.offsets[slot]
         return np.array(self._pixels[start:start + h * w * 3]).reshape(h, w, 3), ""  # a writable copy
 
+    def gather(self, slots) -> tuple[np.ndarray, list[str]]:
+        """(uint8 [B, S, S, 3], reasons) of many slots in one copy, for the batched path
+        (utils/data/batched.py): every usable image of the cache is S x S (``Preprocess.size``), so
+        the file is an array of them; an unusable one is the grey placeholder, its reason kept."""
+        slots = np.asarray(slots, dtype=np.int64)
+        if self._pixels is None:
+            self._pixels = np.memmap(self.bin, dtype=np.uint8, mode="r")
+        s = self.img_size
+        usable = self.errors[slots] == ""
+        if not (self.shapes[slots[usable]] == s).all():
+            raise ValueError(f"{self.bin} holds images other than {s} x {s}; it cannot be read a batch at a time")
+        stack = self._pixels[: self.nbytes].reshape(-1, s, s, 3)
+        rows = self.offsets[slots[usable]] // (s * s * 3)  # an unusable image takes no bytes
+        if usable.all():
+            out = np.take(stack, rows, axis=0)
+        else:
+            out = np.broadcast_to(placeholder(s), (len(slots), s, s, 3)).copy()
+            out[usable] = stack[rows]
+        return out, [str(e) for e in self.errors[slots]]
+
     @staticmethod
     def index_path(folder: Path, paths, prep: Preprocess) -> tuple[Path, list[str]]:
         paths = sorted({os.path.abspath(p) for p in paths})

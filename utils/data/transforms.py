@@ -33,7 +33,7 @@ from PIL import Image
 
 from utils.data.augmentations import DEFAULT_AUG
 from utils.data.augmentations import INTERPOLATIONS as INTERPOLATION_NAMES
-from utils.data.augmentations import check_aug, check_category_aug
+from utils.data.augmentations import check_aug, check_category_aug, merge_aug
 
 # DEFAULT_AUG (every augmentation and its parameters): utils/data/augmentations.py, torch-free
 INTERPOLATIONS = dict(zip(INTERPOLATION_NAMES, (cv2.INTER_AREA, cv2.INTER_LINEAR, cv2.INTER_CUBIC)))
@@ -195,13 +195,6 @@ class NecklineCrop(A.ImageOnlyTransform):
 
 # ----------------------------------------------------------------------------- the factory
 
-def _merge_aug(base: dict, override: dict) -> dict:
-    out = {k: dict(v) for k, v in base.items()}
-    for name, params in (override or {}).items():
-        out[name] = {**out.get(name, DEFAULT_AUG[name]), **(params or {})}
-    return out
-
-
 def _augmentations(aug: dict, size: int) -> tuple[list, list]:
     """(transforms that crop the sized image and size it again, transforms after them) for one
     category's settings."""
@@ -305,9 +298,9 @@ def build_transform(img_size: int, resize: str = "squash", train: bool = False,
         return Transform({}, compose(None))
     check_aug(aug or {})
     check_category_aug(category_aug or {}, categories or [])
-    base = _merge_aug(DEFAULT_AUG, aug or {})
+    base = merge_aug(DEFAULT_AUG, aug or {})
     per_cat = {}
     for cat in categories or []:
         check_aug((category_aug or {}).get(cat, {}), f"category_aug[{cat}]")
-        per_cat[cat] = compose(_merge_aug(base, (category_aug or {}).get(cat, {})))
+        per_cat[cat] = compose(merge_aug(base, (category_aug or {}).get(cat, {})))
     return Transform(per_cat, compose(base))

@@ -19,6 +19,7 @@ from utils.errors import ConfigError
 AMP = ("auto", "bf16", "fp16", "off")
 LOSSES = ("ce", "weighted_ce", "focal", "logit_adjusted")
 HEADS = ("linear", "mlp", "knn")
+BATCH_AUG = ("auto", "on", "off")
 
 
 @dataclass
@@ -56,6 +57,9 @@ class TrainConfig(CommonConfig):
     decode_cache: bool = option(True, "decode every image once into <out_dir>/decoded/ before the first fold, and read "
                                       "it from there at every epoch (see utils/data/decoded.py); false: decode on the fly")
     interpolation: str = option("area", "resize interpolation", choices=INTERPOLATIONS)
+    batch_aug: str = option("auto", "augment each training batch on the device, gathered from the decode cache "
+                                    "(utils/data/batched.py), instead of image by image in the loader workers: on, "
+                                    "off, or auto (on CUDA where it measures faster; off on CPU)", choices=BATCH_AUG)
     aug: dict = option(help="online augmentations: {name: {p, params}}; p: 0 switches one off "
                             "(every one and its parameters: DEFAULT_AUG in utils/data/augmentations.py)",
                       factory=lambda: dict(DEFAULT_AUG))

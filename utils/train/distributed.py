@@ -23,6 +23,14 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
+    def total(self, values: list[float]) -> list[float]:
+        """Each value summed over the ranks (so that every rank takes the same decision from them)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
 
 def setup_distributed(device: str) -> Dist:
     """torchrun sets RANK/WORLD_SIZE: DDP with NCCL on CUDA, gloo on CPU. Plain runs: one process."""

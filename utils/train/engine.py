@@ -100,12 +100,13 @@ def train_step(model, images: torch.Tensor, targets, optimizer, *, amp_dtype=Non
 
 def train_one_epoch(model, loader, optimizer, scheduler, device: torch.device, *, prep=None, amp_dtype=None,
                     scaler=None, clip_grad: float = 0.0, grad_accum: int = 1, ema=None,
-                    channels_last: bool = False, keys=None, bad: dict | None = None,
+                    channels_last: bool = False, keys=None, bad: dict | None = None, augment=None,
                     desc: str = "train", progress: bool = True) -> dict:
     """One pass over ``loader`` (its pixels normalised by ``prep``); returns {"loss",
     "images_per_s", "seconds", "data_wait"}: the time counts from the request of the first batch
     (worker start-up and loading included), and ``data_wait`` is the share of it the step spent
-    waiting for its batch and moving it to the device (what the input pipeline costs the step)."""
+    waiting for its batch, moving it to the device and, on the batched path (``augment``, a
+    ``utils.data.batched.BatchAugment``), augmenting it there: what the input pipeline costs the step."""
     model.train()
     total, seen, waited, start = 0.0, 0, 0.0, time.perf_counter()
     ready = start
@@ -113,7 +114,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, device: torch.device, *
     for batch in bar:
         if bad is not None:
             warn_bad(batch, keys, bad)
-        images = model_input(batch["image"], prep, device, channels_last)
+        images = batch["image"]
+        if augment is not None:  # the batched path: the batch's pixels are augmented on the device
+            images = augment(images.to(device, non_blocking=True), batch["category"], batch["seed"])
+        images = model_input(images, prep, device, channels_last)
         targets = targets_to(batch["target"], device)
         waited += time.perf_counter() - ready
         loss = train_step(model, images, targets, optimizer, amp_dtype=amp_dtype, scaler=scaler,

@@ -18,6 +18,11 @@ measured (``python -m utils.bench.train``; figures in BENCHMARKS.md) rather than
   transformers (a ViT's only convolution is its patch embedding). oneDNN's NHWC kernels measured
   faster for the training step on CPU (resnet18 1.19x, efficientnet_b0 1.48x at 128 px), and on
   CUDA tensor cores take NHWC.
+- Augmentation (``batch_aug: auto``). On CPU, image by image in the loader workers: there the
+  batched path (``utils/data/batched.py``) would take its work from the step's own cores, and it
+  measured 3-5x fewer images per second per core (BENCHMARKS.md). On CUDA, the faster of the two
+  as ``input_rate`` measures them at the start of a fold (the batches the step gets, augmented on
+  the device: a copy per image in the workers for the batched path).
 - cuDNN autotuning (``cudnn_benchmark: false``). On an H200, efficientnet_b0 in bf16 at 224 px
   spent about 45 s autotuning at the start of every fold (a 57 s first epoch against 11 s for the
   next) for no faster a step afterwards; resnet18 autotunes in a second and may gain ~10 %.
@@ -26,7 +31,9 @@ measured (``python -m utils.bench.train``; figures in BENCHMARKS.md) rather than
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
+import time
 
 import torch
 import torch.nn as nn
@@ -91,3 +98,20 @@ def use_channels_last(setting: str, backbone: nn.Module) -> bool:
     if setting in ("on", "off"):
         return setting == "on"
     return conv_layers(backbone) > 2  # transformers: NHWC would only concern the patch embedding
+
+
+def input_rate(loader, device: torch.device, augment=None, batches: int = 8) -> float:
+    """Images per second that ``loader`` (persistent workers) delivers to ``device``, augmented
+    there by ``augment`` (the batched path's ``BatchAugment``) when given: the first ``batches`` of
+    a fresh pass, timed from its start and the device synchronised at the end, once a first batch
+    has started the workers (a pass already under way would have its next batches made)."""
+    next(iter(loader), None)
+    n, start = 0, time.perf_counter()
+    for batch in itertools.islice(iter(loader), batches):
+        x = batch["image"].to(device, non_blocking=True)
+        if augment is not None:
+            x = augment(x, batch["category"], batch["seed"])
+        n += len(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return n / max(time.perf_counter() - start, 1e-9)

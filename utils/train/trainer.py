@@ -12,14 +12,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import BatchSampler
 
-from utils.data.dataset import EpochSampler, ImageDataset, balanced_weights, make_loader
+from utils.data.batched import BatchAugment, per_image_only
+from utils.data.dataset import Batches, EpochSampler, ImageDataset, balanced_weights, make_loader
 from utils.data.decoded import DecodedImages
 from utils.data.schema import CATEGORY, ID, image_path, row_paths
 from utils.train.distributed import gather_rows
 from utils.train.engine import predict, train_one_epoch
 from utils.train.fold import Fold
 from utils.train.model import WarmupCosine, build_optimizer, load_checkpoint
+from utils.train.throughput import input_rate
 
 
 class FoldTrainer:
@@ -39,9 +42,7 @@ class FoldTrainer:
                                    soft_heads=rows.get("soft_heads"), images=self.images)
         weights = balanced_weights(rows["targets"], f.schema, cap=cfg.weight_cap) if cfg.balanced_sampler else None
         self.sampler = EpochSampler(len(self.trn_ds), cfg.seed + f.fold, d.rank, d.world, weights)
-        self.trn_loader = make_loader(self.trn_ds, f.per_rank_batch, f.workers, self.sampler,
-                                      drop_last=len(self.trn_ds) > f.per_rank_batch, persistent=True,
-                                      device=d.device)
+        self.trn_loader, self.augment = self.train_input()
         self.val_loader = self.shard(f.val, f.data.train_images, f.csv_dir, persistent=True)
         if f.workers:  # fork the validation workers now, while this process is small: forked after an
             iter(self.val_loader)  # epoch, every page the next step writes is copied (1-3 s)
@@ -73,6 +74,36 @@ class FoldTrainer:
         f.d.barrier()
         return images if f.d.main else DecodedImages.find(folder, paths, f.prep)
 
+    def train_input(self):
+        """(the train loader, the batched path's ``BatchAugment`` or None): images augmented one by
+        one in the loader workers, or gathered a batch at a time from the decode cache and augmented
+        on the device, as ``batch_aug`` says (auto: measured on CUDA; utils/train/throughput.py)."""
+        f, cfg = self.fold, self.fold.cfg
+        drop_last = len(self.trn_ds) > f.per_rank_batch
+        per_image = make_loader(self.trn_ds, f.per_rank_batch, f.workers, self.sampler, drop_last=drop_last,
+                                persistent=True, device=f.d.device)
+        if cfg.batch_aug == "off" or (cfg.batch_aug == "auto" and f.d.device.type != "cuda"):
+            return per_image, None
+        unbatchable = per_image_only(cfg.aug, cfg.category_aug, cfg.resize) or (
+            [] if self.images is not None else ["the images without a decode cache"])
+        if unbatchable:
+            f.log(f"augmented image by image: the batched path (batch_aug: {cfg.batch_aug}) cannot apply "
+                  f"{', '.join(unbatchable)}")
+            return per_image, None
+        augment = BatchAugment(cfg.img_size, cfg.aug, cfg.category_aug, f.schema.categories)
+        batched = make_loader(Batches(self.trn_ds), None, f.workers,
+                              BatchSampler(self.sampler, f.per_rank_batch, drop_last), persistent=True,
+                              device=f.d.device)
+        if cfg.batch_aug == "on":
+            f.log("augmented per batch on the device (batch_aug: on)")
+            return batched, augment
+        rates = f.d.total([input_rate(per_image, f.d.device), input_rate(batched, f.d.device, augment)])
+        faster = rates[1] > rates[0]
+        f.log(f"input measured: {rates[0] / f.d.world:,.0f} img/s augmented image by image, "
+              f"{rates[1] / f.d.world:,.0f} per batch on the device; "
+              f"{'per batch' if faster else 'image by image'} (batch_aug: auto)")
+        return (batched, augment) if faster else (per_image, None)
+
     def shard(self, table: pd.DataFrame, images_dir: Path, base: Path | None = None, persistent: bool = False):
         """An evaluation loader over this rank's share of ``table``'s rows."""
         f = self.fold
@@ -96,7 +127,7 @@ class FoldTrainer:
         return train_one_epoch(self.net, self.trn_loader, self.optimizer, self.scheduler, f.d.device,
                                prep=f.prep, amp_dtype=f.dtype, scaler=self.scaler, clip_grad=cfg.clip_grad,
                                grad_accum=cfg.grad_accum, ema=f.ema, channels_last=f.channels_last,
-                               keys=self.trn_keys, bad=f.bad,
+                               keys=self.trn_keys, bad=f.bad, augment=self.augment,
                                desc=f"fold {f.fold} epoch {epoch + 1}/{cfg.epochs}", progress=f.progress)
 
     def predict(self, model, loader, desc: str, mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
