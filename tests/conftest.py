@@ -1,6 +1,7 @@
 import io
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -8,6 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# amp auto's measurements (utils/train/precision.py) cached for this session only, not in the user's home
+CACHE_DIR = os.environ["KIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="kit-cache-")
 
 
 def pytest_configure(config):
@@ -16,7 +19,9 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     import gc
+    import shutil
 
+    shutil.rmtree(CACHE_DIR, ignore_errors=True)
     gc.freeze()  # as utils.config.run_command does for the scripts: the exit's final collections skip torch's objects
 
 

@@ -2,6 +2,7 @@
 decoding gives, one cache per state of the images, and no cache rather than a full disk; seeded
 augmentation draws each transform's decision independently; a step reuses the memory the one
 before it freed (utils/train/throughput.py)."""
+import json
 import os
 import shutil
 import subprocess
@@ -239,3 +240,48 @@ def test_a_step_reuses_the_memory_the_step_before_freed(monkeypatch):
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     assert keep_freed_memory() is False  # glibc variables the user set win
 
+
+def test_amp_auto_takes_the_dtype_that_measured_faster_once_per_machine_model_and_size(tmp_path, monkeypatch):
+    from utils.train import precision
+    from utils.train.engine import amp_dtype
+
+    monkeypatch.setenv("KIT_CACHE_DIR", str(tmp_path))
+    speeds = {32: {"fp32": 0.2, "bf16": 0.1}, 64: {"fp32": 0.3, "bf16": 0.5}}
+    timed, logged = [], []
+
+    def fake_timing(model, img_size, batch, device, train, channels_last):
+        timed.append((img_size, batch, train))
+        return speeds[img_size]
+
+    monkeypatch.setattr(precision, "time_steps", fake_timing)
+    cpu = torch.device("cpu")
+    choose = lambda size, batch=32, train=True: amp_dtype("auto", lambda: precision.measured_dtype(
+        None, "resnet18", size, batch, cpu, train, False, log=logged.append))
+    assert choose(32) is torch.bfloat16 and choose(64) is None
+    assert choose(32) is torch.bfloat16 and choose(64, batch=64) is None  # from the cache
+    assert timed == [(32, precision.MEASURE_BATCH, True), (64, precision.MEASURE_BATCH, True)]
+    assert choose(32, train=False) is torch.bfloat16 and timed[-1] == (32, precision.MEASURE_BATCH, False)
+    assert logged[0] == ("amp auto: bf16 (training step of 16 images at 32 px: fp32 200 ms, bf16 100 ms; "
+                         f"timed now, cached in {tmp_path / 'precision.json'})")
+    assert logged[2].startswith("amp auto: bf16 (") and logged[2].endswith(f"; cached in {tmp_path / 'precision.json'})")
+    cached = json.loads((tmp_path / "precision.json").read_text())
+    assert len(cached) == 3 and all(json.loads(k)["machine"] == precision.machine(cpu) for k in cached)
+    # the named settings are taken as named, without measuring
+    assert [amp_dtype(a) for a in ("off", "bf16", "fp16")] == [None, torch.bfloat16, torch.float16]
+    with pytest.raises(ValueError, match="measuring"):
+        amp_dtype("auto")
+
+
+def test_timing_the_precisions_leaves_the_model_and_the_random_state_as_they_were():
+    from utils.train.model import AttributeModel
+    from utils.train.precision import time_steps
+
+    model = AttributeModel("test_resnet", [3, 2], loss=None).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    for train in (True, False):
+        seconds = time_steps(model, 32, 4, torch.device("cpu"), train, channels_last=False)
+        assert set(seconds) == {"fp32", "bf16"} and min(seconds.values()) > 0
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # batch-norm statistics too
+    assert torch.equal(torch.get_rng_state(), rng)

@@ -6,6 +6,7 @@ table headed by the machine it ran on. BENCHMARKS.md keeps their results with th
     python -m utils.bench.latency    end-to-end latency per image of the seed's backbones
     python -m utils.bench.memory     infer.py's memory over a large test set (its inference in a process of its own)
     python -m utils.bench.models     one training step of each CLIP-scale and ImageNet config
+    python -m utils.bench.precision  amp auto's quick timing of fp32 and bf16 against a longer one
     python -m utils.bench.regime     the fine-tuning regime on real photos from real weights, one change at a time
     python -m utils.bench.vs_timm    the kit's fine-tuning against timm's own train.py on the same photos
 """

@@ -80,7 +80,8 @@ class TrainConfig(CommonConfig):
                                 "less memory)")
     freeze_epochs: int = option(0, "gradual unfreezing: train the heads alone for this many epochs")
     clip_grad: float = option(1.0, "gradient norm clipping; 0 = off")
-    amp: str = option("auto", "mixed precision; auto = bf16 on CUDA and on CPUs with native bf16, else off",
+    amp: str = option("auto", "mixed precision; auto = bf16 where a few timed steps of the model ran faster in "
+                              "bf16 than in fp32 on this machine (cached per machine; utils/train/precision.py)",
                       choices=AMP)
     # class imbalance
     loss: str = option("ce", "training loss (compared in BENCHMARKS.md)", choices=LOSSES)

@@ -14,12 +14,17 @@ from utils.errors import NonFiniteLoss
 from utils.train.config import AMP
 
 
-def amp_dtype(amp: str, device: torch.device):
-    """auto: bf16 on CUDA, and on a CPU with native bf16 (faster there, see BENCHMARKS.md); off on
-    other CPUs, where emulated bf16 is slower than fp32."""
+def amp_dtype(amp: str, measured=None):
+    """The autocast dtype of ``amp``: None (fp32) for off, bf16 or fp16 as named, and for auto
+    ``measured()``: whichever of fp32 and bf16 measured faster for the model on this machine
+    (utils/train/precision.py; a CPU flag said it wrongly on both kinds of CPU, BENCHMARKS.md)."""
     if amp not in AMP:
         raise ValueError(f"amp must be one of {AMP}, got {amp!r}")
-    if amp == "off" or (amp == "auto" and device.type == "cpu" and not native_bf16()):
+    if amp == "auto":
+        if measured is None:
+            raise ValueError("amp auto is decided by measuring the model (utils.train.precision.measured_dtype)")
+        return measured()
+    if amp == "off":
         return None
     return torch.float16 if amp == "fp16" else torch.bfloat16
 

@@ -36,6 +36,7 @@ from utils.train.distill import DistillLoss, prepare_teacher, student_rows
 from utils.train.distributed import Dist
 from utils.train.engine import amp_dtype
 from utils.train.model import AttributeModel, HeadLoss, data_config
+from utils.train.precision import measured_dtype
 from utils.train.throughput import loader_workers, use_channels_last
 from utils.train.tracking import Tracker
 
@@ -110,11 +111,13 @@ class Fold:
         self.prep = Preprocess(cfg.img_size, mean, std, cfg.resize, cfg.draft, cfg.interpolation)
         self.channels_last = use_channels_last(cfg.channels_last, self.model.backbone)
         self.model.to(d.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        self.dtype = amp_dtype(cfg.amp, d.device)
+        self.per_rank_batch = max(1, cfg.batch_size // d.world)
+        self.dtype = amp_dtype(cfg.amp, lambda: measured_dtype(
+            self.model, cfg.model, cfg.img_size, self.per_rank_batch, d.device, train=not cfg.frozen_backbone,
+            channels_last=self.channels_last, total=lambda v: [t / d.world for t in d.total(v)], log=self.log))
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema_decay else None
         self.csv_dir = Path(cfg.train_csv).parent if cfg.train_csv else data.root
         self.workers = loader_workers(cfg.workers, d)
-        self.per_rank_batch = max(1, cfg.batch_size // d.world)
         self.rows = self.training_rows()
         self.tracker = Tracker(cfg.log, dataclasses.asdict(cfg), self.dir, fold, cfg.run_name,
                                Path(cfg.out_dir) / "mlflow.db") if d.main else None
