@@ -19,8 +19,9 @@ measured (``python -m utils.bench.train``; figures in BENCHMARKS.md) rather than
   faster for the training step on CPU (resnet18 1.19x, efficientnet_b0 1.48x at 128 px), and on
   CUDA tensor cores take NHWC.
 - Augmentation (``batch_aug: auto``). On CPU, image by image in the loader workers: there the
-  batched path (``utils/data/batched.py``) would take its work from the step's own cores, and it
-  measured 3-5x fewer images per second per core (BENCHMARKS.md). On CUDA, the faster of the two
+  batched path (``utils/data/batched.py``) takes its work from the step's own cores: it measured
+  5-7x fewer images per second than two per-image workers, and cost the full step 12-16 % at
+  224 px (BENCHMARKS.md). On CUDA, the faster of the two
   as ``input_rate`` measures them at the start of a fold (the batches the step gets, augmented on
   the device: a copy per image in the workers for the batched path).
 - cuDNN autotuning (``cudnn_benchmark: false``). On an H200, efficientnet_b0 in bf16 at 224 px
