@@ -177,7 +177,7 @@ def test_the_issue_recipe_vit_mlp_layer_decay_ema_accumulation_runs_through_the_
     run_script("train.py", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--epochs", "1", "--fold", "all",
                "--head", "mlp", "--layer-decay", "0.75", "--ema-decay", "0.99", "--grad-accum", "2",
                "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--n-folds", "2", "--batch-size", "16",
-               "--workers", "0", "--progress", "false")
+               "--workers", "0", "--progress", "false", "--amp", "off")  # (amp auto's timing: test_loading.py)
     ckpt = torch.load(tmp_path / "vit_tiny_patch16_224" / "fold1" / "best.pt", weights_only=True)
     assert ckpt["model_args"]["head"] == "mlp" and ckpt["model_args"]["img_size"] == 64
     assert len(pipeline_takes(tiny_data, tmp_path, "vit_tiny_patch16_224")) == len(read_dataset(tiny_data).test)
