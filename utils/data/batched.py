@@ -9,17 +9,19 @@ is one gather from the memory-mapped cache (``DecodedImages.gather``), and ``Bat
 per batch, on the device:
 
   geometry  neckline_crop, random_resized_crop, hflip, rotate, shear and perspective composed into
-            one projective map per image, and applied by one batched bilinear resampling
-            (``grid_sample``; borders reflected, as the per-image rotate and shear reflect them)
+            one projective map per image, after distort's piecewise-linear grid, and applied by one
+            batched bilinear resampling (``grid_sample``; borders reflected, as the per-image
+            rotate and shear reflect them)
   colour    color_jitter: brightness, contrast, saturation and hue, in a random order per image
+  filter    sharpen_blur: a sharpening 3 x 3 kernel or a Gaussian blur, one grouped convolution
   noise     gauss_noise
   erasing   coarse_dropout
 
 each with the per-image path's parameters and drawn from its distributions (albumentations' own
 sampling, rewritten for tensors; tests/test_batched.py compares the two over many draws). The
 category-aware rules batch as they are: each image draws from its own category's settings.
-``distort``, ``sharpen_blur`` and ``augmix`` exist per image only: a run that switches one on (in
-``aug`` or in a category's rules) trains on the per-image path, and says so (``per_image_only``).
+``augmix`` exists per image only: a run that switches it on (in ``aug`` or in a category's rules)
+trains on the per-image path, and says so (``per_image_only``).
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ import torch.nn.functional as F
 
 from utils.data.augmentations import DEFAULT_AUG, merge_aug
 
-PER_IMAGE_ONLY = ("distort", "sharpen_blur", "augmix")
+PER_IMAGE_ONLY = ("augmix",)
+DISTORT_STEPS = 5  # albumentations GridDistortion's num_steps, as the per-image path builds it
+BLUR_TAPS = 9  # the widest Gaussian kernel of sigma <= 1.2 (int(3.5 sigma) * 2 + 1)
 GRAY = (0.299, 0.587, 0.114)  # OpenCV's RGB -> grey weights, as albumentations' contrast and saturation use
 
 
@@ -92,8 +96,9 @@ class BatchAugment:
         p = {name: {k: v[codes] for k, v in cols.items()} for name, cols in self._params(device).items()}
         draw = Draw(g, n, device)
         x = pixels.float()
-        x = resample(x, geometry(p, draw, self.size))
+        x = resample(x, geometry(p, draw, self.size), *distortion(p["distort"], draw, self.size))
         x = color_jitter(x, p["color_jitter"], draw)
+        x = sharpen_blur(x, p["sharpen_blur"], draw)
         x = gauss_noise(x, p["gauss_noise"], draw)
         x = coarse_dropout(x, p["coarse_dropout"], draw, self.max_holes)
         return x.round_().clamp_(0, 255).to(torch.uint8)
@@ -223,17 +228,42 @@ def homography(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     return torch.cat([h, torch.ones_like(h[:, :1])], 1).view(n, 3, 3)
 
 
-def resample(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """``x`` [B, 3, S, S] float, each image sampled (bilinear, reflected borders) at its output pixel
-    centres mapped by ``maps`` to source coordinates."""
-    n, _, s, _ = x.shape
-    centres = torch.arange(s, dtype=torch.float64, device=x.device) + 0.5
-    yy, xx = torch.meshgrid(centres, centres, indexing="ij")
-    points = torch.stack([xx, yy, torch.ones_like(xx)], -1).view(1, -1, 3)  # [1, S*S, 3]
-    src = points @ maps.transpose(1, 2)  # [B, S*S, 3]
-    grid = (src[..., :2] / src[..., 2:]) * (2 / s) - 1
-    return F.grid_sample(x, grid.view(n, s, s, 2).to(x.dtype), mode="bilinear", padding_mode="reflection",
-                         align_corners=False)
+def distortion(c: dict, draw: Draw, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """distort (albumentations' GridDistortion, normalised): where each output column and row is
+    taken from, as pixel-centre coordinates ([B, S] each; the centres themselves where it is off).
+    Each axis is cut into DISTORT_STEPS cells (and a remainder), each cell stretched by
+    1 + U(-limit, limit), the stretches scaled to span the image, and a cell's pixels spread
+    evenly over its stretched span."""
+    on = draw.chance(c["p"])
+    step = size // DISTORT_STEPS
+    k = torch.arange(size, device=draw.device) // step
+    k = k.clamp(max=DISTORT_STEPS)
+    start = k * step
+    length = (torch.minimum(start + step, torch.tensor(size, device=draw.device)) - start).double()
+    offset = (torch.arange(size, device=draw.device) - start).double() / (length - 1).clamp(min=1)
+    last = (min(size, (DISTORT_STEPS + 1) * step) - DISTORT_STEPS * step) / step
+    centres = torch.arange(size, dtype=torch.float64, device=draw.device)
+    axes = []
+    for _ in range(2):
+        stretch = 1 + draw.uniform(-c["limit"], c["limit"], DISTORT_STEPS + 1)
+        stretch[:, -1] *= last
+        stretch = stretch * (size / step) / stretch.sum(1, keepdim=True)
+        ends = torch.cumsum(step * stretch, 1)
+        begins = ends - step * stretch
+        taken = begins[:, k] + (ends[:, k] - begins[:, k]) * offset
+        axes.append(torch.where(on.view(-1, 1), taken, centres) + 0.5)
+    return axes[0], axes[1]
+
+
+def resample(x: torch.Tensor, maps: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, 3, S, S] float, each image sampled (bilinear, reflected borders) at the points
+    (``xs`` [B, S] of its columns, ``ys`` [B, S] of its rows) mapped by ``maps`` to source coordinates."""
+    s = x.shape[-1]
+    m, xs, ys = maps.to(x.dtype), xs.to(x.dtype)[:, None, :], ys.to(x.dtype)[:, :, None]
+    mapped = lambda k: m[:, k, 0, None, None] * xs + m[:, k, 1, None, None] * ys + m[:, k, 2, None, None]  # [B, S, S]
+    w = mapped(2)
+    grid = torch.stack([mapped(0) / w, mapped(1) / w], -1) * (2 / s) - 1
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 # ----------------------------------------------------------------------------- colour, noise, erasing
@@ -288,6 +318,37 @@ def color_jitter(x: torch.Tensor, c: dict, draw: Draw) -> torch.Tensor:
             rows = (on & (order[:, position] == k)).nonzero()[:, 0]
             if len(rows):
                 x[rows] = op(x[rows], factors[k][rows]).clamp_(0, 255)
+    return x
+
+
+def sharpen_blur(x: torch.Tensor, c: dict, draw: Draw) -> torch.Tensor:
+    """albumentations' OneOf(Sharpen, GaussianBlur(sigma 0.3-1.2)), as the per-image path builds it:
+    with probability p, one of the two, each as likely. Sharpen: the 3 x 3 kernel
+    (1 - a) identity + a [[-1, -1, -1], [-1, 8 + l, -1], [-1, -1, -1]], a from U(0.2, 0.5), l from
+    U(0.5, 1); blur: a Gaussian of sigma U(0.3, 1.2) over int(3.5 sigma) * 2 + 1 taps. One grouped
+    convolution of every image with its own kernel, borders reflected, as OpenCV's filters."""
+    on = draw.chance(c["p"])
+    sharpen = draw.chance(0.5)
+    a, lightness, sigma = draw.uniform(0.2, 0.5), draw.uniform(0.5, 1.0), draw.uniform(0.3, 1.2)
+    rows = on.nonzero()[:, 0]
+    if not len(rows):
+        return x
+    r = BLUR_TAPS // 2
+    taps = torch.arange(-r, r + 1, dtype=torch.float64, device=x.device)
+    radius = torch.floor(sigma * 3.5).view(-1, 1)  # taps beyond it are not in the kernel
+    gauss = torch.exp(-(taps ** 2) / (2 * sigma.view(-1, 1) ** 2)) * (taps.abs() <= radius)
+    gauss = gauss / gauss.sum(1, keepdim=True)
+    blur = gauss.unsqueeze(2) * gauss.unsqueeze(1)  # [B, 9, 9]
+    effect = torch.full((draw.n, 3, 3), -1.0, dtype=torch.float64, device=x.device)
+    effect[:, 1, 1] = 8 + lightness
+    identity = torch.zeros_like(effect)
+    identity[:, 1, 1] = 1
+    sharp = torch.zeros_like(blur)
+    sharp[:, r - 1:r + 2, r - 1:r + 2] = (1 - a).view(-1, 1, 1) * identity + a.view(-1, 1, 1) * effect
+    kernels = torch.where(sharpen.view(-1, 1, 1), sharp, blur)[rows]
+    picked = F.pad(x[rows].reshape(1, -1, *x.shape[2:]), (r, r, r, r), mode="reflect")
+    weight = kernels.to(x.dtype).repeat_interleave(3, 0).unsqueeze(1)  # [b * 3, 1, 9, 9]
+    x[rows] = F.conv2d(picked, weight, groups=len(weight)).view(len(rows), *x.shape[1:]).clamp_(0, 255)
     return x
 
 
