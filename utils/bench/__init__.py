@@ -14,33 +14,24 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import platform
+
+from utils.host import cpu
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
 
 
 def cpu_flags() -> list[str]:
     """The vector-ISA flags of this CPU that decide kernel speed (bf16 native or emulated)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return [f for f in FLAGS if f in flags]
+    return [f for f in FLAGS if f in cpu()[1]]
 
 
 def machine() -> str:
     """'<CPU model>, <n> cores, flags ..., torch <v>[, <GPU>]': the line every benchmark prints."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores, flags {' '.join(cpu_flags()) or 'none'}{gpu}, torch {torch.__version__}"
+    flags = " ".join(cpu_flags()) or "none"
+    return f"{cpu()[0]}, {os.cpu_count()} cores, flags {flags}{gpu}, torch {torch.__version__}"
 
 
 def _forking(target, args) -> None:

@@ -53,7 +53,7 @@ from utils.data.schema import CATEGORY, Schema, read_dataset, row_paths
 from utils.data.transforms import Preprocess
 from utils.train.config import TrainConfig
 from utils.train.distributed import Dist
-from utils.train.engine import native_bf16, train_one_epoch
+from utils.train.engine import train_one_epoch
 from utils.train.fold import model_args
 from utils.train.model import AttributeModel, HeadLoss, WarmupCosine, build_optimizer, data_config
 from utils.train.throughput import configure_device, input_rate, keep_freed_memory, loader_workers, use_channels_last
@@ -237,6 +237,12 @@ def measure(cfg: BenchTrainConfig, case: Case) -> list[dict]:
         rows.append({"case": label, "measure": f"ceiling, torch.compile (compiled in {case.warmup_s:.0f} s)",
                      "img_per_s": rate, "of_ceiling": rate / ceiling})
     return rows
+
+
+def native_bf16() -> bool:
+    """Whether this CPU runs bf16 natively (AVX-512 BF16 / AMX): where it is emulated, the bf16
+    ceiling is not timed (5-19x slower than fp32, BENCHMARKS.md; amp auto measures it per model)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def bench_device(cfg: BenchTrainConfig) -> torch.device:

@@ -29,11 +29,6 @@ def amp_dtype(amp: str, measured=None):
     return torch.float16 if amp == "fp16" else torch.bfloat16
 
 
-def native_bf16() -> bool:
-    """Whether this CPU runs bf16 natively (AVX-512 BF16 / AMX); elsewhere bf16 is emulated."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """bf16/fp16 autocast on the device, or nothing when ``dtype`` is None."""
     if dtype is None:

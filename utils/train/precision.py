@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from utils.host import cpu
 from utils.io import atomic_write_json
 from utils.train.engine import autocast
 
@@ -44,17 +44,8 @@ def machine(device: torch.device) -> str:
     """What the speeds depend on besides the model: the GPU's name, or the CPU's model and flags."""
     if device.type == "cuda":
         return f"cuda {torch.cuda.get_device_name(device)}"
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                key, _, value = line.partition(":")
-                flags += f"{key.strip()}={' '.join(sorted(value.split()))};"
-                if key.strip() == "flags":
-                    break
-    except OSError:
-        flags = platform.processor()
-    return f"cpu {flags} threads={torch.get_num_threads()}"
+    model, flags = cpu()
+    return f"cpu {model}; flags {' '.join(sorted(flags))}; threads={torch.get_num_threads()}"
 
 
 def key(device: torch.device, backbone: str, img_size: int, batch: int, train: bool, channels_last: bool) -> str:
