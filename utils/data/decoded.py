@@ -89,6 +89,13 @@ class DecodedImages:
     def nbytes(self) -> int:
         return int(self.offsets[-1])
 
+    @property
+    def pixels(self) -> np.memmap:
+        """The pixels file, mapped on first use (in each loader worker)."""
+        if self._pixels is None:
+            self._pixels = np.memmap(self.bin, dtype=np.uint8, mode="r")
+        return self._pixels
+
     def slots(self, paths) -> np.ndarray:
         """The cache's slot of each path; raises KeyError naming a path it does not hold."""
         out = np.empty(len(paths), dtype=np.int64)
@@ -103,24 +110,20 @@ class DecodedImages:
         """(image, "") or (grey placeholder, reason): what ``read_or_placeholder`` returned for it."""
         if self.errors[slot]:
             return placeholder(self.img_size), str(self.errors[slot])
-        if self._pixels is None:
-            self._pixels = np.memmap(self.bin, dtype=np.uint8, mode="r")
         h, w = self.shapes[slot]
         start = self.offsets[slot]
-        return np.array(self._pixels[start:start + h * w * 3]).reshape(h, w, 3), ""  # a writable copy
+        return np.array(self.pixels[start:start + h * w * 3]).reshape(h, w, 3), ""  # a writable copy
 
     def gather(self, slots) -> tuple[np.ndarray, list[str]]:
         """(uint8 [B, S, S, 3], reasons) of many slots in one copy, for the batched path
         (utils/data/batched.py): every usable image of the cache is S x S (``Preprocess.size``), so
         the file is an array of them; an unusable one is the grey placeholder, its reason kept."""
         slots = np.asarray(slots, dtype=np.int64)
-        if self._pixels is None:
-            self._pixels = np.memmap(self.bin, dtype=np.uint8, mode="r")
         s = self.img_size
         usable = self.errors[slots] == ""
         if not (self.shapes[slots[usable]] == s).all():
             raise ValueError(f"{self.bin} holds images other than {s} x {s}; it cannot be read a batch at a time")
-        stack = self._pixels[: self.nbytes].reshape(-1, s, s, 3)
+        stack = self.pixels[: self.nbytes].reshape(-1, s, s, 3)
         rows = self.offsets[slots[usable]] // (s * s * 3)  # an unusable image takes no bytes
         if usable.all():
             out = np.take(stack, rows, axis=0)

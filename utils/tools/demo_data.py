@@ -583,7 +583,7 @@ class DemoDataConfig:
     n_test: int = option(400, "test images")
     seed: int = option(0, "the same seed gives byte-identical files")
     workers: int = option(2, "processes drawing images")
-    width: int = option(WIDTH, "image width in pixels (drawn 512 wide, then shrunk whole): smaller decodes faster")
+    width: int = option(WIDTH, f"image width in pixels (drawn {WIDTH} wide, then shrunk whole): smaller decodes faster")
 
 
 def main(cfg: DemoDataConfig) -> None:
