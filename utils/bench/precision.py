@@ -21,7 +21,7 @@ from utils.bench import machine
 from utils.config import option, run_command
 from utils.train.distributed import Dist
 from utils.train.model import AttributeModel
-from utils.train.precision import MEASURE_BATCH, STEPS, time_steps
+from utils.train.precision import STEPS, measure_batch, time_steps
 from utils.train.throughput import configure_device, use_channels_last
 
 
@@ -45,7 +45,7 @@ def main(cfg: BenchPrecisionConfig) -> pd.DataFrame:
             model = model.to(memory_format=torch.channels_last)
         for size in cfg.sizes:
             for train in (True, False):
-                quick = time_steps(model, size, MEASURE_BATCH, device, train, cl)
+                quick = time_steps(model, size, measure_batch(cfg.batch_size, size, device), device, train, cl)
                 long = time_steps(model, size, cfg.batch_size, device, train, cl, steps=cfg.steps, clear=float("inf"))
                 rows.append({"model": name, "size": size, "step": "fine-tuning" if train else "embedding",
                              "quick fp32 ms": 1000 * quick["fp32"], "quick bf16 ms": 1000 * quick["bf16"],
@@ -55,7 +55,7 @@ def main(cfg: BenchPrecisionConfig) -> pd.DataFrame:
                              "long agrees": (quick["bf16"] < quick["fp32"]) == (long["bf16"] < long["fp32"])})
                 print(pd.DataFrame(rows[-1:]).to_string(index=False, float_format="{:.2f}".format), flush=True)
     table = pd.DataFrame(rows)
-    print(f"\namp auto's timing ({STEPS} steps of {MEASURE_BATCH} images per dtype) against {cfg.steps} steps of "
+    print(f"\namp auto's timing ({STEPS} steps per dtype of utils.train.precision.measure_batch's images) against {cfg.steps} steps of "
           f"{cfg.batch_size}; {torch.get_num_threads()} threads\nmachine: {machine()}")
     print(table.to_string(index=False, float_format="{:.2f}".format))
     return table

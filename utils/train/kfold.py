@@ -61,7 +61,8 @@ def fit(f: Fold, route, report: Callable[[int, float], None] | None = None) -> d
     """The epoch loop of one fold, for either route (``FoldTrainer`` or ``FrozenFold``): resume, then
     each epoch trains (the route's steps), validates (the route's predictions), is recorded, keeps
     the best weights, checkpoints, is reported (``report(epoch, val score)``: tune.py prunes with
-    it) and may stop the loop (patience, ``stop_after``); then the best checkpoint predicts the
+    it; fit.py returns True from it when the fold's time is up, which ends training as patience
+    does) and may stop the loop (patience, ``stop_after``); then the best checkpoint predicts the
     validation rows (OOF) and the test set, and the fold's files are written."""
     cfg, d = f.cfg, f.d
     f.resume(route.optimizer, route.scheduler, route.scaler)
@@ -84,9 +85,10 @@ def fit(f: Fold, route, report: Callable[[int, float], None] | None = None) -> d
         f.log(f"fold {f.fold} epoch {epoch + 1}/{route.epochs}: loss {stats['loss']:.4f}  val {val_score:.4f}"
               f"{' *' if improved else ''}  {stats['images_per_s'] * d.world:.1f} img/s "
               f"(waiting for data {stats['data_wait']:.0%})")
-        if report is not None:
-            report(epoch, val_score)
         ran += 1
+        if report is not None and report(epoch, val_score) and epoch + 1 < route.epochs:
+            f.log(f"stopped after epoch {epoch + 1}: its time is up (the best epoch's weights predict)")
+            break
         if cfg.patience and f.state["bad_epochs"] >= cfg.patience:
             f.log(f"early stop, no improvement for {cfg.patience} epochs")
             break
@@ -146,10 +148,10 @@ def folds_to_train(fold: str, n_folds: int) -> list[int]:
     return folds
 
 
-def train(cfg: TrainConfig, data: Dataset | None = None) -> dict:
+def train(cfg: TrainConfig, data: Dataset | None = None, report: Callable[[int, float], bool] | None = None) -> dict:
     """What ``python train.py`` does: prepare the run folder, train the folds asked for, print the
     per-fold table and, once every fold is done, the run's OOF score. ``data``: the dataset, when
-    the caller has read it already."""
+    the caller has read it already; ``report``: called after every epoch of every fold (``fit``)."""
     data = read_dataset(cfg.data_dir, cfg.train_csv) if data is None else data
     cfg.check_data(data)
     d = setup_distributed(cfg.device)
@@ -162,7 +164,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     if not d.main:
         schema, table = run_dir.prepare(data, cfg.n_folds, cfg.seed)
     start = time.perf_counter()
-    results = {k: train_fold(cfg, schema, table, data, k, d) for k in folds}
+    results = {k: train_fold(cfg, schema, table, data, k, d, report) for k in folds}
     if d.main:
         rows = [{"fold": k, "val_score": r.get("val_score", r.get("best_score")), "best_epoch": r.get("best_epoch")}
                 for k, r in results.items()]

@@ -33,6 +33,18 @@ from utils.train.engine import autocast
 STEPS = 3  # interleaved timed steps per dtype; the median of each is kept
 CLEAR = 2.0  # a dtype this many times slower than the other after a round is not timed further
 MEASURE_BATCH = 16  # at most this many images per timed step
+MEASURE_PIXELS = 16 * 128 * 128  # on CPU, at most this many pixels per timed step (see measure_batch)
+
+
+def measure_batch(batch: int, img_size: int, device: torch.device) -> int:
+    """Images per timed step: the batch, at most MEASURE_BATCH; on CPU also at most MEASURE_PIXELS
+    (16 images at 128 px, 5 at 224; at least 2), where the speed per image hardly depends on the
+    batch and a step of 16 images at 224 px in emulated bf16 took about 10 s (a GPU needs its
+    batch to show its speed)."""
+    n = min(batch, MEASURE_BATCH)
+    if device.type != "cuda":
+        n = min(n, max(2, MEASURE_PIXELS // (img_size * img_size)))
+    return max(1, n)
 
 
 def cache_file() -> Path:
@@ -96,11 +108,12 @@ def time_steps(model: torch.nn.Module, img_size: int, batch: int, device: torch.
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def measured_dtype(model, backbone: str, img_size: int, batch: int, device: torch.device, train: bool,
-                   channels_last: bool, total=lambda values: values, log=print):
-    """bf16 when it measured faster for this model on this machine, else None (fp32): from the
-    machine's cache, or timed now and cached. ``total`` sums a list of values over the ranks."""
-    batch = max(1, min(batch, MEASURE_BATCH))
+def step_seconds(model, backbone: str, img_size: int, batch: int, device: torch.device, train: bool,
+                 channels_last: bool, total=lambda values: values) -> tuple[dict[str, float], str]:
+    """({"fp32": s, "bf16": s} per step of ``measure_batch(batch, ...)`` images, where they came
+    from): the machine's cache, or timed now and cached. ``total`` sums a list of values over the
+    ranks (their means then decide). fit.py plans from the same seconds."""
+    batch = measure_batch(batch, img_size, device)
     entry = key(device, backbone, img_size, batch, train, channels_last)
     path = cache_file()
     cache = json.loads(path.read_text()) if path.is_file() else {}
@@ -114,7 +127,17 @@ def measured_dtype(model, backbone: str, img_size: int, batch: int, device: torc
         cache = json.loads(path.read_text()) if path.is_file() else {}  # another run may have written meanwhile
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {**cache, entry: seconds})
+    return {"fp32": fp32, "bf16": bf16}, source
+
+
+def measured_dtype(model, backbone: str, img_size: int, batch: int, device: torch.device, train: bool,
+                   channels_last: bool, total=lambda values: values, log=print):
+    """bf16 when it measured faster for this model on this machine, else None (fp32): from the
+    machine's cache, or timed now and cached (``step_seconds``)."""
+    seconds, source = step_seconds(model, backbone, img_size, batch, device, train, channels_last, total)
+    fp32, bf16 = seconds["fp32"], seconds["bf16"]
     choice = torch.bfloat16 if bf16 < fp32 else None
-    log(f"amp auto: {'bf16' if choice else 'fp32'} ({'training' if train else 'embedding'} step of {batch} images "
-        f"at {img_size} px: fp32 {fp32 * 1000:.0f} ms, bf16 {bf16 * 1000:.0f} ms; {source})")
+    log(f"amp auto: {'bf16' if choice else 'fp32'} ({'training' if train else 'embedding'} step of "
+        f"{measure_batch(batch, img_size, device)} images at {img_size} px: fp32 {fp32 * 1000:.0f} ms, "
+        f"bf16 {bf16 * 1000:.0f} ms; {source})")
     return choice

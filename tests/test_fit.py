@@ -1,0 +1,229 @@
+"""fit.py: the planner's decisions on recorded measurements, the budget on a fake clock, the refusals
+before any work, and one real run under a 90-second budget."""
+import json
+import time
+
+import pandas as pd
+import pytest
+
+from tests.conftest import run_script
+from utils.fit.plan import EPOCHS_MAX, LADDER, BudgetTooSmall, Costs, Facts, Speed, State, ladder, parse_budget, plan
+from utils.fit.run import execute
+
+# Recorded on a 2-core AMD EPYC with AVX2 only (python -m utils.fit.measure's figures for
+# tf_efficientnet_lite0; 28-px photos upscaled): training, forward and decoding images/s
+RECORDED = {64: Speed(100.0, 472.7, 4286), 96: Speed(82.7, 452.3, 5474), 128: Speed(43.9, 189.3, 3921),
+            224: Speed(12.7, 51.9, 3404)}
+B = "lite0"
+
+
+def facts(budget_s: float, native: int = 28, n_train: int = 4000, n_test: int = 2000) -> Facts:
+    return Facts(n_train=n_train, n_test=n_test, native=native, budget_s=budget_s, backbones=(B,),
+                 sizes={B: ladder(224)}, head_rows_per_s={B: 14000.0})
+
+
+def speeds(slower: float = 1.0):
+    """The recorded speeds (``slower`` times slower), extrapolated between sizes as the measurer does."""
+    def speed(b, s):
+        if s in RECORDED:
+            sp = RECORDED[s]
+        else:
+            near = min(RECORDED, key=lambda m: abs(m - s))
+            sp = RECORDED[near].at(s, near)
+        return Speed(sp.train / slower, sp.infer / slower, sp.decode / slower)
+    return speed
+
+
+def total(steps) -> float:
+    return sum(s.seconds for s in steps)
+
+
+def finetune_work(steps) -> float:
+    """Fine-tuning's work in pixel-epochs: a plan that trains less trains fewer epochs or smaller."""
+    return sum(s.epochs * s.size ** 2 for s in steps if s.kind == "finetune")
+
+
+def test_parse_budget():
+    assert [parse_budget(x) for x in ("90", "90s", "10m", "1.5h", 30)] == [90, 90, 600, 5400, 30]
+    for bad in ("ten minutes", "-5m", "0", ""):
+        with pytest.raises(ValueError, match="budget"):
+            parse_budget(bad)
+
+
+def test_a_slower_machine_gets_less_training_not_a_blown_budget():
+    for budget in (600, 1800):
+        fast = plan(facts(budget), State(), Costs(facts(budget), speeds()), 0)
+        slow = plan(facts(budget), State(), Costs(facts(budget), speeds(3.0)), 0)
+        assert total(fast) <= budget and total(slow) <= budget
+        assert [s.kind for s in fast][:2] == ["frozen", "floor"] and fast[-2:][-1].kind == "infer"
+        assert finetune_work(fast) > 0  # the recorded machine fine-tunes at these budgets
+        assert finetune_work(slow) < finetune_work(fast)
+    # half an hour buys more than ten minutes, on the same machine
+    ten, thirty = (plan(facts(b), State(), Costs(facts(b), speeds()), 0) for b in (600, 1800))
+    assert finetune_work(thirty) > finetune_work(ten)
+    assert all(s.epochs <= EPOCHS_MAX for s in thirty)
+    # the learning-rate search: every rate the time allows, fold 0's first epoch each
+    search = [s for s in thirty if s.kind == "search"]
+    assert len(search) == 1 and len(search[0].rates) == 3 and search[0].fold == 0
+
+
+def test_image_size_follows_the_data_and_what_the_frozen_sweep_measured():
+    f = facts(1800)
+    costs = Costs(f, speeds())
+    assert plan(f, State(), costs, 0)[0].size == 64  # 28-px photos: the smallest size
+    big = facts(1800, native=500)
+    assert plan(big, State(), Costs(big, speeds()), 0)[0].size == 224  # never above the weights' own size
+    # upscaling that gained goes one step further; one that did not, stops; fine-tuning stays at or below
+    # the best frozen size
+    gained = State(frozen={(B, 64): 0.80, (B, 96): 0.85}, done={"floor"}, spent={"frozen": 60.0})
+    steps = plan(f, gained, costs, 100)
+    assert [s.size for s in steps if s.kind == "frozen"] == [128]
+    flat = State(frozen={(B, 64): 0.85, (B, 96): 0.8501}, done={"floor"}, spent={"frozen": 60.0})
+    steps = plan(f, flat, costs, 100)
+    assert not [s for s in steps if s.kind == "frozen"]
+    assert {s.size for s in steps if s.kind in ("search", "finetune")} <= {64, 96}
+    worse = State(frozen={(B, 64): 0.85, (B, 96): 0.80}, done={"floor"}, spent={"frozen": 60.0})
+    assert {s.size for s in plan(f, worse, costs, 100) if s.kind in ("search", "finetune")} == {64}
+
+
+def test_too_small_a_budget_is_refused_naming_what_would_do():
+    f = facts(40)
+    with pytest.raises(BudgetTooSmall, match=r"too small.*give --budget \d+m or more"):
+        plan(f, State(), Costs(f, speeds()), 0)
+    # a budget that fits only the frozen route gets the frozen route, and no fine-tuning
+    f = facts(240)
+    steps = plan(f, State(), Costs(f, speeds()), 0)
+    assert "frozen" in [s.kind for s in steps] and not finetune_work(steps)
+
+
+class FakeStages:
+    """Stages that take ``slow[kind]`` times the seconds the measured speeds predict, on a fake
+    clock (as a machine slower than its measurements, the same at every stage: the prediction as
+    first made, before the run's calibration); a training stage in epochs, asking ``stop()``
+    after each as the fold trainer's report does."""
+
+    def __init__(self, clock, slow: dict, costs: Costs):
+        self.clock, self.slow, self.costs, self.ran = clock, slow, costs, []
+        self.measured = set()
+
+    def prepare(self, step):
+        if step.backbone and (step.backbone, step.size) not in self.measured:
+            self.measured.add((step.backbone, step.size))
+            self.clock.t += 3  # measuring
+            return True
+        return False
+
+    def first_plan(self, table):
+        self.first = table
+
+    def run(self, step, state, stop):
+        kind = "finetune" if step.kind == "search" else step.kind
+        seconds = step.seconds / self.costs.calibration.get(kind, 1.0) * self.slow.get(step.kind, 1.0)
+        epochs = step.epochs if step.kind == "finetune" else 1
+        ran = 0
+        for _ in range(epochs):
+            self.clock.t += seconds / epochs
+            ran += 1
+            if stop():
+                break
+        self.ran.append((step, ran))
+        if step.kind == "frozen":
+            state.frozen[(step.backbone, step.size)] = 0.8 + step.size / 10_000
+        elif step.kind == "search":
+            state.search = {r: 0.5 for r in step.rates}
+            state.finetune = {"backbone": step.backbone, "size": step.size, "rate": step.rates[0],
+                              "epochs": step.epochs, "done": []}
+        elif step.kind == "finetune":
+            if state.finetune is None:
+                state.finetune = {"backbone": step.backbone, "size": step.size, "rate": 1.0, "epochs": step.epochs,
+                                  "done": []}
+            state.finetune["done"].append(step.fold)
+        else:
+            state.done.add(step.kind)
+        return "ok"
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.mark.parametrize("slow", [{}, {"finetune": 1.6}, {"frozen": 2.0, "finetune": 1.3, "export": 1.5}])
+def test_the_budget_holds_on_a_fake_clock_and_an_overrun_replans(slow, capsys):
+    budget = 900
+    f, clock = facts(budget), Clock()
+    costs = Costs(f, speeds())
+    stages = FakeStages(clock, slow, costs)
+    report = execute(f, costs, stages, clock=clock)
+    out = capsys.readouterr().out
+    assert clock.t <= 1.1 * budget, report
+    assert report["stage"].iloc[-2] == "infer" and report["stage"].iloc[-1] == "total"
+    kinds = [s.kind for s, _ in stages.ran]
+    assert kinds.index("frozen") < kinds.index("floor") < kinds.index("finetune") < kinds.index("export")
+    first = [r for r in stages.first.to_dict("records") if r["stage"] == "finetune"]
+    epochs = [s.epochs for s, _ in stages.ran if s.kind == "finetune"]
+    if not slow:
+        assert "re-planning" not in out and len(set(epochs)) == 1  # as first planned, every fold alike
+    if slow.get("finetune", 1) > 1.25:
+        assert "re-planning the rest" in out and "re-planned (" in out
+        assert epochs[-1] < epochs[0], (epochs, first)  # later folds got fewer epochs
+    # the actual seconds sit beside each prediction
+    assert {"predicted s", "actual s"} <= set(report.columns) and report["actual s"].notna().all()
+
+
+def test_a_stage_that_runs_into_the_later_stages_time_stops_after_its_epoch():
+    f, clock = facts(600), Clock()
+    costs = Costs(f, speeds())
+    stages = FakeStages(clock, {"finetune": 6.0}, costs)  # six times slower than measured: the folds give way
+    execute(f, costs, stages, clock=clock)
+    assert clock.t <= 1.1 * 600
+    assert [s.kind for s, _ in stages.ran][-1] == "infer"
+    assert any(ran < s.epochs for s, ran in stages.ran if s.kind == "finetune")
+
+
+# ----------------------------------------------------------------------------- fit.py itself
+
+def test_fit_refuses_bad_input_before_any_work(tiny_data, other_data, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("fit.py", "--data-dir", str(tiny_data), "--out-dir", str(out), "--budget", "2s",
+                      "--model", "test_efficientnet", "--progress", "false", check=False)
+    assert proc.returncode == 2 and "is too small" in proc.stderr and "give --budget" in proc.stderr
+    assert not (out / "embeddings").exists() and not (out / "decoded").exists()
+    proc = run_script("fit.py", "--data-dir", str(tiny_data), "--out-dir", str(out), "--model", "test_efficientnet",
+                      "--pretrained-file", str(tmp_path / "missing.pth"), check=False)
+    assert proc.returncode == 2 and "missing.pth: no such file" in proc.stderr
+    proc = run_script("fit.py", "--data-dir", str(other_data), "--out-dir", str(tmp_path / "o"), "--model",
+                      "test_efficientnet", "--train-config", "configs/visual_taxonomy.yaml", check=False)
+    assert proc.returncode == 2 and "category_aug" in proc.stderr and not (tmp_path / "o").exists()
+    proc = run_script("fit.py", "--data-dir", str(tiny_data), "--budget", "ten", check=False)
+    assert proc.returncode == 2 and "budget must be" in proc.stderr
+
+
+@pytest.mark.slow
+def test_fit_under_a_90_second_budget(tiny_data, tmp_path):
+    out, sub = tmp_path / "run", tmp_path / "submission.csv"
+    args = ("fit.py", "--data-dir", str(tiny_data), "--out-dir", str(out), "--budget", "90s", "--model",
+            "test_efficientnet", "--output", str(sub), "--progress", "false")
+    start = time.perf_counter()
+    proc = run_script(*args)
+    wall = time.perf_counter() - start
+    assert wall <= 99, proc.stdout[-3000:]
+    report = pd.read_csv(out / "fit" / "report.csv")
+    assert report["stage"].tolist()[:2] == ["frozen", "floor"] and report["stage"].iloc[-2] == "infer"
+    assert "finetune" in report["stage"].tolist()  # the tiny data leaves time to fine-tune
+    assert report["actual s"].iloc[-1] <= 99
+    test = pd.read_csv(tiny_data / "test.csv")
+    assert sorted(pd.read_csv(sub)["id"]) == sorted(test["id"])
+    assert "the plan (" in proc.stdout and "predicted and actual seconds" in proc.stdout
+    # a re-run goes on from the state: nothing is trained again
+    state = json.loads((out / "fit" / "state.json").read_text())["state"]
+    assert state["finetune"]["done"] == [0, 1, 2] and {"export", "infer"} <= set(state["done"])
+    again = run_script(*args)
+    assert "resuming from" in again.stdout and "== python train.py" not in again.stdout
+
+
+def test_the_ladder():
+    assert ladder(224)[-1] == 224 and ladder(176)[-1] == 160 and ladder(32) == (LADDER[0],)

@@ -1,0 +1,138 @@
+"""What fit.py measures before it plans: the data's own resolution, and for each (backbone, size)
+it may use, images per second on this machine (``Measurer``).
+
+- Training and forward-pass speed, and the precision of each: the very timed steps that ``amp:
+  auto`` takes (``utils.train.precision.step_seconds``: a few interleaved steps in fp32 and bf16,
+  cached per machine), so the plan and the training it plans agree on the dtype. The model is
+  built from random weights (speed does not depend on their values: no weights file is read).
+- Decoding: a sample of the train images decoded and sized, in this process, times the cores.
+- The frozen route's heads: a few optimiser steps of every MLP head on random embeddings.
+
+A size that was not measured is extrapolated from a measured one by pixel count
+(``Speed.at``); fit.py measures a size before a stage runs at it.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from utils.data.dataset import read_or_placeholder
+from utils.data.schema import Schema, row_paths
+from utils.data.transforms import Preprocess
+from utils.fit.plan import Speed, ladder
+from utils.train.engine import train_step
+from utils.train.frozen import HeadsOnly
+from utils.train.model import AttributeModel, HeadLoss, MLPHeads, data_config, feature_width
+from utils.train.precision import MEASURE_BATCH, measure_batch, step_seconds
+from utils.train.throughput import conv_layers, use_channels_last
+
+SAMPLE = 32  # images decoded to time decoding, and read to find the data's resolution
+HEAD_HIDDEN = 256  # the frozen route's MLP heads (fit.py's recipe)
+
+
+def native_size(data, n: int = SAMPLE * 2) -> int:
+    """The median shorter side, in pixels, of up to ``n`` train images (headers only; unreadable
+    ones are skipped here and reported by training)."""
+    sides = []
+    for path in row_paths(data.train.head(n), data.train_images):
+        try:
+            with Image.open(path) as im:
+                sides.append(min(im.size))
+        except Exception:  # training names it
+            continue
+    return int(np.median(sides)) if sides else 224
+
+
+class Measurer:
+    """Speeds on this machine, on demand: ``speed(b, s)`` returns the measured speed or else an
+    extrapolation; ``measure(b, s)`` times it (a few seconds)."""
+
+    def __init__(self, data, schema: Schema, device: torch.device, log=print):
+        self.data, self.schema, self.device, self.log = data, schema, device, log
+        self.measured: dict[tuple[str, int], Speed] = {}
+        self.models: dict[str, AttributeModel] = {}
+        self.seconds = 0.0  # spent measuring
+
+    def model(self, backbone: str) -> AttributeModel:
+        if backbone not in self.models:
+            torch.manual_seed(0)
+            self.models[backbone] = AttributeModel(backbone, [h.width for h in self.schema.heads],
+                                                   loss=HeadLoss(self.schema)).to(self.device)
+        return self.models[backbone]
+
+    def sizes(self, backbone: str) -> tuple[int, ...]:
+        """The sizes ``backbone`` may run at: a convolutional one, the ladder up to the largest input
+        size its weights were made for (timm's pretrained config: its input or test size); a
+        transformer (one convolution, its patch embedding) only its own, which its position
+        embeddings were trained at."""
+        import timm
+
+        pc = timm.models.get_pretrained_cfg(backbone)
+        cap = max((c[-1] for c in (getattr(pc, "input_size", None), getattr(pc, "test_input_size", None)) if c),
+                  default=224)
+        return ladder(cap) if conv_layers(self.model(backbone).backbone) > 2 else (cap,)
+
+    def speed(self, backbone: str, size: int) -> Speed:
+        if (backbone, size) in self.measured:
+            return self.measured[(backbone, size)]
+        known = [s for b, s in self.measured if b == backbone]
+        if not known:
+            return self.measure(backbone, size)
+        nearest = min(known, key=lambda s: abs(s - size))
+        return self.measured[(backbone, nearest)].at(size, nearest)
+
+    def measure(self, backbone: str, size: int) -> Speed:
+        """Time ``backbone`` at ``size``: a training step and a forward pass in each dtype (the
+        faster kept), and decoding."""
+        start = time.perf_counter()
+        model = self.model(backbone)
+        channels_last = use_channels_last("auto", model.backbone)
+        model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        rates, batch = {}, measure_batch(MEASURE_BATCH, size, self.device)
+        for train in (True, False):
+            seconds, _ = step_seconds(model, backbone, size, batch, self.device, train, channels_last)
+            dtype = min(seconds, key=seconds.get)
+            rates[train] = (batch / seconds[dtype], dtype)
+        prep = Preprocess(size, *data_config(model.backbone), interpolation="cubic")
+        paths = row_paths(self.data.train.head(SAMPLE), self.data.train_images)
+        t0 = time.perf_counter()
+        for p in paths:
+            read_or_placeholder(p, prep)
+        decode = len(paths) / max(time.perf_counter() - t0, 1e-9) * (os.cpu_count() or 1)
+        speed = Speed(train=rates[True][0], infer=rates[False][0], decode=decode, dtype=rates[True][1])
+        self.measured[(backbone, size)] = speed
+        self.seconds += time.perf_counter() - start
+        return speed
+
+    def head_rate(self, backbone: str, batch: int = 256, steps: int = 5) -> float:
+        """Rows per second of the frozen route's heads (every MLP head, forward, backward, AdamW)."""
+        start = time.perf_counter()
+        widths = [h.width for h in self.schema.heads]
+        heads = MLPHeads(feature_width(self.model(backbone).backbone), widths, HEAD_HIDDEN)
+        net = HeadsOnly(_Heads(heads, HeadLoss(self.schema)))
+        opt = torch.optim.AdamW(heads.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, heads.fc1.in_features, generator=g)
+        t = torch.stack([torch.randint(0, w, (batch,), generator=g) for w in widths], dim=1)
+        train_step(net, x, t, opt)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            train_step(net, x, t, opt)
+        rate = steps * batch / max(time.perf_counter() - t0, 1e-9)
+        self.seconds += time.perf_counter() - start
+        return rate
+
+
+class _Heads(torch.nn.Module):
+    """MLP heads and their loss, as ``HeadsOnly`` takes a model."""
+
+    def __init__(self, heads: MLPHeads, loss: HeadLoss):
+        super().__init__()
+        self.heads, self.loss = heads, loss
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads(x)

@@ -1,0 +1,388 @@
+"""fit.py's run: measure, plan (utils/fit/plan.py), run each stage through the kit's own library
+(the fold trainer, the ensemble search, export and inference: what train.py, ensemble.py,
+export.py and infer.py run), and re-plan as the actual seconds come in.
+
+``execute`` is the loop, with the clock and the stages passed in (tests drive it with a fake clock
+and fake stages); ``Stages`` runs the real ones. Each stage prints the command a user would type
+for it. Before the work: the measurements and the plan table (stage, candidate, predicted seconds,
+the rule behind it); whenever a stage ran more than ``SLACK`` off its prediction, or a result
+changed a decision, the rest of the plan again; at the end every stage's predicted seconds beside
+its actual ones. A training stage whose time runs into what the stages after it need stops after
+its current epoch (its best epoch predicts).
+
+Writes, in <out_dir>/fit/: state.json (what is done, after every stage: a re-run with the same
+data and options goes on from there, and every finished fold, embedding and decode cache is
+reused), plan.csv (the first plan) and report.csv (the end table).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from utils.config import CommonConfig, option, parse_config
+from utils.data.schema import read_dataset
+from utils.errors import ConfigError, DataError
+from utils.fit.plan import (HEAD_EPOCHS, SLACK, BudgetTooSmall, Costs, Facts, State, Step, first_frozen_size,
+                            parse_budget, plan)
+from utils.io import atomic_write_csv, atomic_write_json
+from utils.run import RunDir
+from utils.train.config import TrainConfig
+
+END = ("ensemble", "student", "export", "infer")
+
+
+@dataclass
+class FitConfig(CommonConfig):
+    out_dir: str = option("runs/fit", "run folder: every run, the ensemble, onnx/, and fit/ (state, plan, report)")
+    budget: str = option("10m", "wall-clock time for everything, measuring included: 90s, 10m, 1.5h")
+    model: list[str] = option(help="timm backbones (a,b): each gets the frozen route; the best is fine-tuned",
+                              factory=lambda: ["efficientnet_b0"])
+    pretrained: bool = option(False, "timm's weights from the Hugging Face hub (needs network)")
+    pretrained_file: Optional[list[str]] = option(None, "local weights files, one per --model (train.py's "
+                                                        "pretrained_file)")
+    train_config: list[str] = option(help="config files for every training stage, e.g. a profile "
+                                          "(configs/visual_taxonomy.yaml)", factory=list)
+    n_folds: int = option(3, "K of the K-fold split (every run shares it)")
+    budget_ms: float = option(500.0, "export's latency budget per image, measured here")
+    output: str = option("submission.csv", "the submission to write")
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
+    progress: bool = option(True, "progress bars")
+
+    def __post_init__(self):
+        if self.pretrained_file and len(self.pretrained_file) != len(self.model):
+            raise ConfigError(f"key 'pretrained_file': one file per model ({len(self.model)}), got "
+                              f"{len(self.pretrained_file)}")
+        try:
+            parse_budget(self.budget)
+        except ValueError as err:
+            raise ConfigError(f"key 'budget': {err}") from None
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def deadline_reserve(steps: list[Step], costs: Costs) -> float:
+    """Seconds the stages after a training stage need at least: the last stages, and one epoch of
+    every fine-tuned fold still to come."""
+    reserve = sum(s.seconds for s in steps if s.kind in END)
+    return reserve + sum(costs.epoch(s.backbone, s.size) + costs.fold_extra(s.backbone, s.size)
+                         for s in steps if s.kind == "finetune")
+
+
+def plan_table(steps: list[Step], elapsed: float, budget: float) -> pd.DataFrame:
+    rows = [{"stage": s.kind, "candidate": candidate(s), "predicted s": round(s.seconds, 1), "why": s.why}
+            for s in steps]
+    rows.append({"stage": "total", "candidate": f"{elapsed:.0f} s spent", "predicted s": round(
+        elapsed + sum(s.seconds for s in steps), 1), "why": f"budget {budget:.0f} s"})
+    return pd.DataFrame(rows)
+
+
+def candidate(s: Step) -> str:
+    parts = [f"{s.backbone} @ {s.size} px" if s.backbone else ""]
+    if s.fold >= 0:
+        parts.append(f"fold {s.fold}")
+    if s.epochs:
+        parts.append(f"{s.epochs} epochs")
+    if s.rates:
+        parts.append("rates x " + "/".join(f"{r:g}" for r in s.rates))
+    return ", ".join(p for p in parts if p)
+
+
+def show(title: str, table: pd.DataFrame) -> None:
+    with pd.option_context("display.width", 200, "display.max_colwidth", 110, "display.max_rows", 100):
+        print(f"\n{title}\n{table.to_string(index=False)}", flush=True)
+
+
+def execute(facts: Facts, costs: Costs, stages, clock=time.perf_counter, state: State | None = None,
+            save=lambda state: None, start: float | None = None) -> pd.DataFrame:
+    """Run the plan to its end: each time, plan what is left (``plan``), let ``stages`` measure what
+    the next stage needs (``stages.prepare(step)``: True when it measured, and the plan is made
+    again), run it (``stages.run(step, state, stop)``; ``stop()`` is True once its time runs into
+    what the later stages need), record its actual seconds and calibrate the costs of its kind.
+    ``start``: the clock's value when the run began (measuring counts). Returns the report table."""
+    state = state or State()
+    t0 = clock() if start is None else start
+    report, expected, first = [], None, True
+    while True:
+        steps = plan(facts, state, costs, clock() - t0)
+        if not steps:
+            break
+        if stages.prepare(steps[0]):
+            continue
+        keys = [s.key for s in steps]
+        if keys != expected:
+            why = "the plan" if first else "re-planned"
+            show(f"{why} ({clock() - t0:.0f} s of {facts.budget_s:.0f} s spent)",
+                 plan_table(steps, clock() - t0, facts.budget_s))
+            if first:
+                stages.first_plan(plan_table(steps, clock() - t0, facts.budget_s))
+            first = False
+        step = steps[0]
+        deadline = t0 + facts.budget_s - deadline_reserve(steps[1:], costs)
+        began = clock()
+        result = stages.run(step, state, stop=lambda: clock() > deadline)
+        actual = clock() - began
+        state.spent[step.kind] = state.spent.get(step.kind, 0.0) + actual
+        save(state)
+        report.append({"stage": step.kind, "candidate": candidate(step), "predicted s": round(step.seconds, 1),
+                       "actual s": round(actual, 1), "result": result})
+        off = actual / step.seconds if step.seconds > 0 else 1.0
+        expected = keys[1:]
+        if abs(off - 1) > SLACK and step.kind != "floor":
+            costs.calibrate(calibrated_kind(step.kind), step.seconds, actual)
+            expected = None  # re-planned
+        if expected is None and len(steps) > 1:
+            print(f"{step.kind} took {actual:.0f} s against {step.seconds:.0f} s predicted ({off:.2f}x): "
+                  f"re-planning the rest", flush=True)
+    total = clock() - t0
+    report.append({"stage": "total", "candidate": "", "predicted s": None, "actual s": round(total, 1),
+                   "result": f"budget {facts.budget_s:.0f} s ({total / facts.budget_s:.0%})"})
+    return pd.DataFrame(report)
+
+
+def calibrated_kind(kind: str) -> str:
+    return "finetune" if kind == "search" else kind
+
+
+# ----------------------------------------------------------------------------- the real stages
+
+class Stages:
+    """The stages run for real: each builds the config its script would parse from the command it
+    prints, and calls the library function that script calls."""
+
+    def __init__(self, cfg: FitConfig, data, measurer, native: int):
+        self.cfg, self.data, self.measurer, self.native = cfg, data, measurer, native
+        self.run_dir = RunDir(cfg.out_dir)
+        self.weights = dict(zip(cfg.model, cfg.pretrained_file or []))
+
+    def first_plan(self, table: pd.DataFrame) -> None:
+        atomic_write_csv(Path(self.cfg.out_dir) / "fit" / "plan.csv", table)
+
+    # -- measuring
+    def prepare(self, step: Step) -> bool:
+        """Measure the step's (backbone, size) when only an extrapolation is known."""
+        if not step.backbone or (step.backbone, step.size) in self.measurer.measured:
+            return False
+        sp = self.measurer.measure(step.backbone, step.size)
+        print(f"measured {step.backbone} @ {step.size} px: training {sp.train:.1f} img/s, forward "
+              f"{sp.infer:.1f} img/s ({sp.dtype}), decoding {sp.decode:.0f} img/s", flush=True)
+        return True
+
+    # -- commands
+    def common(self, backbone: str) -> list[str]:
+        cfg = self.cfg
+        args = ["--model", backbone]
+        if backbone in self.weights:
+            args += ["--pretrained-file", self.weights[backbone]]
+        elif cfg.pretrained:
+            args += ["--pretrained"]
+        for path in cfg.train_config:
+            args += ["--config", path]
+        return args + ["--data-dir", cfg.data_dir, "--out-dir", cfg.out_dir, "--seed", str(cfg.seed),
+                       "--n-folds", str(cfg.n_folds), "--device", cfg.device, "--progress", str(cfg.progress).lower()]
+
+    def interpolation(self, size: int) -> str:
+        """cubic to upscale (the data's images are smaller than the input), area to shrink."""
+        return "cubic" if size > self.native else "area"
+
+    def frozen_args(self, backbone: str, size: int, name: str) -> list[str]:
+        return self.common(backbone) + [
+            "--frozen-backbone", "true", "--head", "mlp", "--head-hidden", "256", "--epochs", str(HEAD_EPOCHS),
+            "--patience", "10", "--batch-size", "256", "--lr-head", "0.003", "--warmup-epochs", "1",
+            "--img-size", str(size), "--interpolation", self.interpolation(size), "--name", name, "--fold", "all",
+            "--resume"]
+
+    def finetune_args(self, step: Step, rate: float, epochs: int, fold: int, stop_after: int = 0) -> list[str]:
+        base = parse_config(TrainConfig, self.common(step.backbone), model_config=True)
+        warmup = min(base.warmup_epochs, epochs / 8)  # at most an eighth of a short schedule
+        return self.common(step.backbone) + [
+            "--img-size", str(step.size), "--interpolation", self.interpolation(step.size), "--epochs", str(epochs),
+            "--lr-backbone", f"{base.lr_backbone * rate:.3g}", "--lr-head", f"{base.lr_head * rate:.3g}",
+            "--warmup-epochs", f"{warmup:g}", "--patience", "0", "--name", finetune_name(step.backbone, step.size, rate),
+            "--fold", str(fold), "--resume", "--stop-after", str(stop_after)]
+
+    def train(self, args: list[str], stop) -> dict:
+        from utils.train import kfold
+
+        print(f"\n== python train.py {' '.join(args)}", flush=True)
+        cfg = parse_config(TrainConfig, args, model_config=True)
+        return kfold.train(cfg, self.data, report=lambda epoch, score: stop())
+
+    def oof(self, run: str) -> float:
+        return json.loads((self.run_dir.path / run / "oof_score.json").read_text())["oof_score"]
+
+    # -- each kind of stage
+    def run(self, step: Step, state: State, stop) -> str:
+        return getattr(self, step.kind)(step, state, stop)
+
+    def frozen(self, step: Step, state: State, stop) -> str:
+        name = f"{step.backbone}_frozen{step.size}"
+        self.train(self.frozen_args(step.backbone, step.size, name), stop)
+        state.frozen[(step.backbone, step.size)] = score = self.oof(name)
+        return f"{name}: OOF {score:.4f}"
+
+    def floor(self, step: Step, state: State, stop) -> str:
+        from utils.serve.infer import InferConfig, infer
+
+        b, s = max(state.frozen, key=state.frozen.get)
+        run = f"{b}_frozen{s}"
+        print(f"\n== python infer.py --from-logits --models {run} --output {self.cfg.output}", flush=True)
+        out = infer(InferConfig(data_dir=self.cfg.data_dir, out_dir=self.cfg.out_dir, from_logits=True, models=[run],
+                                output=self.cfg.output, progress=False))
+        state.done.add("floor")
+        return f"{self.cfg.output} from {run}" + (f": held out {out['score']:.4f}" if out["score"] is not None else "")
+
+    def search(self, step: Step, state: State, stop) -> str:
+        import pandas as pd
+
+        for rate in step.rates:
+            if rate in state.search:
+                continue
+            self.train(self.finetune_args(step, rate, step.epochs, 0, stop_after=1), lambda: False)
+            history = pd.read_csv(self.run_dir.fold_dir(finetune_name(step.backbone, step.size, rate), 0) / "history.csv")
+            state.search[rate] = float(history["val_score"].iloc[0])
+        best = max(step.rates, key=lambda r: state.search[r])
+        state.finetune = {"backbone": step.backbone, "size": step.size, "rate": best, "epochs": step.epochs, "done": []}
+        return "first epoch's val score by rate: " + ", ".join(
+            f"x{r:g} {state.search[r]:.4f}" for r in step.rates) + f"; x{best:g} goes on"
+
+    def finetune(self, step: Step, state: State, stop) -> str:
+        if state.finetune is None:  # fold 0 without a search: the base rates
+            state.finetune = {"backbone": step.backbone, "size": step.size, "rate": step.rates[0],
+                              "epochs": step.epochs, "done": []}
+        ft = state.finetune
+        result = self.train(self.finetune_args(step, ft["rate"], step.epochs, step.fold), stop)[step.fold]
+        ft["done"].append(step.fold)
+        text = f"fold {step.fold}: val {result['val_score']:.4f} (best epoch {result['best_epoch']})"
+        if len(ft["done"]) == self.cfg.n_folds:
+            ft["oof"] = self.oof(finetune_name(ft["backbone"], ft["size"], ft["rate"]))
+            text += f"; OOF {ft['oof']:.4f}"
+        return text
+
+    def runs(self, state: State) -> list[str]:
+        runs = [f"{b}_frozen{s}" for b, s in state.frozen]
+        ft = state.finetune
+        if ft is not None and len(ft["done"]) == self.cfg.n_folds:
+            runs.append(finetune_name(ft["backbone"], ft["size"], ft["rate"]))
+        return runs
+
+    def ensemble(self, step: Step, state: State, stop) -> str:
+        from utils.ensemble.ensemble import EnsembleConfig, ensemble
+
+        runs = self.runs(state)
+        print(f"\n== python ensemble.py --models {','.join(runs)} --sto-population 8 --sto-iterations 4", flush=True)
+        ensemble(EnsembleConfig(data_dir=self.cfg.data_dir, out_dir=self.cfg.out_dir, seed=self.cfg.seed,
+                                models=runs, sto_population=8, sto_iterations=4, progress=False))
+        state.done.add("ensemble")
+        ens = json.loads(self.run_dir.ensemble_path.read_text())
+        return f"{ens.get('method')}: nested CV {ens.get('nested_cv_score', float('nan')):.4f}"
+
+    def student(self, step: Step, state: State, stop) -> str:
+        args = self.frozen_args(step.backbone, step.size, "student") + [
+            "--teacher", str(self.run_dir.ensemble_path)]
+        self.train(args, stop)
+        state.done.add("student")
+        return f"student: OOF {self.oof('student'):.4f}"
+
+    def export(self, step: Step, state: State, stop) -> str:
+        from utils.serve.export import ExportConfig, export
+
+        models = None if "ensemble" in state.done else self.runs(state) + (["student"] if "student" in state.done else [])
+        print(f"\n== python export.py --budget-ms {self.cfg.budget_ms:g} --latency-images 20 --parity-images 16"
+              + (f" --models {','.join(models)}" if models else ""), flush=True)
+        manifest = export(ExportConfig(data_dir=self.cfg.data_dir, out_dir=self.cfg.out_dir, seed=self.cfg.seed,
+                                       models=models, budget_ms=self.cfg.budget_ms, latency_images=20,
+                                       parity_images=16, progress=False))
+        state.done.add("export")
+        serve = manifest.serve or {}
+        return f"serves {serve.get('name')}: {serve.get('tail')} {serve.get('p99_ms', float('nan')):.1f} ms"
+
+    def infer(self, step: Step, state: State, stop) -> str:
+        from utils.serve.infer import InferConfig, infer
+
+        print(f"\n== python infer.py --output {self.cfg.output}", flush=True)
+        out = infer(InferConfig(data_dir=self.cfg.data_dir, out_dir=self.cfg.out_dir, output=self.cfg.output,
+                                progress=False))
+        state.done.add("infer")
+        return f"{self.cfg.output}" + (f": held out {out['score']:.4f}" if out["score"] is not None else "")
+
+
+def finetune_name(backbone: str, size: int, rate: float) -> str:
+    return f"{backbone}_ft{size}_lr{rate:g}"
+
+
+# ----------------------------------------------------------------------------- fit.py
+
+def check_inputs(cfg: FitConfig, data) -> None:
+    """Everything that can be refused before anything expensive: weights files, the training
+    config files against the data (a profile naming categories the data lacks)."""
+    for path in cfg.pretrained_file or []:
+        if not Path(path).is_file():
+            raise DataError(f"--pretrained-file {path}: no such file")
+    for backbone in cfg.model:
+        trainer = parse_config(TrainConfig, ["--model", backbone] + sum((["--config", p] for p in cfg.train_config), []),
+                               model_config=True)
+        trainer.check_data(data)
+
+
+def fit(cfg: FitConfig) -> dict:
+    """What ``python fit.py`` does: check the inputs, measure, plan, run, report."""
+    start = time.perf_counter()
+    budget = parse_budget(cfg.budget)
+    data = read_dataset(cfg.data_dir)
+    check_inputs(cfg, data)
+
+    import torch
+
+    from utils.fit.measure import Measurer, native_size
+    from utils.train.distributed import setup_distributed
+    from utils.train.throughput import configure_device
+
+    d = setup_distributed(cfg.device)
+    configure_device(d)
+    run_dir = RunDir(cfg.out_dir)
+    schema, _ = run_dir.prepare(data, cfg.n_folds, cfg.seed)
+    native = native_size(data)
+    measurer = Measurer(data, schema, d.device)
+    sizes = {b: measurer.sizes(b) for b in cfg.model}
+    heads = {b: measurer.head_rate(b) for b in cfg.model}
+    for b in cfg.model:
+        measurer.measure(b, first_frozen_size(native, sizes[b]))
+    facts = Facts(n_train=len(data.train), n_test=len(data.test), native=native, budget_s=budget,
+                  backbones=tuple(cfg.model), sizes=sizes, head_rows_per_s=heads, n_folds=cfg.n_folds,
+                  budget_ms=cfg.budget_ms, pretrained=bool(cfg.pretrained or cfg.pretrained_file))
+    show(f"measured on this machine ({torch.get_num_threads()} threads, {d.device}) in {measurer.seconds:.1f} s; "
+         f"the data: {facts.n_train} train and {facts.n_test} test images, median shorter side {native} px",
+         measurements(measurer, heads))
+    state_path = Path(cfg.out_dir) / "fit" / "state.json"
+    what = {"data": str(Path(cfg.data_dir).resolve()), "model": cfg.model, "n_folds": cfg.n_folds, "seed": cfg.seed,
+            "train_config": cfg.train_config, "weights": cfg.pretrained_file, "pretrained": cfg.pretrained}
+    state = State()
+    if state_path.is_file():
+        saved = json.loads(state_path.read_text())
+        if saved.get("what") == what:
+            state = State.from_dict(saved["state"])
+            print(f"resuming from {state_path}: {', '.join(sorted(set(state.spent)))} done or begun; "
+                  f"finished folds and caches are reused")
+    save = lambda s: atomic_write_json(state_path, {"what": what, "state": s.to_dict()})
+    costs = Costs(facts, measurer.speed)
+    stages = Stages(cfg, data, measurer, native)
+    try:
+        report = execute(facts, costs, stages, state=state, save=save, start=start)
+    except BudgetTooSmall as err:
+        raise DataError(str(err)) from None
+    atomic_write_csv(Path(cfg.out_dir) / "fit" / "report.csv", report)
+    show("fit: predicted and actual seconds of every stage", report)
+    return {"report": report, "state": state, "facts": facts, "seconds": time.perf_counter() - start}
+
+
+def measurements(measurer, heads: dict) -> pd.DataFrame:
+    rows = [{"backbone": b, "size": s, "train img/s": round(sp.train, 1), "forward img/s": round(sp.infer, 1),
+             "decode img/s": round(sp.decode), "dtype": sp.dtype, "heads rows/s": round(heads[b])}
+            for (b, s), sp in sorted(measurer.measured.items())]
+    return pd.DataFrame(rows)
+
