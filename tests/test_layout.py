@@ -13,7 +13,7 @@ from tests.conftest import ROOT, run_script
 from utils.config import parse_config
 from utils.errors import ConfigError
 
-SCRIPTS = ["train", "ensemble", "export", "infer", "augment", "tune", "demo"]
+SCRIPTS = ["train", "ensemble", "export", "infer", "augment", "tune", "fit", "demo"]
 
 
 def module_name(path) -> str:
@@ -116,8 +116,9 @@ def test_no_import_cycle():
     assert cycles == []
 
 
-# the pipeline's stages, in the order data flows through them; shared modules sit at utils/'s top
-STAGES = ["data", "train", "ensemble", "serve"]
+# the pipeline's stages, in the order data flows through them (fit, last, plans and drives the others);
+# shared modules sit at utils/'s top
+STAGES = ["data", "train", "ensemble", "serve", "fit"]
 OUTSIDE = ["tools", "bench"]  # generators, command-line tools and benchmarks: users of the stages, never used by them
 
 

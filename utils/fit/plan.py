@@ -351,6 +351,8 @@ def plan(facts: Facts, state: State, costs: Costs, elapsed: float) -> list[Step]
                                                   train_room - max(0.0, share - state.spent.get("frozen", 0.0))) is None:
         share, min_gain = facts.budget_s, 0.0  # no fine-tuning fits: the frozen route's sweep takes the time
     share_left = max(0.0, share - state.spent.get("frozen", 0.0))
+    if state.done & {"ensemble", "student", "export"}:  # training is over once the last stages began
+        return end_steps(facts, state, costs, members(facts, state, []), remaining)
     steps = frozen_steps(facts, state, costs, min(share_left, train_room), min_gain)
     if not state.frozen and not steps:
         need = min(costs.frozen(b, facts.sizes[b][0]) for b in facts.backbones) + reserve + elapsed

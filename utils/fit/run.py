@@ -196,9 +196,13 @@ class Stages:
             "--img-size", str(size), "--interpolation", self.interpolation(size), "--name", name, "--fold", "all",
             "--resume"]
 
-    def finetune_args(self, step: Step, rate: float, epochs: int, fold: int, stop_after: int = 0) -> list[str]:
+    def finetune_args(self, step: Step, rate: float, epochs: int, fold: int, planned: int,
+                      stop_after: int = 0) -> list[str]:
+        """train.py's arguments for a fine-tuned fold: ``epochs`` of it, in a run whose schedule was
+        first planned for ``planned`` epochs (its warm-up, at most an eighth of that, stays when
+        a re-plan gives a fold fewer: a resumed fold must keep its config)."""
         base = parse_config(TrainConfig, self.common(step.backbone), model_config=True)
-        warmup = min(base.warmup_epochs, epochs / 8)  # at most an eighth of a short schedule
+        warmup = min(base.warmup_epochs, planned / 8)
         return self.common(step.backbone) + [
             "--img-size", str(step.size), "--interpolation", self.interpolation(step.size), "--epochs", str(epochs),
             "--lr-backbone", f"{base.lr_backbone * rate:.3g}", "--lr-head", f"{base.lr_head * rate:.3g}",
@@ -242,7 +246,7 @@ class Stages:
         for rate in step.rates:
             if rate in state.search:
                 continue
-            self.train(self.finetune_args(step, rate, step.epochs, 0, stop_after=1), lambda: False)
+            self.train(self.finetune_args(step, rate, step.epochs, 0, step.epochs, stop_after=1), lambda: False)
             history = pd.read_csv(self.run_dir.fold_dir(finetune_name(step.backbone, step.size, rate), 0) / "history.csv")
             state.search[rate] = float(history["val_score"].iloc[0])
         best = max(step.rates, key=lambda r: state.search[r])
@@ -255,7 +259,7 @@ class Stages:
             state.finetune = {"backbone": step.backbone, "size": step.size, "rate": step.rates[0],
                               "epochs": step.epochs, "done": []}
         ft = state.finetune
-        result = self.train(self.finetune_args(step, ft["rate"], step.epochs, step.fold), stop)[step.fold]
+        result = self.train(self.finetune_args(step, ft["rate"], step.epochs, step.fold, ft["epochs"]), stop)[step.fold]
         ft["done"].append(step.fold)
         text = f"fold {step.fold}: val {result['val_score']:.4f} (best epoch {result['best_epoch']})"
         if len(ft["done"]) == self.cfg.n_folds:
