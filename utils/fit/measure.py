@@ -1,10 +1,11 @@
 """What fit.py measures before it plans: the data's own resolution, and for each (backbone, size)
 it may use, images per second on this machine (``Measurer``).
 
-- Training and forward-pass speed, and the precision of each: the very timed steps that ``amp:
-  auto`` takes (``utils.train.precision.step_seconds``: a few interleaved steps in fp32 and bf16,
-  cached per machine), so the plan and the training it plans agree on the dtype. The model is
-  built from random weights (speed does not depend on their values: no weights file is read).
+- Training and forward-pass speed, and the precision of each: the faster dtype from the very timed
+  steps that ``amp: auto`` takes (``utils.train.precision.step_seconds``: a few interleaved small
+  steps in fp32 and bf16, cached per machine), so the plan and the training it plans agree on it;
+  then the speed in that dtype at the batch the stages run (``timed_rate``). The model is built
+  from random weights (speed does not depend on their values: no weights file is read).
 - Decoding: a sample of the train images decoded and sized, in this process, times the cores.
 - The frozen route's heads: a few optimiser steps of every MLP head on random embeddings.
 
@@ -24,14 +25,49 @@ from utils.data.dataset import read_or_placeholder
 from utils.data.schema import Schema, row_paths
 from utils.data.transforms import Preprocess
 from utils.fit.plan import Speed, ladder
-from utils.train.engine import train_step
+from utils.train.engine import autocast, train_step
 from utils.train.frozen import HeadsOnly
 from utils.train.model import AttributeModel, HeadLoss, MLPHeads, data_config, feature_width
-from utils.train.precision import MEASURE_BATCH, measure_batch, step_seconds
+from utils.train.precision import step_seconds
 from utils.train.throughput import conv_layers, use_channels_last
 
 SAMPLE = 32  # images decoded to time decoding, and read to find the data's resolution
 HEAD_HIDDEN = 256  # the frozen route's MLP heads (fit.py's recipe)
+TRAIN_BATCH = 32  # train.py's batch_size
+EMBED_BATCH = 64  # the frozen route's embedding batch (utils/train/frozen.py)
+MIN_SECONDS = 0.5  # a speed is timed over at least this long (at most 5 steps), after a warm-up step
+
+
+def timed_rate(model, size: int, batch: int, device: torch.device, train: bool, channels_last: bool,
+               dtype) -> float:
+    """Images/s of ``model`` on random images in ``dtype``: a training step (forward and backward)
+    or the backbone's forward pass (validation, test and embedding). Leaves the model, its
+    gradients and the random state as they were."""
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        with torch.set_grad_enabled(train), autocast(device, dtype):
+            out = (model(x)["logits"] if train else model.backbone(x)).float()
+        if train:
+            out.sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            step()  # kernels loaded, caches warm
+            n, start = 0, time.perf_counter()
+            while n == 0 or (time.perf_counter() - start < MIN_SECONDS and n < 5):
+                step()
+                n += 1
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return n * batch / (time.perf_counter() - start)
 
 
 def native_size(data, n: int = SAMPLE * 2) -> int:
@@ -86,24 +122,27 @@ class Measurer:
         return self.measured[(backbone, nearest)].at(size, nearest)
 
     def measure(self, backbone: str, size: int) -> Speed:
-        """Time ``backbone`` at ``size``: a training step and a forward pass in each dtype (the
-        faster kept), and decoding."""
+        """Time ``backbone`` at ``size``: the faster dtype of a training step and of a forward pass
+        (amp auto's timing, small batches), then each in that dtype at the batch the stages use
+        (per image, a CPU runs a large batch at a large size slower than a small one), and
+        decoding."""
         start = time.perf_counter()
         model = self.model(backbone)
         channels_last = use_channels_last("auto", model.backbone)
         model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        rates, batch = {}, measure_batch(MEASURE_BATCH, size, self.device)
-        for train in (True, False):
+        rates, dtypes = {}, {}
+        for train, batch in ((True, TRAIN_BATCH), (False, EMBED_BATCH)):
             seconds, _ = step_seconds(model, backbone, size, batch, self.device, train, channels_last)
-            dtype = min(seconds, key=seconds.get)
-            rates[train] = (batch / seconds[dtype], dtype)
+            dtypes[train] = min(seconds, key=seconds.get)
+            rates[train] = timed_rate(model, size, batch, self.device, train, channels_last,
+                                      torch.bfloat16 if dtypes[train] == "bf16" else None)
         prep = Preprocess(size, *data_config(model.backbone), interpolation="cubic")
         paths = row_paths(self.data.train.head(SAMPLE), self.data.train_images)
         t0 = time.perf_counter()
         for p in paths:
             read_or_placeholder(p, prep)
         decode = len(paths) / max(time.perf_counter() - t0, 1e-9) * (os.cpu_count() or 1)
-        speed = Speed(train=rates[True][0], infer=rates[False][0], decode=decode, dtype=rates[True][1])
+        speed = Speed(train=rates[True], infer=rates[False], decode=decode, dtype=dtypes[True])
         self.measured[(backbone, size)] = speed
         self.seconds += time.perf_counter() - start
         return speed

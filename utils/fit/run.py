@@ -241,8 +241,6 @@ class Stages:
         return f"{self.cfg.output} from {run}" + (f": held out {out['score']:.4f}" if out["score"] is not None else "")
 
     def search(self, step: Step, state: State, stop) -> str:
-        import pandas as pd
-
         for rate in step.rates:
             if rate in state.search:
                 continue
@@ -358,7 +356,7 @@ def fit(cfg: FitConfig) -> dict:
         measurer.measure(b, first_frozen_size(native, sizes[b]))
     facts = Facts(n_train=len(data.train), n_test=len(data.test), native=native, budget_s=budget,
                   backbones=tuple(cfg.model), sizes=sizes, head_rows_per_s=heads, n_folds=cfg.n_folds,
-                  budget_ms=cfg.budget_ms, pretrained=bool(cfg.pretrained or cfg.pretrained_file))
+                  budget_ms=cfg.budget_ms)
     show(f"measured on this machine ({torch.get_num_threads()} threads, {d.device}) in {measurer.seconds:.1f} s; "
          f"the data: {facts.n_train} train and {facts.n_test} test images, median shorter side {native} px",
          measurements(measurer, heads))
