@@ -167,3 +167,26 @@ def test_a_regenerated_demo_dataset_gives_exactly_a_fresh_one(tmp_path):
     generate(tmp_path / "again", n_train=10, n_test=4, seed=1, workers=1, progress=False)
     generate(tmp_path / "fresh", n_train=10, n_test=4, seed=1, workers=1, progress=False)
     assert _folder_files(tmp_path / "again") == _folder_files(tmp_path / "fresh")
+
+
+def test_the_solar_cell_dataset_holds_out_a_quarter_of_every_type_and_grade(monkeypatch, tmp_path):
+    """utils.tools.elpv_data (benchmark data of another domain): its split is stratified, and
+    without its package the error says how to get it."""
+    import sys
+
+    import numpy as np
+
+    from utils.errors import DataError
+    from utils.tools import elpv_data
+
+    rng = np.random.default_rng(0)
+    types = np.array(["mono"] * 400 + ["poly"] * 600)
+    grades = rng.choice(4, size=1000, p=[0.6, 0.1, 0.05, 0.25])
+    test = elpv_data.split(grades, types, 0.25, np.random.default_rng(1))
+    for t in ("mono", "poly"):
+        for g in range(4):
+            n = ((types == t) & (grades == g)).sum()
+            assert abs(test[(types == t) & (grades == g)].sum() - n / 4) <= 0.5
+    monkeypatch.setitem(sys.modules, "elpv_dataset.utils", None)  # not installed
+    with pytest.raises(DataError, match="pip install elpv-dataset"):
+        elpv_data.build(tmp_path / "elpv")

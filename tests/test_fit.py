@@ -154,7 +154,8 @@ class Clock:
 FASTER = {k: 0.3 for k in ("frozen", "search", "finetune", "ensemble", "export")}  # time left over at the end
 
 
-@pytest.mark.parametrize("slow", [{}, {"finetune": 1.6}, {"frozen": 2.0, "finetune": 1.3, "export": 1.5}, FASTER])
+@pytest.mark.parametrize("slow", [{}, {"finetune": 1.2}, {"finetune": 2.5}, {"frozen": 2.0, "finetune": 1.2, "export": 1.5},
+                                  FASTER])
 def test_the_budget_holds_on_a_fake_clock_and_an_overrun_replans(slow, capsys):
     budget = 900
     f, clock = facts(budget), Clock()
@@ -171,8 +172,10 @@ def test_the_budget_holds_on_a_fake_clock_and_an_overrun_replans(slow, capsys):
     first = [r for r in stages.first.to_dict("records") if r["stage"] == "finetune"]
     epochs = [s.epochs for s, _ in stages.ran if s.kind == "finetune"]
     if not slow:
-        assert "re-planning" not in out and len(set(epochs)) == 1  # as first planned, every fold alike
-    if slow.get("finetune", 1) > 1.25:
+        assert "re-planning" not in out
+    if slow.get("finetune", 1) <= 1.25:  # within the margin fine-tuning is planned with: every fold alike
+        assert len(set(epochs)) == 1, epochs
+    else:
         assert "re-planning the rest" in out and "re-planned (" in out
         assert epochs[-1] < epochs[0], (epochs, first)  # later folds got fewer epochs
     # the actual seconds sit beside each prediction
@@ -182,7 +185,7 @@ def test_the_budget_holds_on_a_fake_clock_and_an_overrun_replans(slow, capsys):
 def test_a_stage_that_runs_into_the_later_stages_time_stops_after_its_epoch():
     f, clock = facts(600), Clock()
     costs = Costs(f, speeds())
-    stages = FakeStages(clock, {"finetune": 6.0}, costs)  # six times slower than measured: the folds give way
+    stages = FakeStages(clock, {"finetune": 14.0}, costs)  # 14 times slower than measured: a fold gives way
     execute(f, costs, stages, clock=clock)
     assert clock.t <= 1.1 * 600
     assert [s.kind for s, _ in stages.ran][-1] == "infer"

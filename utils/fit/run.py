@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pandas as pd
 
 from utils.config import CommonConfig, option, parse_config
@@ -102,7 +103,8 @@ def execute(facts: Facts, costs: Costs, stages, clock=time.perf_counter, state: 
     """Run the plan to its end: each time, plan what is left (``plan``), let ``stages`` measure what
     the next stage needs (``stages.prepare(step)``: True when it measured, and the plan is made
     again), run it (``stages.run(step, state, stop)``; ``stop()`` is True once its time runs into
-    what the later stages need), record its actual seconds and calibrate the costs of its kind.
+    what the later stages need), record its actual seconds and calibrate the costs of its kind
+    (the plan is shown again when they were more than ``SLACK`` off).
     ``start``: the clock's value when the run began (measuring counts). Returns the report table."""
     state = state or State()
     t0 = clock() if start is None else start
@@ -132,8 +134,9 @@ def execute(facts: Facts, costs: Costs, stages, clock=time.perf_counter, state: 
                        "actual s": round(actual, 1), "result": result})
         off = actual / step.seconds if step.seconds > 0 else 1.0
         expected = keys[1:]
-        if abs(off - 1) > SLACK and step.kind != "floor":
+        if step.kind != "floor":  # every stage teaches the costs of its kind
             costs.calibrate(calibrated_kind(step.kind), step.seconds, actual)
+        if abs(off - 1) > SLACK:
             expected = None  # re-planned
         if expected is None and len(steps) > 1:
             print(f"{step.kind} took {actual:.0f} s against {step.seconds:.0f} s predicted ({off:.2f}x): "
@@ -304,13 +307,34 @@ class Stages:
         return f"serves {serve.get('name')}: {serve.get('tail')} {serve.get('p99_ms', float('nan')):.1f} ms"
 
     def infer(self, step: Step, state: State, stop) -> str:
-        from utils.serve.infer import InferConfig, infer
+        """The submission of the served configuration. When it serves every fold of its runs in
+        fp32, their saved test logits are what its ONNX graphs compute (export checked parity): the
+        submission is blended from them with the served weights and biases, without reading an
+        image again; else infer.py predicts the test images with the served models."""
+        from utils.blend import load_ensemble
+        from utils.data.schema import read_category_attributes, read_test
+        from utils.metric import solution_score
+        from utils.serve.infer import InferConfig, infer, predict_from_logits
+        from utils.serve.manifest import Manifest
+        from utils.serve.submission import write_submission
 
-        print(f"\n== python infer.py --output {self.cfg.output}", flush=True)
-        out = infer(InferConfig(data_dir=self.cfg.data_dir, out_dir=self.cfg.out_dir, output=self.cfg.output,
-                                progress=False))
+        cfg, serve = self.cfg, Manifest.read(self.run_dir).serve or {}
         state.done.add("infer")
-        return f"{self.cfg.output}" + (f": held out {out['score']:.4f}" if out["score"] is not None else "")
+        if serve.get("folds") != "all" or serve.get("int8"):
+            print(f"\n== python infer.py --output {cfg.output}", flush=True)
+            out = infer(InferConfig(data_dir=cfg.data_dir, out_dir=cfg.out_dir, output=cfg.output, progress=False))
+            score = out["score"]
+        else:
+            print(f"\n== the served {serve['name']}: its saved test logits, blended as served", flush=True)
+            ens = {**load_ensemble(self.run_dir, serve["models"]), "weights": np.asarray(serve["weights"]),
+                   "biases": np.asarray(serve["biases"], dtype=np.float32)}
+            test = read_test(Path(cfg.data_dir) / "test.csv", self.run_dir.schema.categories)
+            sub = predict_from_logits(self.run_dir, test, ens)
+            write_submission(sub, test, self.run_dir.schema, cfg.output)
+            score = solution_score(Path(cfg.data_dir), sub, read_category_attributes(
+                Path(cfg.data_dir) / "category_attributes.parquet"))
+        print(f"wrote {cfg.output}" + (f"; score against test_solution.csv: {score:.4f}" if score is not None else ""))
+        return cfg.output + (f": held out {score:.4f}" if score is not None else "")
 
 
 def finetune_name(backbone: str, size: int, rate: float) -> str:
