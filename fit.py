@@ -10,14 +10,14 @@ may use, the decoding speed and the data's own resolution; then plans: the froze
 submission in seconds, and a teacher), at sizes that grow while they pay; fine-tuning of the best
 backbone at the size, epochs and learning rate (searched by successive halving on fold 0) that
 the budget buys; the ensemble; a distilled student where the ensemble would be too slow to serve;
-export.py --budget-ms; infer.py. Prints the plan (stage, candidate, predicted seconds, the rule
-behind it) before the work, again whenever a stage ran a quarter off its prediction, and at the
-end every stage's actual seconds beside its prediction. Ends within the budget plus 10 %; a
+export.py --budget-ms; the submission of what is served. Prints the plan (stage, candidate,
+predicted seconds, the rule behind it) before the work, again whenever a stage ran a quarter off
+its prediction, and at the end every stage's actual seconds beside its prediction. Ends within the budget plus 10 %; a
 budget too small for even the frozen route is refused before any training, naming the least
 that would do. A re-run with the same options goes on where the last one stopped.
 
 The rules: utils/fit/plan.py; the measurements: utils/fit/measure.py; the run: utils/fit/run.py.
-Figures against fixed recipes and timm's train.py: BENCHMARKS.md, "fit.py: a time budget".
+Figures against fixed recipes at equal wall time: BENCHMARKS.md, "fit.py: a time budget".
 """
 import warnings
 
