@@ -78,16 +78,16 @@ def fixed_recipe(cfg: FitBenchConfig, out: Path, seconds: float) -> tuple[float,
     fit, every fold (resumed), and its submission. Returns (wall seconds, epochs)."""
     from utils.train.config import TrainConfig
 
-    base = ["--model", cfg.model, "--pretrained-file", cfg.pretrained_file, "--config", "configs/demo_real.yaml",
-            "--config", "configs/pretrained.yaml", "--data-dir", cfg.data_dir, "--out-dir", str(out), "--name", "fixed",
-            "--progress", "false", "--resume"]
+    weights = ["--pretrained-file", cfg.pretrained_file] if cfg.pretrained_file else []
+    base = ["--model", cfg.model, *weights, "--config", "configs/demo_real.yaml", "--config", "configs/pretrained.yaml",
+            "--data-dir", cfg.data_dir, "--out-dir", str(out), "--name", "fixed", "--progress", "false", "--resume"]
     start = time.perf_counter()
     first = run("train", base + ["--fold", "0", "--stop-after", "1", "--epochs", "3"])
     n_folds = parse_config(TrainConfig, base, model_config=True).n_folds
     epochs = max(1, math.floor((seconds - first) / (first * 0.9 * n_folds)))  # fold 0's first epoch carried set-up
     run("train", base + ["--fold", "all", "--epochs", str(epochs)])
     run("infer", ["--data-dir", cfg.data_dir, "--out-dir", str(out), "--from-logits", "--models", "fixed",
-                     "--output", str(out / "submission.csv"), "--progress", "false"])
+                  "--output", str(out / "submission.csv"), "--progress", "false"])
     return time.perf_counter() - start, epochs
 
 
@@ -97,12 +97,13 @@ def main(cfg: FitBenchConfig) -> pd.DataFrame:
     for budget in cfg.budgets:
         out = root / f"fit_{budget}"
         seconds = run("fit", ["--data-dir", cfg.data_dir, "--out-dir", str(out), "--budget", budget, "--model",
-                                 cfg.model, *weights, "--output", str(out / "submission.csv"), "--progress", "false"])
+                              cfg.model, *weights, "--output", str(out / "submission.csv"), "--progress", "false"])
         report = pd.read_csv(out / "fit" / "report.csv")
-        plan = "; ".join(f"{r.stage} {r.candidate}".strip() for r in report.itertuples()
-                         if r.stage in ("frozen", "search", "finetune", "student") and (r.stage != "finetune" or "fold 0" in r.candidate))
-        rows.append({"budget": budget, "system": "fit.py", "wall s": round(seconds, 1), **scores(cfg.data_dir, out / "submission.csv"),
-                     "what ran": plan})
+        trained = report[report.stage.isin(["frozen", "search", "finetune", "student"])]
+        plan = "; ".join(f"{r.stage} {r.candidate}" for r in trained.itertuples()
+                         if r.stage != "finetune" or "fold 0" in r.candidate)
+        rows.append({"budget": budget, "system": "fit.py", "wall s": round(seconds, 1),
+                     **scores(cfg.data_dir, out / "submission.csv"), "what ran": plan})
         print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
         if not cfg.fixed:
             continue
@@ -113,10 +114,10 @@ def main(cfg: FitBenchConfig) -> pd.DataFrame:
         print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
     out = root / "frozen"
     wall = run("train", ["--model", cfg.model, *weights, "--config", "configs/demo_frozen.yaml", "--interpolation",
-                            "cubic", "--data-dir", cfg.data_dir, "--out-dir", str(out), "--name", "frozen",
-                            "--fold", "all", "--progress", "false", "--resume"])
+                         "cubic", "--data-dir", cfg.data_dir, "--out-dir", str(out), "--name", "frozen",
+                         "--fold", "all", "--progress", "false", "--resume"])
     wall += run("infer", ["--data-dir", cfg.data_dir, "--out-dir", str(out), "--from-logits", "--models", "frozen",
-                             "--output", str(out / "submission.csv"), "--progress", "false"])
+                          "--output", str(out / "submission.csv"), "--progress", "false"])
     rows.append({"budget": "-", "system": "fixed: frozen MLP", "wall s": round(wall, 1),
                  **scores(cfg.data_dir, out / "submission.csv"), "what ran": "64 px, 40 epochs of heads, 3 folds"})
     table = pd.DataFrame(rows)

@@ -359,8 +359,8 @@ def plan(facts: Facts, state: State, costs: Costs, elapsed: float) -> list[Step]
                                                    why="a submission from the frozen route's test logits, at once")]
     train_room = remaining - reserve - sum(s.seconds for s in floor)
     share = FROZEN_SHARE * (facts.budget_s - reserve)
-    if state.finetune is None and choose_finetune(facts, costs, *best_frozen(facts, state, []),
-                                                  train_room - max(0.0, share - state.spent.get("frozen", 0.0))) is None:
+    after_share = train_room - max(0.0, share - state.spent.get("frozen", 0.0))
+    if state.finetune is None and choose_finetune(facts, costs, *best_frozen(facts, state, []), after_share) is None:
         share = facts.budget_s  # no fine-tuning fits: the frozen route's sweep takes the time
     share_left = max(0.0, share - state.spent.get("frozen", 0.0))
     if state.done & {"ensemble", "student", "export"}:  # training is over once the last stages began

@@ -209,7 +209,8 @@ class Stages:
         return self.common(step.backbone) + [
             "--img-size", str(step.size), "--interpolation", self.interpolation(step.size), "--epochs", str(epochs),
             "--lr-backbone", f"{base.lr_backbone * rate:.3g}", "--lr-head", f"{base.lr_head * rate:.3g}",
-            "--warmup-epochs", f"{warmup:g}", "--patience", "0", "--name", finetune_name(step.backbone, step.size, rate),
+            "--warmup-epochs", f"{warmup:g}", "--patience", "0",
+            "--name", finetune_name(step.backbone, step.size, rate),
             "--fold", str(fold), "--resume", "--stop-after", str(stop_after)]
 
     def train(self, args: list[str], stop) -> dict:
@@ -248,7 +249,8 @@ class Stages:
             if rate in state.search:
                 continue
             self.train(self.finetune_args(step, rate, step.epochs, 0, step.epochs, stop_after=1), lambda: False)
-            history = pd.read_csv(self.run_dir.fold_dir(finetune_name(step.backbone, step.size, rate), 0) / "history.csv")
+            name = finetune_name(step.backbone, step.size, rate)
+            history = pd.read_csv(self.run_dir.fold_dir(name, 0) / "history.csv")
             state.search[rate] = float(history["val_score"].iloc[0])
         best = max(step.rates, key=lambda r: state.search[r])
         state.finetune = {"backbone": step.backbone, "size": step.size, "rate": best, "epochs": step.epochs, "done": []}
@@ -296,7 +298,8 @@ class Stages:
     def export(self, step: Step, state: State, stop) -> str:
         from utils.serve.export import ExportConfig, export
 
-        models = None if "ensemble" in state.done else self.runs(state) + (["student"] if "student" in state.done else [])
+        student = ["student"] if "student" in state.done else []
+        models = None if "ensemble" in state.done else self.runs(state) + student
         print(f"\n== python export.py --budget-ms {self.cfg.budget_ms:g} --latency-images 20 --parity-images 16"
               + (f" --models {','.join(models)}" if models else ""), flush=True)
         manifest = export(ExportConfig(data_dir=self.cfg.data_dir, out_dir=self.cfg.out_dir, seed=self.cfg.seed,
@@ -350,8 +353,8 @@ def check_inputs(cfg: FitConfig, data) -> None:
         if not Path(path).is_file():
             raise DataError(f"--pretrained-file {path}: no such file")
     for backbone in cfg.model:
-        trainer = parse_config(TrainConfig, ["--model", backbone] + sum((["--config", p] for p in cfg.train_config), []),
-                               model_config=True)
+        files = sum((["--config", path] for path in cfg.train_config), [])
+        trainer = parse_config(TrainConfig, ["--model", backbone, *files], model_config=True)
         trainer.check_data(data)
 
 
