@@ -172,8 +172,11 @@ class Costs:
     def frozen(self, b: str, s: int) -> float:
         sp, f = self.speed(b, s), self.f
         embed = (f.n_train + f.n_test) * (1 / sp.infer + 1 / sp.decode)
-        heads = f.n_folds * HEAD_EPOCHS * self.rows[0] / f.head_rows_per_s[b]
-        return self.scaled("frozen", embed + heads + f.n_folds * SETUP_S)
+        return self.scaled("frozen", embed + self.heads(b) + f.n_folds * SETUP_S)
+
+    def heads(self, b: str) -> float:
+        """The frozen route's heads: every fold's epochs over its train rows' embeddings."""
+        return self.f.n_folds * HEAD_EPOCHS * self.rows[0] / self.f.head_rows_per_s[b]
 
     def epoch(self, b: str, s: int) -> float:
         sp = self.speed(b, s)
@@ -192,8 +195,7 @@ class Costs:
         """The frozen route on cached embeddings, after every teacher member's in-fold predictions."""
         f, sp = self.f, self.speed(b, s)
         teacher = members * f.n_train * (f.n_folds - 1) / sp.infer
-        heads = f.n_folds * HEAD_EPOCHS * self.rows[0] / f.head_rows_per_s[b]
-        return self.scaled("student", teacher + heads + f.n_folds * SETUP_S)
+        return self.scaled("student", teacher + self.heads(b) + f.n_folds * SETUP_S)
 
     def latency_ms(self, runs: list[tuple[str, int]]) -> float:
         """Per image, every fold of every run, one image alone (``LATENCY_FACTOR``)."""
