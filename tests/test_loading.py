@@ -272,7 +272,8 @@ def test_amp_auto_takes_the_dtype_that_measured_faster_once_per_machine_model_an
         amp_dtype("auto")
 
 
-def test_timing_the_precisions_leaves_the_model_and_the_random_state_as_they_were():
+def test_timing_the_precisions_and_fit_speeds_leaves_the_model_and_the_random_state_as_they_were():
+    from utils.fit.measure import timed_rate
     from utils.train.model import AttributeModel
     from utils.train.precision import time_steps
 
@@ -282,6 +283,7 @@ def test_timing_the_precisions_leaves_the_model_and_the_random_state_as_they_wer
     for train in (True, False):
         seconds = time_steps(model, 32, 4, torch.device("cpu"), train, channels_last=False)
         assert set(seconds) == {"fp32", "bf16"} and min(seconds.values()) > 0
+        assert timed_rate(model, 32, 4, torch.device("cpu"), train, False, torch.bfloat16) > 0
     assert model.training and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # batch-norm statistics too
     assert torch.equal(torch.get_rng_state(), rng)

@@ -25,10 +25,10 @@ from utils.data.dataset import read_or_placeholder
 from utils.data.schema import Schema, row_paths
 from utils.data.transforms import Preprocess
 from utils.fit.plan import Speed, ladder
-from utils.train.engine import autocast, train_step
+from utils.train.engine import train_step
 from utils.train.frozen import HeadsOnly
 from utils.train.model import AttributeModel, HeadLoss, MLPHeads, data_config, feature_width
-from utils.train.precision import step_seconds
+from utils.train.precision import step_seconds, stepper
 from utils.train.throughput import conv_layers, use_channels_last
 
 SAMPLE = 32  # images decoded to time decoding, and read to find the data's resolution
@@ -41,33 +41,15 @@ MIN_SECONDS = 0.5  # a speed is timed over at least this long (at most 5 steps),
 def timed_rate(model, size: int, batch: int, device: torch.device, train: bool, channels_last: bool,
                dtype) -> float:
     """Images/s of ``model`` on random images in ``dtype``: a training step (forward and backward)
-    or the backbone's forward pass (validation, test and embedding). Leaves the model, its
-    gradients and the random state as they were."""
-    was_training = model.training
-    model.eval()
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def step():
-        with torch.set_grad_enabled(train), autocast(device, dtype):
-            out = (model(x)["logits"] if train else model.backbone(x)).float()
-        if train:
-            out.sum().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            step()  # kernels loaded, caches warm
-            n, start = 0, time.perf_counter()
-            while n == 0 or (time.perf_counter() - start < MIN_SECONDS and n < 5):
-                step()
-                n += 1
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    return n * batch / (time.perf_counter() - start)
+    or the backbone's forward pass (validation, test and embedding), ``amp: auto``'s timed step
+    (``stepper``) at the stage's batch, over at least MIN_SECONDS (at most 5 steps) after a warm-up."""
+    with stepper(model, size, batch, device, train, channels_last) as step:
+        step(dtype)  # kernels loaded, caches warm
+        n, spent = 0, 0.0
+        while n == 0 or (spent < MIN_SECONDS and n < 5):
+            spent += step(dtype)
+            n += 1
+    return n * batch / spent
 
 
 def native_size(data, n: int = SAMPLE * 2) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -66,23 +67,20 @@ def key(device: torch.device, backbone: str, img_size: int, batch: int, train: b
                       sort_keys=True)
 
 
-def time_steps(model: torch.nn.Module, img_size: int, batch: int, device: torch.device, train: bool,
-               channels_last: bool, steps: int = STEPS, clear: float = CLEAR) -> dict[str, float]:
-    """Seconds of one step in each dtype, {"fp32": s, "bf16": s}: the medians of ``steps``
-    interleaved steps (fewer when a round shows one over ``clear`` times the other's time) after a
-    warm-up step of each, on random images (with ``train``, the model's forward and backward pass;
-    else its backbone's forward pass, the frozen route's embedding). Leaves the model, its
-    gradients and the random state as they were."""
+@contextmanager
+def stepper(model: torch.nn.Module, img_size: int, batch: int, device: torch.device, train: bool,
+            channels_last: bool):
+    """A ``step(dtype) -> seconds`` on ``batch`` random images (with ``train``, the model's forward
+    and backward pass; else its backbone's forward pass, the frozen route's embedding), ``dtype``
+    None for fp32. What it times, ``time_steps`` here and fit.py's speeds share. Leaves the model,
+    its gradients and the random state as they were."""
     was_training = model.training
     model.eval()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, img_size, img_size, generator=g).to(device)
+    x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    dtypes = {"fp32": None, "bf16": torch.bfloat16}
-    times: dict[str, list[float]] = {name: [] for name in dtypes}
 
-    def step(dtype):
+    def step(dtype) -> float:
         start = time.perf_counter()
         with torch.set_grad_enabled(train), autocast(device, dtype):
             out = (model(x)["logits"] if train else model.backbone(x)).float()  # the frozen route embeds
@@ -94,17 +92,28 @@ def time_steps(model: torch.nn.Module, img_size: int, batch: int, device: torch.
 
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for dtype in dtypes.values():
-                step(dtype)  # kernels loaded, caches warm
-            for _ in range(steps):
-                for name, dtype in dtypes.items():
-                    times[name].append(step(dtype))
-                fp32, bf16 = (np.median(t) for t in times.values())
-                if max(fp32, bf16) > clear * min(fp32, bf16):
-                    break  # decided: emulated bf16 takes 6-20x fp32's time (BENCHMARKS.md); no need to wait on it
+            yield step
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+
+
+def time_steps(model: torch.nn.Module, img_size: int, batch: int, device: torch.device, train: bool,
+               channels_last: bool, steps: int = STEPS, clear: float = CLEAR) -> dict[str, float]:
+    """Seconds of one step in each dtype, {"fp32": s, "bf16": s}: the medians of ``steps``
+    interleaved steps (fewer when a round shows one over ``clear`` times the other's time) after a
+    warm-up step of each (``stepper``'s steps)."""
+    dtypes = {"fp32": None, "bf16": torch.bfloat16}
+    times: dict[str, list[float]] = {name: [] for name in dtypes}
+    with stepper(model, img_size, batch, device, train, channels_last) as step:
+        for dtype in dtypes.values():
+            step(dtype)  # kernels loaded, caches warm
+        for _ in range(steps):
+            for name, dtype in dtypes.items():
+                times[name].append(step(dtype))
+            fp32, bf16 = (np.median(t) for t in times.values())
+            if max(fp32, bf16) > clear * min(fp32, bf16):
+                break  # decided: emulated bf16 takes 6-20x fp32's time (BENCHMARKS.md); no need to wait on it
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
