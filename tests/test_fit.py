@@ -233,7 +233,19 @@ def test_fit_under_a_90_second_budget(other_data, tmp_path):
     state = json.loads((out / "fit" / "state.json").read_text())["state"]
     assert state["finetune"]["done"] == [0, 1] and {"export", "infer"} <= set(state["done"])
     again = run_script(*args)
-    assert "resuming from" in again.stdout and "== python train.py" not in again.stdout
+    assert "nothing to do" in again.stdout and "== python train.py" not in again.stdout
+    assert "measured on this machine" not in again.stdout  # a complete run is not measured again
+    pd.testing.assert_frame_equal(pd.read_csv(out / "fit" / "report.csv"), report)  # its report as it was
+    # killed before its submission: the re-run makes only that, and its report keeps the first call's
+    saved = json.loads((out / "fit" / "state.json").read_text())
+    saved["state"]["done"].remove("infer")
+    (out / "fit" / "state.json").write_text(json.dumps(saved))
+    sub.unlink()
+    resumed = run_script(*args)
+    assert "resuming from" in resumed.stdout and "== python train.py" not in resumed.stdout
+    both = pd.read_csv(out / "fit" / "report.csv")
+    assert both["stage"].tolist() == report["stage"].tolist()[:-1] + ["total of an earlier call", "infer", "total"]
+    assert sorted(pd.read_csv(sub)["id"]) == sorted(test["id"])
 
 
 def test_the_ladder():

@@ -263,7 +263,8 @@ def test_amp_auto_takes_the_dtype_that_measured_faster_once_per_machine_model_an
     assert choose(32, train=False) is torch.bfloat16 and timed[-1] == (32, precision.MEASURE_BATCH, False)
     assert logged[0] == ("amp auto: bf16 (training step of 16 images at 32 px: fp32 200 ms, bf16 100 ms; "
                          f"timed now, cached in {tmp_path / 'precision.json'})")
-    assert logged[2].startswith("amp auto: bf16 (") and logged[2].endswith(f"; cached in {tmp_path / 'precision.json'})")
+    assert logged[2].startswith("amp auto: bf16 (")
+    assert logged[2].endswith(f"; cached in {tmp_path / 'precision.json'})")
     cached = json.loads((tmp_path / "precision.json").read_text())
     assert len(cached) == 3 and all(json.loads(k)["machine"] == precision.machine(cpu) for k in cached)
     # the named settings are taken as named, without measuring

@@ -371,6 +371,21 @@ def fit(cfg: FitConfig) -> dict:
     from utils.train.distributed import setup_distributed
     from utils.train.throughput import configure_device
 
+    state_path, report_path = Path(cfg.out_dir) / "fit" / "state.json", Path(cfg.out_dir) / "fit" / "report.csv"
+    what = {"data": str(Path(cfg.data_dir).resolve()), "model": cfg.model, "n_folds": cfg.n_folds, "seed": cfg.seed,
+            "train_config": cfg.train_config, "weights": cfg.pretrained_file, "pretrained": cfg.pretrained}
+    state, earlier = State(), pd.DataFrame()
+    if state_path.is_file():
+        saved = json.loads(state_path.read_text())
+        if saved.get("what") == what:
+            state = State.from_dict(saved["state"])
+            earlier = pd.read_csv(report_path) if report_path.is_file() else earlier
+            if "infer" in state.done:  # complete: nothing to measure or run; its report as it was
+                show(f"{cfg.out_dir} holds a complete run of these options ({state_path}): nothing to do; "
+                     f"its report", earlier)
+                return {"report": earlier, "state": state, "facts": None, "seconds": time.perf_counter() - start}
+            print(f"resuming from {state_path}: {', '.join(sorted(set(state.spent)))} done or begun; "
+                  f"finished folds and caches are reused")
     d = setup_distributed(cfg.device)
     configure_device(d)
     run_dir = RunDir(cfg.out_dir)
@@ -387,16 +402,6 @@ def fit(cfg: FitConfig) -> dict:
     show(f"measured on this machine ({torch.get_num_threads()} threads, {d.device}) in {measurer.seconds:.1f} s; "
          f"the data: {facts.n_train} train and {facts.n_test} test images, median shorter side {native} px",
          measurements(measurer, heads))
-    state_path = Path(cfg.out_dir) / "fit" / "state.json"
-    what = {"data": str(Path(cfg.data_dir).resolve()), "model": cfg.model, "n_folds": cfg.n_folds, "seed": cfg.seed,
-            "train_config": cfg.train_config, "weights": cfg.pretrained_file, "pretrained": cfg.pretrained}
-    state = State()
-    if state_path.is_file():
-        saved = json.loads(state_path.read_text())
-        if saved.get("what") == what:
-            state = State.from_dict(saved["state"])
-            print(f"resuming from {state_path}: {', '.join(sorted(set(state.spent)))} done or begun; "
-                  f"finished folds and caches are reused")
     save = lambda s: atomic_write_json(state_path, {"what": what, "state": s.to_dict()})
     costs = Costs(facts, measurer.speed)
     stages = Stages(cfg, data, measurer, native)
@@ -404,7 +409,9 @@ def fit(cfg: FitConfig) -> dict:
         report = execute(facts, costs, stages, state=state, save=save, start=start)
     except BudgetTooSmall as err:
         raise DataError(str(err)) from None
-    atomic_write_csv(Path(cfg.out_dir) / "fit" / "report.csv", report)
+    if len(earlier):  # a resumed run: the earlier calls' stages stay in the report, above this call's
+        report = pd.concat([earlier.replace({"stage": {"total": "total of an earlier call"}}), report], ignore_index=True)
+    atomic_write_csv(report_path, report)
     show("fit: predicted and actual seconds of every stage", report)
     return {"report": report, "state": state, "facts": facts, "seconds": time.perf_counter() - start}
 
