@@ -410,7 +410,8 @@ def fit(cfg: FitConfig) -> dict:
     except BudgetTooSmall as err:
         raise DataError(str(err)) from None
     if len(earlier):  # a resumed run: the earlier calls' stages stay in the report, above this call's
-        report = pd.concat([earlier.replace({"stage": {"total": "total of an earlier call"}}), report], ignore_index=True)
+        earlier = earlier.replace({"stage": {"total": "total of an earlier call"}})
+        report = pd.concat([earlier, report], ignore_index=True)
     atomic_write_csv(report_path, report)
     show("fit: predicted and actual seconds of every stage", report)
     return {"report": report, "state": state, "facts": facts, "seconds": time.perf_counter() - start}
