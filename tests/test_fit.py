@@ -86,6 +86,28 @@ def test_image_size_follows_the_data_and_what_the_frozen_sweep_measured():
     assert {s.size for s in plan(f, worse, costs, 100) if s.kind in ("search", "finetune")} == {64}
 
 
+def test_the_search_times_fold_0_and_its_schedule_is_fitted_again_to_the_time_left():
+    """Planned with a margin before anything was timed; after the search, fold 0's epochs are what the
+    time left buys (more than planned when there is room, fewer when not), the other folds' at most
+    fold 0's, and the plan still ends within the budget."""
+    f = facts(1200)
+    costs = Costs(f, speeds())
+    searched = lambda epochs: State(frozen={(B, 64): 0.8}, search={3.0: 0.5, 1.0: 0.4}, done={"floor"},
+                                    finetune={"backbone": B, "size": 64, "rate": 3.0, "epochs": epochs, "done": []},
+                                    spent={"frozen": 60.0, "finetune": 80.0})
+    roomy = [s for s in plan(f, searched(3), costs, 150) if s.kind == "finetune"]
+    assert [s.fold for s in roomy] == [0, 1, 2] and len({s.epochs for s in roomy}) == 1
+    assert 3 < roomy[0].epochs <= EPOCHS_MAX and "as the search timed them" in roomy[0].why
+    steps = plan(f, searched(3), costs, 150)
+    assert 150 + total(steps) <= f.budget_s
+    tight = [s for s in plan(f, searched(12), costs, 400) if s.kind == "finetune"]
+    assert tight and tight[0].epochs < roomy[0].epochs < 12 and "of the 12 planned epochs fit" in tight[0].why
+    # once fold 0 is done, the folds left get its epochs at most, however much time is left
+    done0 = searched(3)
+    done0.finetune |= {"done": [0], "fold0_epochs": 4}
+    assert {s.epochs for s in plan(f, done0, costs, 300) if s.kind == "finetune"} == {4}
+
+
 def test_too_small_a_budget_is_refused_naming_what_would_do():
     f = facts(40)
     with pytest.raises(BudgetTooSmall, match=r"too small.*give --budget \d+m or more"):
@@ -138,6 +160,8 @@ class FakeStages:
                 state.finetune = {"backbone": step.backbone, "size": step.size, "rate": 1.0, "epochs": step.epochs,
                                   "done": []}
             state.finetune["done"].append(step.fold)
+            if step.fold == 0:
+                state.finetune["fold0_epochs"] = step.epochs
         else:
             state.done.add(step.kind)
         return "ok"

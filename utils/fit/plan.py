@@ -17,7 +17,10 @@ The plan, in order (each rule is printed beside the stage it decides; ``Step.why
    fit (else the size that fits the most epochs, at least ``EPOCHS_MIN``; else none): on 2,000
    Fashion-MNIST photos 10 epochs at 64 px (0.9287 held out) beat 7/3/3 at 96 px (0.9190) in less
    time. The epochs are what the time left buys (at most ``EPOCHS_MAX``), planned with a margin of
-   ``SLACK``. The learning rates come from successive
+   ``SLACK``; once the search has timed real epochs of fold 0, its schedule is fitted again to the
+   time left with the smaller margin ``TIMED_MARGIN`` (longer as well as shorter: a run of 7
+   epochs planned with the first margin ended at 87 % of its budget), and the other folds get
+   fold 0's epochs at most. The learning rates come from successive
    halving on fold 0: every rate of ``RATES`` (multiples of the kit's base rates) trains the
    fold's first epoch of the planned schedule; the best goes on and is the run's fold 0. As many
    rates as ``SEARCH_SHARE`` of the fine-tuning time pays for.
@@ -46,6 +49,7 @@ RATES = (3.0, 1.0, 10.0)  # learning-rate multiples searched, in the order they 
 EPOCHS_MIN, EPOCHS_GOOD, EPOCHS_MAX = 2, 6, 12
 HEAD_EPOCHS = 60  # frozen route: epochs of its heads over the cached embeddings (early stopping at 10)
 SLACK = 0.25  # a stage this much over (or under) its prediction re-plans the rest
+TIMED_MARGIN = 0.1  # fine-tuning's margin once the search has timed its epochs (the costs calibrated by it)
 # Rules for what is not timed before it runs (the run prints the actual seconds beside each):
 SETUP_S = 4.0  # per fold: build the model, load the weights, fork the loaders, open the caches
 ENSEMBLE_S = 5.0  # the ensemble search over a few members (seconds: python -m utils.bench.ensemble)
@@ -303,10 +307,19 @@ def finetune_steps(facts: Facts, state: State, costs: Costs, room: float, planne
         return []
     e, extra = costs.epoch(b, s), costs.fold_extra(b, s)
     ran = lambda j: 1 if j == 0 and state.search else 0  # fold 0's first epoch ran in the search
-    epochs = min(ft["epochs"], math.floor((room - sum(extra - ran(j) * e for j in left)) / (len(left) * e)))
+    if state.search and 0 in left:  # the search timed fold 0's epochs: its schedule is fitted again
+        cap, margin = EPOCHS_MAX, 1 + TIMED_MARGIN
+    else:
+        cap, margin = ft.get("fold0_epochs", ft["epochs"]), 1.0
+    epochs = min(cap, math.floor((room - sum(extra - ran(j) * e for j in left)) / (len(left) * e * margin)))
     if epochs < 1 + ran(left[0]):
         return []
-    why = "as planned" if epochs == ft["epochs"] else f"{epochs} of the {ft['epochs']} planned epochs fit"
+    if epochs == ft["epochs"]:
+        why = "as planned"
+    elif epochs < ft["epochs"]:
+        why = f"{epochs} of the {ft['epochs']} planned epochs fit"
+    else:
+        why = f"{epochs} epochs fit the time left, as the search timed them ({ft['epochs']} planned)"
     return [Step("finetune", b, s, (epochs - ran(j)) * e + extra, f"fold {j}: {why}", j, epochs) for j in left]
 
 

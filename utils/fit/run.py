@@ -264,6 +264,8 @@ class Stages:
         ft = state.finetune
         result = self.train(self.finetune_args(step, ft["rate"], step.epochs, step.fold, ft["epochs"]), stop)[step.fold]
         ft["done"].append(step.fold)
+        if step.fold == 0:
+            ft["fold0_epochs"] = step.epochs  # the other folds' epochs at most
         text = f"fold {step.fold}: val {result['val_score']:.4f} (best epoch {result['best_epoch']})"
         if len(ft["done"]) == self.cfg.n_folds:
             ft["oof"] = self.oof(finetune_name(ft["backbone"], ft["size"], ft["rate"]))
