@@ -15,7 +15,8 @@ route (``configs/demo_frozen.yaml``), which takes the seconds it takes. Each is 
 held-out photos (``test_solution.csv``): the competition's score and the accuracy (the share of
 labelled (image, attribute) pairs predicted exactly). With ``--timm-train``, timm's own
 ``train.py`` (from timm's repository; not part of the kit) is given the same seconds too, with the
-careful settings of ``utils.bench.vs_timm`` on fit.py's folds (``timm_recipe``). A fit.py run already
+careful settings of ``utils.bench.vs_timm`` on fit.py's folds (``timm_recipe``; the kit does not run
+timm's script: the call writes the script to run next and says so, and is called again). A fit.py run already
 complete is not run again: its seconds are those its report recorded. Ends with the table, also written to
 ``<out-dir>/fit_bench.csv``.
 """
@@ -23,10 +24,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
+import shlex
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,13 +88,17 @@ def run(what: str, args: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def recorded(out: Path, seconds: float) -> dict | None:
+def recorded(out: Path, seconds: float, keep_started: bool = False) -> dict | None:
     """What a recipe's run in ``out`` given ``seconds`` recorded (``<out>/record.json``): a re-run of the
-    benchmark reuses it. A run in ``out`` for other seconds, or unfinished, is removed: it starts afresh."""
-    path = out / "record.json"
+    benchmark reuses it. A run in ``out`` for other seconds is removed, and so is an unfinished one
+    unless ``keep_started`` (a run whose steps go on across calls): it starts afresh."""
+    path, started = out / "record.json", out / "seconds.json"
     if path.is_file() and json.loads(path.read_text())["seconds"] == seconds:
         return json.loads(path.read_text())
-    shutil.rmtree(out, ignore_errors=True)
+    if not (keep_started and started.is_file() and json.loads(started.read_text()) == seconds):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        atomic_write_json(started, seconds)
     return None
 
 
@@ -132,54 +136,63 @@ def finetune_size(fit_out: Path) -> int:
     return sizes[0] if sizes else 64
 
 
-def timed_timm(cfg: FitBenchConfig, kit: dict, folder: Path, weights: Path) -> tuple[float, float]:
-    """One fold of timm's train.py (a fresh output folder). Returns (seconds to its first logged training
-    step, seconds in all), the first read from its log as it is written."""
+def timed_lines(cfg: FitBenchConfig, kit: dict, folder: Path, weights: Path) -> str:
+    """The shell lines that run one fold of timm's train.py (a fresh output folder and log) and write to
+    ``<folder>/times`` when it started, when its first training step was logged and when it ended."""
     from utils.bench.vs_timm import timm_command
 
-    shutil.rmtree(folder / "out", ignore_errors=True)
-    (folder / "train.log").unlink(missing_ok=True)  # its first step is read from the new one
-    start, first = time.perf_counter(), None
-    proc = subprocess.Popen(timm_command(cfg, kit, folder, weights), shell=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    while proc.poll() is None:
-        if first is None and (folder / "train.log").is_file() and "Train: 0 [" in (folder / "train.log").read_text():
-            first = time.perf_counter() - start
-        time.sleep(0.1)
-    total = time.perf_counter() - start
-    if proc.returncode:
-        raise RuntimeError(f"timm's train.py failed on {folder}: see {folder / 'train.log'}")
-    return first if first is not None else total, total
+    q = shlex.quote
+    return (f"rm -rf {q(str(folder / 'out'))} {q(str(folder / 'train.log'))}\n"
+            f"start=$(date +%s.%N)\nPYTHONUNBUFFERED=1 {timm_command(cfg, kit, folder, weights)} &\npid=$!\n"
+            f"until grep -qF 'Train: 0 [' {q(str(folder / 'train.log'))} 2>/dev/null || ! kill -0 $pid 2>/dev/null; "
+            f"do sleep 0.1; done\nfirst=$(date +%s.%N)\nwait $pid\n"
+            f"echo \"$start $first $(date +%s.%N)\" > {q(str(folder / 'times'))}\n")
 
 
-def timm_recipe(cfg: FitBenchConfig, fit_out: Path, out: Path, seconds: float) -> tuple[float, int, int]:
+def read_times(folder: Path) -> tuple[float, float] | None:
+    """(seconds to the first logged training step, seconds in all) of a fold ``timed_lines`` ran."""
+    if not (folder / "times").is_file():
+        return None
+    start, first, end = map(float, (folder / "times").read_text().split())
+    return first - start, end - start
+
+
+def timm_recipe(cfg: FitBenchConfig, fit_out: Path, out: Path, seconds: float) -> tuple[float, int, int] | None:
     """timm's train.py in ``seconds``: fit.py's folds, at the size fit.py fine-tuned at, batch 32, the
-    settings of ``utils.bench.vs_timm``. A probe (one epoch of fold 0, not counted in timm's seconds)
-    times its start-up and an epoch; every fold then trains as many epochs as fit in its third of the
-    seconds; the folds' test logits averaged make the submission. Returns (wall s, epochs, size)."""
-    from utils.bench.vs_timm import image_folder, timm_logits, timm_weights
+    settings of ``utils.bench.vs_timm``. timm's script is not run by the kit: as vs_timm, each call
+    writes what is to run next and says so. First ``probe_timm.sh``: one epoch of fold 0 (not counted
+    in timm's seconds) that times its start-up and an epoch; then ``run_timm.sh``: every fold, as many
+    epochs as fit in its third of the seconds; then the call scores, the folds' test logits averaged
+    making the submission. Returns (wall s, epochs, size), or None while a script is still to run."""
+    from utils.bench.vs_timm import ask_to_run, fold_folder, timm_logits, timm_weights
 
-    if record := recorded(out, seconds):
+    if record := recorded(out, seconds, keep_started=True):
         return record["wall_s"], record["epochs"], record["img_size"]
     run_dir, data = RunDir(fit_out), read_dataset(Path(cfg.data_dir))
     table, schema, n_folds = run_dir.train_rows(data.train), run_dir.schema, run_dir.n_folds
     kit = {"model": cfg.model, "img_size": finetune_size(fit_out), "batch_size": 32, "epochs": 1}
-    out.mkdir(parents=True, exist_ok=True)
     weights = timm_weights(cfg, cfg.model, out)
     folders = [out / f"fold{k}" for k in range(n_folds)]
     for folder, k in [(out / "probe", 0)] + [(f, k) for k, f in enumerate(folders)]:
-        image_folder(folder / "train", table[table["fold"] != k], data.train_images)
-        image_folder(folder / "validation", table[table["fold"] == k], data.train_images)
-    startup, probe = timed_timm(cfg, kit, out / "probe", weights)
-    kit["epochs"] = max(1, math.floor((seconds / n_folds - startup) / (probe - startup)))
-    print(f"timm's probe: {startup:.1f} s to its first step, {probe - startup:.1f} s an epoch: "
+        fold_folder(folder, table, k, data.train_images)
+    if (probe := read_times(out / "probe")) is None:
+        ask_to_run(out / "probe_timm.sh", timed_lines(cfg, kit, out / "probe", weights), "timm's probe")
+        return None
+    startup, total = probe
+    kit["epochs"] = max(1, math.floor((seconds / n_folds - startup) / (total - startup)))
+    print(f"timm's probe: {startup:.1f} s to its first step, {total - startup:.1f} s an epoch: "
           f"{kit['epochs']} epochs per fold at {kit['img_size']} px", flush=True)
-    wall = sum(timed_timm(cfg, kit, folder, weights)[1] for folder in folders)
+    times = [read_times(f) for f in folders]
+    if None in times:
+        ask_to_run(out / "run_timm.sh", "".join(timed_lines(cfg, kit, f, weights) for f in folders),
+                   "timm's train.py on every fold")
+        return None
+    wall = sum(t[1] for t in times)
     test = data.test
     logits = np.mean([head_log_softmax(timm_logits(f, kit, test[ID].to_numpy(), data.test_images, schema), schema)
                       for f in folders], axis=0)
     atomic_write_csv(out / "submission.csv", make_submission(test[ID], test[CATEGORY], logits, schema))
-    atomic_write_json(out / "record.json", {"seconds": seconds, "probe_s": probe, "startup_s": startup, "wall_s": wall,
+    atomic_write_json(out / "record.json", {"seconds": seconds, "probe_s": total, "startup_s": startup, "wall_s": wall,
                                             **kit})
     return wall, kit["epochs"], kit["img_size"]
 
@@ -208,8 +221,8 @@ def main(cfg: FitBenchConfig) -> pd.DataFrame:
                          **scores(cfg.data_dir, root / f"fixed_{budget}" / "submission.csv"),
                          "what ran": f"64 px, {epochs} epochs, 3 folds"})
             print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
-        if cfg.timm_train:
-            wall, epochs, size = timm_recipe(cfg, out, root / f"timm_{budget}", seconds)
+        if cfg.timm_train and (timm := timm_recipe(cfg, out, root / f"timm_{budget}", seconds)):
+            wall, epochs, size = timm
             rows.append({"budget": budget, "system": f"timm train.py, lr {cfg.timm_lr:g}", "wall s": round(wall, 1),
                          **scores(cfg.data_dir, root / f"timm_{budget}" / "submission.csv"),
                          "what ran": f"{size} px, {epochs} epochs, {RunDir(out).n_folds} folds"})

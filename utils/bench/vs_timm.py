@@ -73,6 +73,19 @@ def image_folder(root: Path, rows: pd.DataFrame, images: Path) -> None:
             link.symlink_to(image_path(images, row[ID]).resolve())
 
 
+def fold_folder(folder: Path, table: pd.DataFrame, k: int, images: Path) -> None:
+    """Fold ``k``'s image folders under ``folder``: ``train`` (the other folds' rows), ``validation``."""
+    image_folder(folder / "train", table[table["fold"] != k], images)
+    image_folder(folder / "validation", table[table["fold"] == k], images)
+
+
+def ask_to_run(script: Path, lines: str, what: str) -> None:
+    """Write ``lines`` to ``script`` and say that ``what`` has not run yet: timm's script is run by the
+    user, not by the kit, and the command is called again afterwards."""
+    atomic_write_text(script, "set -e\n" + lines)
+    print(f"{what} has not run yet: run\n    bash {script}\nthen this command again", flush=True)
+
+
 def timm_weights(cfg: VsTimmConfig, model: str, folder: Path) -> Path:
     from utils.train.model import create_backbone
 
@@ -136,12 +149,10 @@ def main(cfg: VsTimmConfig) -> pd.DataFrame:
     test = data.test
     folders = [root / f"fold{k}" for k in range(run_dir.n_folds)]
     for k, folder in enumerate(folders):
-        image_folder(folder / "train", table[table["fold"] != k], data.train_images)
-        image_folder(folder / "validation", table[table["fold"] == k], data.train_images)
+        fold_folder(folder, table, k, data.train_images)
     if not all((f / "out" / "run" / "model_best.pth.tar").is_file() for f in folders):
-        script = root / "run_timm.sh"
-        atomic_write_text(script, "set -e\n" + "".join(timm_command(cfg, kit, f, weights) + "\n" for f in folders))
-        print(f"timm's train.py has not run on every fold yet: run\n    bash {script}\nthen this command again")
+        ask_to_run(root / "run_timm.sh", "".join(timm_command(cfg, kit, f, weights) + "\n" for f in folders),
+                   "timm's train.py on every fold")
         return pd.DataFrame()
     rows, timm_folds, kit_folds = [], [], load_test_logits(run_dir, cfg.run, test[ID].to_numpy())
     for k, folder in enumerate(folders):
