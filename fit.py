@@ -17,7 +17,8 @@ budget too small for even the frozen route is refused before any training, namin
 that would do. A re-run with the same options goes on where the last one stopped.
 
 The rules: utils/fit/plan.py; the measurements: utils/fit/measure.py; the run: utils/fit/run.py.
-Figures against fixed recipes at equal wall time: BENCHMARKS.md, "fit.py: a time budget".
+Figures against fixed recipes and timm's train.py at equal wall time: BENCHMARKS.md, "fit.py: a time
+budget".
 """
 import warnings
 
