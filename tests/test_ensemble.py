@@ -131,6 +131,25 @@ def test_pure_noise_shows_no_nested_gain(synthetic):
     assert in_sample_score - nested > 0.008
 
 
+def test_the_paired_bootstrap_finds_the_standard_error_of_a_score_difference():
+    """One balanced binary head, one prediction right everywhere and one wrong on a share p of the
+    images (as often each way): the score is then about the accuracy, and the standard error of the
+    difference about sqrt(p (1 - p) / n)."""
+    n, p = 2000, 0.1
+    schema = Schema({"c": ["a"]}, {"c/a": ["x", "y"]})
+    truth = np.arange(n) % 2
+    obj = search.BlendObjective(np.zeros((1, n, 2), np.float32), truth[:, None], schema)
+    wrong = np.random.default_rng(0).permutation(n)[: int(p * n)]
+    flipped = truth.copy()
+    flipped[wrong] = 1 - flipped[wrong]
+    se = search.paired_se(obj, [truth], [flipped], samples=400)
+    assert se == pytest.approx(np.sqrt(p * (1 - p) / n), rel=0.15)
+    assert search.paired_se(obj, [flipped], [flipped]) == 0.0
+    half = search.paired_se(obj, [truth], [np.where(np.isin(np.arange(n), wrong[: len(wrong) // 2]), 1 - truth, truth)],
+                            samples=400)
+    assert half < se  # fewer differing images, a smaller error
+
+
 def _write_run(out, schema, train, folds, name, logits):
     schema.save(out / "schema.json")
     pd.DataFrame({"id": train.id, "fold": folds}).to_csv(out / "folds.csv", index=False)

@@ -51,6 +51,7 @@ class BlendObjective:
         self.schema = schema
         self.n_models = members.shape[0]
         rows = np.arange(targets.shape[0]) if rows is None else np.asarray(rows)
+        self.n_images = targets.shape[0]
         self.rows, self.x, self.y = [], [], []
         for j, h in enumerate(schema.heads):
             r = rows[targets[rows, j] >= 0]
@@ -77,8 +78,12 @@ class BlendObjective:
             preds.append(z.argmax(axis=1))
         return preds
 
-    def head_scores(self, preds: list[np.ndarray]) -> np.ndarray:
-        return np.array([f1_scores(y, p, h.width)[2] for y, p, h in zip(self.y, preds, self.schema.heads)])
+    def head_scores(self, preds: list[np.ndarray], take: list[np.ndarray] | None = None) -> np.ndarray:
+        """Each head's score of ``preds`` (one array per head, over its ``rows``); ``take``: the
+        positions of those rows to score instead, one array per head (repeats count twice)."""
+        take = take or [slice(None)] * len(preds)
+        return np.array([f1_scores(y[t], p[t], h.width)[2]
+                         for y, p, t, h in zip(self.y, preds, take, self.schema.heads)])
 
     def score(self, weights: np.ndarray, bias: np.ndarray | None = None) -> float:
         self.evaluations += 1
@@ -254,4 +259,20 @@ def nested_cv(members, targets, folds, schema, method: str, use_bias: bool, per_
             preds[j][position[j][held.rows[j]].to_numpy()] = p
     score = final_score(full.head_scores(preds), full.category)
     return {"score": score, "head_scores": full.head_scores(preds), "seconds": time.perf_counter() - start,
-            "fold_fits": fold_fits}
+            "fold_fits": fold_fits, "preds": preds}
+
+
+def paired_se(full: BlendObjective, a: list[np.ndarray], b: list[np.ndarray], samples: int = 200,
+              seed: int = 0) -> float:
+    """The standard error of score(a) - score(b), two predictions of the same rows (one array per
+    head, over ``full.rows``, as ``nested_cv`` returns them), by a paired bootstrap over the images:
+    each of ``samples`` resamples draws the images with replacement and scores both on it (the
+    score is F1 over rows, not a mean of rows: it is re-computed, not averaged)."""
+    rng, n = np.random.default_rng(seed), full.n_images
+    diffs = np.empty(samples)
+    for i in range(samples):
+        count = np.bincount(rng.integers(0, n, n), minlength=n)
+        take = [np.repeat(np.arange(len(r)), count[r]) for r in full.rows]
+        diffs[i] = (final_score(full.head_scores(a, take), full.category)
+                    - final_score(full.head_scores(b, take), full.category))
+    return float(diffs.std(ddof=1))

@@ -20,9 +20,14 @@ of it, unmeasured, so when both fit, all folds are served.
 Each variant is timed end to end per image (read, decode, preprocess, every member, blend,
 decode), single stream. Its tail latency is the p99 of at least ``P99_MIN_IMAGES`` timings, or
 else the maximum of the n timed (``tail`` in budget.csv says which): a p99 of 20 timings would
-be an interpolation between the two slowest. The choice: the best score whose tail fits the
-budget; at an equal score, all folds before one, then the faster. When nothing fits, nothing is
-chosen, and the fastest variant and its tail latency are named.
+be an interpolation between the two slowest. The choice, among the variants whose tail fits the
+budget: the one-standard-error rule (Breiman et al., CART; Hastie et al., ESL 7.10): of those whose
+score is within one standard error of the best's (the error of their difference, by a paired
+bootstrap over the images' nested-CV predictions, ``paired_se``), the fewest members; then the
+better score, all folds before one, the faster. A nested-CV gain smaller than its own noise does
+not pay for more members: on the solar cells of BENCHMARKS.md, a blend 0.0062 above the frozen
+route alone (standard error 0.0069) scored 0.0087 below it on the held-out images. When nothing
+fits, nothing is chosen, and the fastest variant and its tail latency are named.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from tqdm import tqdm
 from utils.blend import combine_members, head_log_softmax, load_oof
 from utils.data.schema import CATEGORY, ID, image_path
 from utils.data.transforms import Preprocess
-from utils.ensemble.search import BlendObjective, Budget, fit, nested_cv
+from utils.ensemble.search import BlendObjective, Budget, fit, nested_cv, paired_se
 from utils.errors import DataError
 from utils.io import atomic_write_csv
 from utils.run import RunDir
@@ -93,14 +98,33 @@ class Scorer:
         self.budget = Budget(c.get("sto_population", 16), c.get("sto_iterations", 12), c.get("caruana_steps", 20),
                              c.get("bias_rounds", 2), c.get("bias_range", 2.0), c.get("bias_steps", 9))
         self.seed = c.get("seed", 42)
+        self.cache, self.ses = {}, {}  # nested_cv by candidate; standard errors by pair
 
     def stack(self, runs: list[str], int8: list[str]) -> np.ndarray:
         return np.stack([(self.int8_members if r in int8 else self.members)[r] for r in runs])
 
+    def nested(self, runs: list[str], int8: tuple = ()) -> dict:
+        """``nested_cv`` of the candidate (computed once): its score and held-out predictions."""
+        key = (tuple(runs), tuple(int8))
+        if key not in self.cache:
+            method = self.method if len(runs) > 1 else "equal"
+            self.cache[key] = nested_cv(self.stack(runs, list(int8)), self.targets, self.folds, self.schema, method,
+                                        self.bias, self.per_head, self.budget, self.seed)
+        return self.cache[key]
+
     def score(self, runs: list[str], int8: tuple = ()) -> float:
-        method = self.method if len(runs) > 1 else "equal"
-        return nested_cv(self.stack(runs, list(int8)), self.targets, self.folds, self.schema, method, self.bias,
-                         self.per_head, self.budget, self.seed)["score"]
+        return self.nested(runs, int8)["score"]
+
+    def se(self, a: "Variant", b: "Variant") -> float:
+        """The standard error of a's score minus b's (``paired_se`` over their nested-CV predictions)."""
+        key = (tuple(a.models), tuple(a.int8)), (tuple(b.models), tuple(b.int8))
+        if key[0] == key[1]:
+            return 0.0
+        if key not in self.ses:
+            full = BlendObjective(self.stack(a.models[:1], []), self.targets, self.schema)
+            a_preds, b_preds = self.nested(*key[0])["preds"], self.nested(*key[1])["preds"]
+            self.ses[key] = paired_se(full, a_preds, b_preds, seed=self.seed)
+        return self.ses[key]
 
     def refit(self, runs: list[str], int8: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
         """Weights and biases fitted on every OOF row, on the logits the variant serves (int8 ones for
@@ -158,15 +182,35 @@ def time_variant(predict_one, items: list, warmup: int = 3) -> tuple[float, floa
     return float(np.median(times)), float(tail), len(times)
 
 
-def choose(variants: list[Variant], budget_ms: float) -> Variant | None:
+def best(variants: list[Variant]) -> Variant:
+    """The best score; at an equal score, all folds before one, then the faster."""
+    return max(variants, key=lambda v: (round(v.score, 9), v.folds == "all", -v.p99))
+
+
+def choose(variants: list[Variant], budget_ms: float, se=None) -> Variant | None:
+    """The variant to serve among those whose tail fits ``budget_ms`` (None when none does): the
+    best (``best``), or, with ``se(best, v)`` (the standard error of their score difference), the one
+    with the fewest members among those within one standard error of the best (the one-standard-
+    error rule), then the better score, all folds before one, the faster."""
     fitting = [v for v in variants if v.p99 <= budget_ms]
     if not fitting:
         return None
-    return max(fitting, key=lambda v: (round(v.score, 9), v.folds == "all", -v.p99))
+    top = best(fitting)
+    if se is None:
+        return top
+    close = [v for v in fitting if v.score >= top.score - se(top, v)]
+    return max(close, key=lambda v: (-len(v.models), round(v.score, 9), v.folds == "all", -v.p99))
 
 
-def table(variants: list[Variant], budget_ms: float) -> pd.DataFrame:
-    return pd.DataFrame([v.row(budget_ms) for v in variants]).sort_values(["fits", "score"], ascending=False)
+def table(variants: list[Variant], budget_ms: float, se=None) -> pd.DataFrame:
+    """Every variant's row; with ``se``, the standard error of each fitting one's score below the
+    best that fits (``se_vs_best``: the one-standard-error rule of ``choose``)."""
+    rows = pd.DataFrame([v.row(budget_ms) for v in variants])
+    fitting = [v for v in variants if v.p99 <= budget_ms]
+    if se is not None and fitting:
+        top = best(fitting)
+        rows["se_vs_best"] = [se(top, v) if v.p99 <= budget_ms else float("nan") for v in variants]
+    return rows.sort_values(["fits", "score"], ascending=False)
 
 
 
@@ -212,14 +256,14 @@ def choose_serving(run_dir: RunDir, exported: dict, data, *, budget_ms: float, i
     for k, v in enumerate(tqdm(variants, desc="budget", disable=not progress)):
         one_image = predict_fn(run_dir, v, preps[v.models[0]], entries, f"budget_{k}.onnx", parity_paths, threads)
         v.p50, v.p99, v.timed = time_variant(one_image, items)
-    summary = table(variants, budget_ms)
+    summary = table(variants, budget_ms, scorer.se)
     atomic_write_csv(run_dir.onnx_dir / "budget.csv", summary)
     tail = tail_name(len(items))
     with pd.option_context("display.width", 160, "display.max_colwidth", 40):
         print(f"\nserving candidates, end to end per image, single stream, {threads} threads, {len(items)} "
               f"images; budget {budget_ms:.0f} ms for the {tail}\n"
               + summary.to_string(index=False, float_format="{:.4f}".format))
-    chosen = choose(variants, budget_ms)
+    chosen = choose(variants, budget_ms, scorer.se)
     for v in variants:  # the merged graphs built to be timed: only the chosen one is kept
         if v.path and v is not chosen:
             (run_dir.onnx_dir / v.path).unlink(missing_ok=True)
@@ -228,6 +272,12 @@ def choose_serving(run_dir: RunDir, exported: dict, data, *, budget_ms: float, i
         raise DataError(f"nothing fits a budget of {budget_ms:.0f} ms for the {tail} on this machine: the fastest "
                         f"is {fastest.name} at {fastest.p99:.1f} ms (every candidate: {run_dir.onnx_dir / 'budget.csv'})")
     flag = f", optimistic: {','.join(chosen.optimistic)} saw its validation labels" if chosen.optimistic else ""
+    top = best([v for v in variants if v.p99 <= budget_ms])
+    if len(chosen.models) < len(top.models):
+        print(f"one-standard-error rule: {'+'.join(top.models)} scores {top.score:.4f}, {top.score - chosen.score:.4f} "
+              f"above {'+'.join(chosen.models)}, within one standard error of the difference "
+              f"({scorer.se(top, chosen):.4f}, a paired bootstrap over the images' nested-CV predictions): the fewer "
+              f"members are served")
     print(f"serving {chosen.name}: score {chosen.score:.4f} (nested CV{flag}), {tail_name(chosen.timed)} "
           f"{chosen.p99:.1f} ms <= {budget_ms:.0f} ms")
     return {"name": chosen.name, "models": chosen.models, "weights": np.asarray(chosen.weights).tolist(),
