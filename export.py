@@ -12,8 +12,9 @@ exported as one graph, ``onnx/ensemble.onnx``; both ways are timed single-stream
 one is recorded in ``onnx/manifest.json`` (``use``), which infer.py follows. With ``--budget-ms``,
 every complete run is exported (a distilled student too), and every candidate configuration (the
 ensemble, smaller ensembles, each run alone; merged, fp32, int8 members; all folds or one) is
-scored by nested CV and timed end to end here: the best that fits is written to the manifest
-(``serve``), with every candidate in ``onnx/budget.csv`` (utils/serve/budget.py).
+scored by nested CV and timed end to end here: of those that fit, the fewest members within one
+standard error of the best score is written to the manifest (``serve``), with every candidate in
+``onnx/budget.csv`` (utils/serve/budget.py).
 
 Latency of the seed's backbones at 224 px: ``python -m utils.bench.latency``.
 """

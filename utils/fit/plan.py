@@ -350,7 +350,8 @@ def end_steps(facts: Facts, state: State, costs: Costs, runs: list[tuple[str, in
             served = [(b, s)]
     if "export" not in state.done:
         steps.append(Step("export", seconds=costs.export(len(runs) + (served is not runs)),
-                          why=f"--budget-ms {facts.budget_ms:g}: the best candidate that fits"))
+                          why=f"--budget-ms {facts.budget_ms:g}: of the candidates that fit, the fewest members "
+                              f"within one standard error of the best"))
     if "infer" not in state.done:
         if costs.latency_ms(served) <= facts.budget_ms:  # every fold served: its saved test logits
             steps.append(Step("infer", seconds=costs.scaled("infer", SETUP_S), why="submission.csv: the served "

@@ -1,5 +1,5 @@
 """What to serve under a latency budget (``export.py --budget-ms``), measured on the machine it runs
-on: ``choose_serving`` scores and times every candidate and returns the best that fits.
+on: ``choose_serving`` scores and times every candidate and returns the one to serve (``choose``).
 
 Candidates: the ensemble of ``ensemble.json``; smaller ensembles, by greedy backward elimination
 (each step drops the member whose removal keeps the best nested-CV score); and every complete run
@@ -225,7 +225,7 @@ def choose_serving(run_dir: RunDir, exported: dict, data, *, budget_ms: float, i
                    latency_images: int, parity_images: int, threads: int, progress: bool = True) -> dict:
     """Every candidate configuration of the ``exported`` runs ({run: (manifest entry, its int8 OOF
     logits or {})}) scored by nested CV and timed here on ``latency_images`` test images; writes
-    ``onnx/budget.csv`` and returns the manifest's ``serve``: the best that fits ``budget_ms``.
+    ``onnx/budget.csv`` and returns the manifest's ``serve``: what ``choose`` serves under ``budget_ms``.
     Raises, naming the fastest, when none does."""
     if not run_dir.ensemble_path.is_file():
         raise DataError(f"--budget-ms weighs the candidates with {run_dir.ensemble_path}'s method: run ensemble.py first")
