@@ -16,9 +16,10 @@ held-out photos (``test_solution.csv``): the competition's score and the accurac
 labelled (image, attribute) pairs predicted exactly). With ``--timm-train``, timm's own
 ``train.py`` (from timm's repository; not part of the kit) is given the same seconds too, with the
 careful settings of ``utils.bench.vs_timm`` on fit.py's folds (``timm_recipe``; the kit does not run
-timm's script: the call writes the script to run next and says so, and is called again). A fit.py run already
-complete is not run again: its seconds are those its report recorded. Ends with the table, also written to
-``<out-dir>/fit_bench.csv``.
+timm's script: the call writes the script to run next and says so, and is called again). fit.py's
+seconds are those its report records (with a resumed run's earlier calls; a complete run is not run
+again), in the first call as in the later ones: the recipes' records are kept for those seconds.
+Ends with the table, also written to ``<out-dir>/fit_bench.csv``.
 """
 from __future__ import annotations
 
@@ -202,13 +203,12 @@ def main(cfg: FitBenchConfig) -> pd.DataFrame:
     weights = ["--pretrained-file", cfg.pretrained_file] if cfg.pretrained_file else []
     for budget in cfg.budgets:
         out = root / f"fit_{budget}"
-        state = out / "fit" / "state.json"
-        done = state.is_file() and "infer" in json.loads(state.read_text())["state"]["done"]
-        seconds = run("fit", ["--data-dir", cfg.data_dir, "--out-dir", str(out), "--budget", budget, "--model",
-                              cfg.model, *weights, "--output", str(out / "submission.csv"), "--progress", "false"])
+        run("fit", ["--data-dir", cfg.data_dir, "--out-dir", str(out), "--budget", budget, "--model",
+                    cfg.model, *weights, "--output", str(out / "submission.csv"), "--progress", "false"])
+        # its seconds are those its report recorded, in this call and in every later one (a complete run is
+        # not run again): the other recipes' records are kept for exactly these seconds
         report = pd.read_csv(out / "fit" / "report.csv")
-        if done:  # complete before this call: its seconds are those its report recorded
-            seconds = float(report.loc[report.stage == "total", "actual s"].iloc[0])
+        seconds = float(report.loc[report.stage.str.startswith("total"), "actual s"].sum())  # and a resumed run's
         trained = report[report.stage.isin(["frozen", "search", "finetune", "student"])]
         plan = "; ".join(f"{r.stage} {r.candidate}" for r in trained.itertuples()
                          if r.stage != "finetune" or "fold 0" in r.candidate)
