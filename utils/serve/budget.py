@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -121,10 +122,15 @@ class Scorer:
         if key[0] == key[1]:
             return 0.0
         if key not in self.ses:
-            full = BlendObjective(self.stack(a.models[:1], []), self.targets, self.schema)
             a_preds, b_preds = self.nested(*key[0])["preds"], self.nested(*key[1])["preds"]
-            self.ses[key] = paired_se(full, a_preds, b_preds, seed=self.seed)
+            self.ses[key] = paired_se(self.labelled, a_preds, b_preds, seed=self.seed)
         return self.ses[key]
+
+    @cached_property
+    def labelled(self) -> BlendObjective:
+        """Each head's labelled rows and their truth, which every candidate's nested-CV predictions
+        follow (they depend on the targets alone: any one member builds them)."""
+        return BlendObjective(self.stack(list(self.members)[:1], []), self.targets, self.schema)
 
     def refit(self, runs: list[str], int8: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
         """Weights and biases fitted on every OOF row, on the logits the variant serves (int8 ones for
