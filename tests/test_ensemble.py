@@ -145,8 +145,9 @@ def test_the_paired_bootstrap_finds_the_standard_error_of_a_score_difference():
     se = search.paired_se(obj, [truth], [flipped], samples=400)
     assert se == pytest.approx(np.sqrt(p * (1 - p) / n), rel=0.15)
     assert search.paired_se(obj, [flipped], [flipped]) == 0.0
-    half = search.paired_se(obj, [truth], [np.where(np.isin(np.arange(n), wrong[: len(wrong) // 2]), 1 - truth, truth)],
-                            samples=400)
+    half_flipped = truth.copy()
+    half_flipped[wrong[: len(wrong) // 2]] ^= 1
+    half = search.paired_se(obj, [truth], [half_flipped], samples=400)
     assert half < se  # fewer differing images, a smaller error
 
 
