@@ -10,8 +10,11 @@ The plan, in order (each rule is printed beside the stage it decides; ``Step.why
    data's own resolution (the median shorter side of its images), never above the weights' own
    input size, and smaller while it does not fit. Larger sizes follow one at a time (at most
    ``MAX_FROZEN_SIZES``) while the last step up did not lose OOF score (measured: upscaling goes no
-   further than it paid) and the frozen stages stay within ``FROZEN_SHARE`` of the training time
-   (all of it when no fine-tuning fits the budget).
+   further than it paid), the frozen stages stay within ``FROZEN_SHARE`` of the training time (all
+   of it when no fine-tuning fits the budget), and fine-tuning could then run at the larger size
+   (``EPOCHS_GOOD`` epochs of every fold in the time left): the sweep finds fine-tuning's size, and
+   a size only the frozen route could use waits until every fold is fine-tuned, in the time that
+   leaves (on 2,000 photos at 10 minutes, 96 and 128 px took 80 s that fine-tuning at 64 px needed).
 2. **Fine-tuning** (``search``, ``finetune``), of the backbone whose frozen run scored best, at the
    largest size no larger than its best frozen size at which ``EPOCHS_GOOD`` epochs of every fold
    fit (else the size that fits the most epochs, at least ``EPOCHS_MIN``; else none): on 2,000
@@ -216,9 +219,11 @@ class Costs:
         return self.scaled("infer", SETUP_S + seconds)
 
 
-def frozen_steps(facts: Facts, state: State, costs: Costs, room: float) -> list[Step]:
-    """The next frozen size of each backbone (see the module's rule 1), within ``room`` seconds."""
-    steps = []
+def frozen_steps(facts: Facts, state: State, costs: Costs, room: float, usable=None) -> list[Step]:
+    """The next frozen size of each backbone (see the module's rule 1), within ``room`` seconds.
+    ``usable(b, s, seconds)``: whether fine-tuning could still run at ``s`` px after ``seconds`` more
+    of the sweep; a step up it could not use is left out (None: every step up may run)."""
+    steps, planned = [], 0.0
     for b in facts.backbones:
         sizes = facts.sizes[b]
         done = sorted(s for (bb, s) in state.frozen if bb == b)
@@ -239,11 +244,13 @@ def frozen_steps(facts: Facts, state: State, costs: Costs, room: float) -> list[
                 if gain < MIN_GAIN:
                     continue
             s = next(x for x in sizes if x > last)
-            if costs.frozen(b, s) > room:
+            if costs.frozen(b, s) > room or (usable and not usable(b, s, planned + costs.frozen(b, s))):
                 continue
             why = f"a step up from {last} px (the last one gained {gain:+.4f})" if len(done) >= 2 else \
                 f"a step up from {last} px: does upscaling pay?"
+            why += f"; fine-tuning could run at {s} px" if usable else ""
         room -= costs.frozen(b, s)
+        planned += costs.frozen(b, s)
         steps.append(Step("frozen", b, s, costs.frozen(b, s), why))
     return steps
 
@@ -367,7 +374,7 @@ def plan(facts: Facts, state: State, costs: Costs, elapsed: float) -> list[Step]
     has been trained and not even the first frozen stage and the last stages fit."""
     if "infer" in state.done:
         return []  # the run is complete (a re-run of it does nothing more)
-    remaining = facts.budget_s - elapsed
+    remaining, k = facts.budget_s - elapsed, facts.n_folds
     first = [(b, first_frozen_size(facts.native, facts.sizes[b])) for b in facts.backbones]
     guess = (list(state.frozen) or first[:1]) + first[:1]  # the frozen runs and a fine-tuned one
     reserve = sum(s.seconds for s in end_steps(facts, state, costs, guess, 0.0))
@@ -381,7 +388,18 @@ def plan(facts: Facts, state: State, costs: Costs, elapsed: float) -> list[Step]
     share_left = max(0.0, share - state.spent.get("frozen", 0.0))
     if state.done & {"ensemble", "student", "export"}:  # training is over once the last stages began
         return end_steps(facts, state, costs, members(facts, state, []), remaining)
-    steps = frozen_steps(facts, state, costs, min(share_left, train_room))
+    ft = state.finetune
+    if ft is not None and len(ft["done"]) == facts.n_folds:  # the sweep goes on in the time fine-tuning left
+        steps = frozen_steps(facts, state, costs, train_room - costs.scaled("export", EXPORT_PER_MODEL_S * k))
+    elif ft is not None:  # fine-tuning under way: its folds take the time
+        steps = []
+    elif share == facts.budget_s:  # no fine-tuning fits: every step up the share allows
+        steps = frozen_steps(facts, state, costs, min(share_left, train_room))
+    else:  # a step up only to a size fine-tuning could then run at
+        def usable(b: str, s: int, seconds: float) -> bool:
+            choice = choose_finetune(facts, costs, b, s, train_room - seconds)
+            return choice is not None and choice["size"] == s and choice["epochs"] >= EPOCHS_GOOD
+        steps = frozen_steps(facts, state, costs, min(share_left, train_room), usable)
     if not state.frozen and not steps:
         need = min(costs.frozen(b, facts.sizes[b][0]) for b in facts.backbones) + reserve + elapsed
         raise BudgetTooSmall(f"a budget of {facts.budget_s:.0f} s is too small: even the frozen route at its "

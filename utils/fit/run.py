@@ -248,14 +248,16 @@ class Stages:
         for rate in step.rates:
             if rate in state.search:
                 continue
+            if state.search and stop():  # into the later stages' time: the best rate so far goes on
+                break
             self.train(self.finetune_args(step, rate, step.epochs, 0, step.epochs, stop_after=1), lambda: False)
             name = finetune_name(step.backbone, step.size, rate)
             history = pd.read_csv(self.run_dir.fold_dir(name, 0) / "history.csv")
             state.search[rate] = float(history["val_score"].iloc[0])
-        best = max(step.rates, key=lambda r: state.search[r])
+        best = max(state.search, key=state.search.get)
         state.finetune = {"backbone": step.backbone, "size": step.size, "rate": best, "epochs": step.epochs, "done": []}
         return "first epoch's val score by rate: " + ", ".join(
-            f"x{r:g} {state.search[r]:.4f}" for r in step.rates) + f"; x{best:g} goes on"
+            f"x{r:g} {state.search[r]:.4f}" for r in step.rates if r in state.search) + f"; x{best:g} goes on"
 
     def finetune(self, step: Step, state: State, stop) -> str:
         if state.finetune is None:  # fold 0 without a search: the base rates
