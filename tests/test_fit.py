@@ -3,6 +3,7 @@ before any work, and one real run under a 90-second budget."""
 import json
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -140,6 +141,52 @@ def test_the_search_times_fold_0_and_its_schedule_is_fitted_again_to_the_time_le
     done0 = searched(3)
     done0.finetune |= {"done": [0], "fold0_epochs": 4}
     assert {s.epochs for s in plan(f, done0, costs, 300) if s.kind == "finetune"} == {4}
+
+
+def test_epochs_the_run_timed_replace_the_prediction_from_the_measured_speed():
+    """The speed measured on random images runs ahead of real epochs (data pipeline, augmentation):
+    once the search timed its epochs, the schedule follows them. Epochs twice as slow as predicted
+    get about half as many epochs, and the plan still ends within the budget."""
+    f = facts(1200)
+    state = State(frozen={(B, 64): 0.8}, search={3.0: 0.5}, done={"floor"}, spent={"frozen": 60.0, "finetune": 40.0},
+                  finetune={"backbone": B, "size": 64, "rate": 3.0, "epochs": 6, "done": []})
+    predicted = [s.epochs for s in plan(f, state, Costs(f, speeds()), 150) if s.kind == "finetune"]
+    train_pass = f.n_train * 2 / 3 / RECORDED[64].train
+    state.epoch_s = {f"{B}@64": 2 * train_pass}
+    costs = Costs(f, speeds(), timed=state.epoch_s)
+    assert costs.epoch(B, 64) == pytest.approx(Costs(f, speeds()).epoch(B, 64) + train_pass)
+    steps = plan(f, state, costs, 150)
+    timed = [s.epochs for s in steps if s.kind == "finetune"]
+    assert len(set(timed)) == 1 and 0.4 < timed[0] / predicted[0] < 0.7, (timed, predicted)
+    assert 150 + total(steps) <= f.budget_s
+    assert State.from_dict(json.loads(json.dumps(state.to_dict()))).epoch_s == state.epoch_s
+
+
+def test_the_default_rate_goes_on_unless_another_leads_it_by_more_than_a_standard_error():
+    from utils.data.schema import Schema
+    from utils.ensemble.search import BlendObjective
+    from utils.fit.run import choose_rate
+
+    n, rng = 600, np.random.default_rng(0)
+    schema = Schema({"c": ["a"]}, {"c/a": ["x", "y"]})
+    truth, idx = np.arange(n) % 2, np.arange(n)
+
+    def val(wrong_share):  # logits right on all images but a share
+        pred = truth.copy()
+        pred[rng.permutation(n)[: int(wrong_share * n)]] ^= 1
+        logits = np.eye(2, dtype=np.float32)[pred]
+        return logits, truth[:, None], idx
+
+    vals = {3.0: val(0.20), 1.0: val(0.19), 10.0: val(0.10)}
+    scores = {r: BlendObjective(v[0][None], v[1], schema).score(np.ones(1)) for r, v in vals.items()}
+    assert scores[1.0] > scores[3.0]  # a lead of about 0.01, within one standard error (about 0.02)
+    rate, why = choose_rate({r: scores[r] for r in (3.0, 1.0)}, vals, 3.0, schema)
+    assert rate == 3.0 and "within one standard error" in why
+    rate, why = choose_rate(scores, vals, 3.0, schema)  # a lead of about 0.10
+    assert rate == 10.0 and "over one standard error" in why
+    assert choose_rate({3.0: 0.9, 1.0: 0.8}, vals, 3.0, schema)[0] == 3.0  # the default leads
+    assert choose_rate({3.0: 0.80, 1.0: 0.81}, {}, 3.0, schema) == (1.0, "the best (no logits of the same rows to "
+                                                                        "weigh its lead: a resumed search)")
 
 
 def test_too_small_a_budget_is_refused_naming_what_would_do():

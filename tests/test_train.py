@@ -11,6 +11,7 @@ from utils.config import parse_config
 from utils.data.schema import IGNORE_INDEX, Schema, read_dataset
 from utils.errors import DataError
 from utils.io import load_logits
+from utils.metric import score_logits
 from utils.run import RunDir
 from utils.train import kfold
 from utils.train.config import TrainConfig
@@ -122,7 +123,7 @@ def test_resume_matches_an_uninterrupted_run_that_decodes_on_the_fly(tiny_data, 
     kfold.train(full)
     assert not (tmp_path / "full" / "decoded").exists()
     part = cfg_for(tiny_data, tmp_path / "part", "--epochs", "2", "--fold", "0", "--stop-after", "1", *extra)
-    kfold.train(part)
+    stopped = kfold.train(part)[0]
     run = "test_resnet"
     assert not (tmp_path / "part" / run / "fold0" / "oof_logits.npz").exists()
     resumed = cfg_for(tiny_data, tmp_path / "part", "--epochs", "2", "--fold", "0", "--resume", "true", *extra)
@@ -135,6 +136,10 @@ def test_resume_matches_an_uninterrupted_run_that_decodes_on_the_fly(tiny_data, 
     ha = pd.read_csv(tmp_path / "full" / run / "fold0" / "history.csv")
     hb = pd.read_csv(tmp_path / "part" / run / "fold0" / "history.csv")
     np.testing.assert_allclose(ha.val_score, hb.val_score, atol=1e-6)
+    # the stopped call returned its epoch's validation logits (fit.py's rate search weighs them)
+    assert stopped["stopped"] and len(stopped["val_idx"]) == len(stopped["val_logits"]) == len(stopped["val_targets"])
+    schema = RunDir(tmp_path / "part").schema
+    assert score_logits(schema, stopped["val_targets"], stopped["val_logits"])[0] == pytest.approx(hb.val_score[0])
 
 
 def test_resume_refuses_a_changed_config_and_takes_a_safe_change(tiny_data, tmp_path):
@@ -175,6 +180,7 @@ def test_resume_with_more_epochs_continues_the_learning_rate_without_a_jump(tiny
 
 def test_pretrained_hub_unreachable_names_both_options(monkeypatch):
     import timm
+
     from utils.train import model as model_module
 
     def offline(*args, pretrained=False, **kwargs):

@@ -20,13 +20,15 @@ The plan, in order (each rule is printed beside the stage it decides; ``Step.why
    fit (else the size that fits the most epochs, at least ``EPOCHS_MIN``; else none): on 2,000
    Fashion-MNIST photos 10 epochs at 64 px (0.9287 held out) beat 7/3/3 at 96 px (0.9190) in less
    time. The epochs are what the time left buys (at most ``EPOCHS_MAX``), planned with a margin of
-   ``SLACK``; once the search has timed real epochs of fold 0, its schedule is fitted again to the
-   time left with the smaller margin ``TIMED_MARGIN`` (longer as well as shorter: a run of 7
-   epochs planned with the first margin ended at 87 % of its budget), and the other folds get
-   fold 0's epochs at most. The learning rates come from successive
-   halving on fold 0: every rate of ``RATES`` (multiples of the kit's base rates) trains the
-   fold's first epoch of the planned schedule; the best goes on and is the run's fold 0. As many
-   rates as ``SEARCH_SHARE`` of the fine-tuning time pays for.
+   ``SLACK``; once the search has timed real epochs of fold 0 (``Costs.timed``: the speed measured
+   on random images ran 1.5x ahead of real epochs), its schedule is fitted again to the time left
+   with the smaller margin ``TIMED_MARGIN`` (longer as well as shorter: a run of 7 epochs planned
+   with the first margin ended at 87 % of its budget), and the other folds get fold 0's epochs at
+   most. The learning rates come from successive halving on fold 0: every rate of ``RATES``
+   (multiples of the kit's base rates) trains the fold's first epoch of the planned schedule; the
+   first, the kit's default, goes on as the run's fold 0 unless another leads it by more than one
+   standard error (``utils.fit.run.choose_rate``). As many rates as ``SEARCH_SHARE`` of the
+   fine-tuning time pays for.
 3. **The ensemble** (``ensemble``) of every complete run; a distilled **student** on the frozen
    route (``student``) where it pays: when the ensemble would take over half the serving budget
    per image; then **export** with ``--budget-ms`` and **infer**: the submission of what is served
@@ -117,15 +119,16 @@ class State:
     finetune: dict | None = None  # {"backbone", "size", "rate", "epochs", "done": [folds], "oof"}
     done: set = field(default_factory=set)  # floor, ensemble, student, export, infer
     spent: dict = field(default_factory=dict)  # kind -> seconds
+    epoch_s: dict = field(default_factory=dict)  # "backbone@size" -> seconds of a fine-tuning epoch's training pass
 
     def to_dict(self) -> dict:
         return {"frozen": [[b, s, v] for (b, s), v in self.frozen.items()], "search": self.search,
-                "finetune": self.finetune, "done": sorted(self.done), "spent": self.spent}
+                "finetune": self.finetune, "done": sorted(self.done), "spent": self.spent, "epoch_s": self.epoch_s}
 
     @classmethod
     def from_dict(cls, d: dict) -> "State":
         return cls({(b, s): v for b, s, v in d["frozen"]}, {float(k): v for k, v in d["search"].items()},
-                   d["finetune"], set(d["done"]), d["spent"])
+                   d["finetune"], set(d["done"]), d["spent"], d.get("epoch_s", {}))
 
 
 class BudgetTooSmall(ValueError):
@@ -157,10 +160,14 @@ def first_frozen_size(native: int, sizes: tuple[int, ...]) -> int:
 
 class Costs:
     """Predicted seconds of each kind of stage, from speeds (``speed(backbone, size)``) and the
-    facts, times the calibration the run has learnt (actual over predicted, per kind)."""
+    facts, times the calibration the run has learnt (actual over predicted, per kind). ``timed``:
+    the training pass of a fine-tuning epoch as the run's own epochs took it (``State.epoch_s``),
+    which replaces its prediction from the measured speed (on random images, without the data
+    pipeline: 150 img/s measured where the epochs ran at 100 on 2,000 photos at 64 px)."""
 
-    def __init__(self, facts: Facts, speed, calibration: dict | None = None):
+    def __init__(self, facts: Facts, speed, calibration: dict | None = None, timed: dict | None = None):
         self.f, self.speed, self.calibration = facts, speed, dict(calibration or {})
+        self.timed = {} if timed is None else timed
 
     def scaled(self, kind: str, seconds: float) -> float:
         """``seconds`` of a stage of ``kind`` as this run has found them (its calibration)."""
@@ -188,6 +195,9 @@ class Costs:
     def epoch(self, b: str, s: int) -> float:
         sp = self.speed(b, s)
         trn, val = self.rows
+        timed = self.timed.get(f"{b}@{s}")
+        if timed is not None:  # the training pass as timed; validation as predicted
+            return timed + self.scaled("finetune", val / sp.infer)
         return self.scaled("finetune", trn / sp.train + val / sp.infer)
 
     def fold_extra(self, b: str, s: int) -> float:

@@ -100,8 +100,10 @@ def fit(f: Fold, route, report: Callable[[int, float], None] | None = None) -> d
         if best is not None:  # (none when a resumed fold had no epoch left to train)
             f.save_best(best.weights, best.epoch, best.score)
         f.save_last(route.optimizer, route.scheduler, route.scaler)
-    if stopped:
-        return {"stopped": True, **f.state}
+    if stopped:  # with this call's best epoch's validation logits (fit.py's rate search compares them)
+        val = {} if best is None else {"val_idx": best.idx, "val_logits": best.logits,
+                                       "val_targets": f.val_targets[best.idx]}
+        return {"stopped": True, **f.state, **val}
 
     d.barrier()  # best.pt is written
     reuse = best is not None and best.epoch + 1 == f.state["best_epoch"] and not cfg.tta_hflip
