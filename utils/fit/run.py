@@ -272,7 +272,7 @@ class Stages:
     @staticmethod
     def time_epochs(state: State, step: Step, history: pd.DataFrame) -> None:
         """The median training pass of the fold's epochs: the plan's epoch from now on (``Costs.timed``;
-        on 2,000 photos at 64 px first epochs took 12.4-16.2 s, the later ones 9.8-12.5)."""
+        on 2,000 photos at 64 px first epochs took 12.4-16.2 s, the later ones 9.8-14.6)."""
         state.epoch_s[f"{step.backbone}@{step.size}"] = float(history["seconds"].median())
 
     def finetune(self, step: Step, state: State, stop) -> str:
