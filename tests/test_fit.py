@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from tests.conftest import run_script
-from utils.fit.plan import (EPOCHS_MAX, LADDER, SLACK, TIMED_MARGIN, BudgetTooSmall, Costs, Facts, Speed, State, ladder,
-                            parse_budget, plan)
+from utils.fit.plan import (EPOCHS_MAX, LADDER, SLACK, TIMED_MARGIN, BudgetTooSmall, Costs, Facts, Speed, State,
+                            epoch_key, ladder, parse_budget, plan)
 from utils.fit.run import execute
 
 # Recorded on a 2-core AMD EPYC with AVX2 only (python -m utils.fit.measure's figures for
@@ -155,7 +155,7 @@ def test_epochs_the_run_timed_replace_the_prediction_from_the_measured_speed():
                   finetune={"backbone": B, "size": 64, "rate": 3.0, "epochs": 6, "done": []})
     predicted = [s.epochs for s in plan(f, state, Costs(f, speeds()), 150) if s.kind == "finetune"]
     train_pass = f.n_train * 2 / 3 / RECORDED[64].train
-    state.epoch_s = {f"{B}@64": 2 * train_pass}
+    state.epoch_s = {epoch_key(B, 64): 2 * train_pass}
     costs = Costs(f, speeds(), timed=state.epoch_s)
     assert costs.epoch(B, 64) == pytest.approx(Costs(f, speeds()).epoch(B, 64) + train_pass)
     steps = plan(f, state, costs, 150)

@@ -132,6 +132,11 @@ class State:
                    d["finetune"], set(d["done"]), d["spent"], d.get("epoch_s", {}))
 
 
+def epoch_key(backbone: str, size: int) -> str:
+    """The key of ``State.epoch_s`` (and ``Costs.timed``) for fine-tuning ``backbone`` at ``size`` px."""
+    return f"{backbone}@{size}"
+
+
 class BudgetTooSmall(ValueError):
     """Not even the frozen route and the last stages fit the budget (said before any training)."""
 
@@ -196,7 +201,7 @@ class Costs:
     def epoch(self, b: str, s: int) -> float:
         sp = self.speed(b, s)
         trn, val = self.rows
-        timed = self.timed.get(f"{b}@{s}")
+        timed = self.timed.get(epoch_key(b, s))
         if timed is not None:  # the training pass as timed; validation as predicted
             return timed + self.scaled("finetune", val / sp.infer)
         return self.scaled("finetune", trn / sp.train + val / sp.infer)

@@ -28,7 +28,7 @@ import pandas as pd
 from utils.config import CommonConfig, option, parse_config
 from utils.data.schema import read_dataset
 from utils.errors import ConfigError, DataError
-from utils.fit.plan import (HEAD_EPOCHS, SLACK, BudgetTooSmall, Costs, Facts, State, Step, first_frozen_size,
+from utils.fit.plan import (HEAD_EPOCHS, SLACK, BudgetTooSmall, Costs, Facts, State, Step, epoch_key, first_frozen_size,
                             parse_budget, plan)
 from utils.io import atomic_write_csv, atomic_write_json
 from utils.run import RunDir
@@ -263,7 +263,7 @@ class Stages:
             state.search[rate] = float(history["val_score"].iloc[0])
             first.append(float(history["seconds"].iloc[0]))
         if first:  # the fastest first epoch: each carries one-time costs (allocations, the loader's start)
-            state.epoch_s[f"{step.backbone}@{step.size}"] = min(first)
+            state.epoch_s[epoch_key(step.backbone, step.size)] = min(first)
         best, why = choose_rate(state.search, val, step.rates[0], self.run_dir.schema)
         state.finetune = {"backbone": step.backbone, "size": step.size, "rate": best, "epochs": step.epochs, "done": []}
         return "first epoch's val score by rate: " + ", ".join(
@@ -273,7 +273,7 @@ class Stages:
     def time_epochs(state: State, step: Step, history: pd.DataFrame) -> None:
         """The median training pass of the fold's epochs: the plan's epoch from now on (``Costs.timed``;
         on 2,000 photos at 64 px first epochs took 12.4-16.2 s, the later ones 9.8-14.6)."""
-        state.epoch_s[f"{step.backbone}@{step.size}"] = float(history["seconds"].median())
+        state.epoch_s[epoch_key(step.backbone, step.size)] = float(history["seconds"].median())
 
     def finetune(self, step: Step, state: State, stop) -> str:
         if state.finetune is None:  # fold 0 without a search: the base rates
