@@ -390,7 +390,7 @@ def plan(facts: Facts, state: State, costs: Costs, elapsed: float) -> list[Step]
     has been trained and not even the first frozen stage and the last stages fit."""
     if "infer" in state.done:
         return []  # the run is complete (a re-run of it does nothing more)
-    remaining, k = facts.budget_s - elapsed, facts.n_folds
+    remaining = facts.budget_s - elapsed
     first = [(b, first_frozen_size(facts.native, facts.sizes[b])) for b in facts.backbones]
     guess = (list(state.frozen) or first[:1]) + first[:1]  # the frozen runs and a fine-tuned one
     reserve = sum(s.seconds for s in end_steps(facts, state, costs, guess, 0.0))
@@ -408,7 +408,7 @@ def plan(facts: Facts, state: State, costs: Costs, elapsed: float) -> list[Step]
     if ft is not None and len(ft["done"]) == facts.n_folds:  # the sweep goes on in the time fine-tuning left,
         # with SLACK's margin: a size not yet run overran its prediction by up to 1.8x, and a frozen run the
         # deadline stops is a weaker member of the blend it joins (96 px's heads stopped: OOF 0.8781, not 0.8972)
-        room = train_room - costs.scaled("export", EXPORT_PER_MODEL_S * k)
+        room = train_room - (costs.export(1) - costs.export(0))  # export's seconds for one more run
         steps = frozen_steps(facts, state, costs, room / (1 + SLACK))
     elif ft is not None:  # fine-tuning under way: its folds take the time
         steps = []
