@@ -284,8 +284,6 @@ class Stages:
         name = finetune_name(ft["backbone"], ft["size"], ft["rate"])
         self.time_epochs(state, step, pd.read_csv(self.run_dir.fold_dir(name, step.fold) / "history.csv"))
         ft["done"].append(step.fold)
-        if step.fold == 0:
-            ft["fold0_epochs"] = step.epochs  # the other folds' epochs at most
         text = f"fold {step.fold}: val {result['val_score']:.4f} (best epoch {result['best_epoch']})"
         if len(ft["done"]) == self.cfg.n_folds:
             ft["oof"] = self.oof(finetune_name(ft["backbone"], ft["size"], ft["rate"]))
