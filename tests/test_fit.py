@@ -396,7 +396,7 @@ def test_a_replanned_fold_keeps_its_run_config():
     from utils.fit.plan import Step
     from utils.fit.run import FitConfig, Stages
 
-    stages = Stages(FitConfig(model=["resnet18"]), None, None, native=28)
+    stages = Stages(FitConfig(model=["resnet18"]), None, None, native=28, costs=None)
     step = Step("finetune", "resnet18", 64, fold=0, epochs=4)
     planned, replanned = (stages.finetune_args(step, 3.0, e, 0, planned=4) for e in (4, 2))
     flag = lambda args, name: args[args.index(name) + 1]
@@ -404,3 +404,51 @@ def test_a_replanned_fold_keeps_its_run_config():
     assert (flag(planned, "--epochs"), flag(replanned, "--epochs")) == ("4", "2")
     assert flag(planned, "--interpolation") == "cubic"  # 28-px images upscaled
     assert flag(planned, "--lr-backbone") == "0.0009"  # three times the base rate
+
+
+def test_a_timing_that_disagrees_with_its_neighbour_size_is_taken_again():
+    """A speed timed while something else ran (a quarter of the true one, as a 64-px timing read
+    beside a starting Python process) disagrees per pixel with the next size's: the slower is timed
+    again, the faster timing kept, and the plan's calibration, learnt against the first, dropped.
+    Speeds that agree (the recorded ones) are timed once each. A larger size's own gain per pixel
+    hides a disturbance of its timing up to about CONSISTENT / 1.9 on these speeds: it then looks
+    dearer than it is, and the plan errs towards the smaller size."""
+    from dataclasses import replace
+
+    from utils.fit.measure import Measurer
+    from utils.fit.plan import Step
+    from utils.fit.run import FitConfig, Stages
+
+    def measurer(disturbed: dict) -> tuple[Measurer, list]:
+        """Timings of RECORDED; ``disturbed``: size -> (how many first timings, divided by what)."""
+        m, calls = Measurer(None, None, None), []
+
+        def time_it(backbone, size):
+            calls.append(size)
+            times, by = disturbed.get(size, (0, 1))
+            sp = RECORDED[size]
+            return replace(sp, train=sp.train / by, infer=sp.infer / by) if calls.count(size) <= times else sp
+        m.time = time_it
+        return m, calls
+
+    m, calls = measurer({})
+    m.measure(B, 64), m.measure(B, 96), m.measure(B, 128)
+    assert calls == [64, 96, 128] and not m.retimed
+    for first, disturbed in ((64, {64: (1, 4)}), (96, {96: (1, 8)})):  # the earlier timing slowed, or the later
+        m, calls = measurer(disturbed)
+        m.measure(B, 64), m.measure(B, 96)
+        assert calls == [64, 96, first] and m.measured[(B, first)] == RECORDED[first]
+        assert [r[:2] for r in m.retimed] == [(B, first)]
+    m, calls = measurer({96: (1, 4)})  # within what a larger size gains per pixel: kept as timed
+    m.measure(B, 64), m.measure(B, 96)
+    assert calls == [64, 96] and m.measured[(B, 96)].train == RECORDED[96].train / 4
+    m, calls = measurer({64: (5, 4)})  # slowed every time: timed again once, not again and again
+    m.measure(B, 64), m.measure(B, 96), m.measure(B, 128)
+    assert calls == [64, 96, 64, 128] and m.measured[(B, 64)].train == RECORDED[64].train / 4
+    # fit.py's stage measuring 96 px drops the calibration that the slowed 64 px taught; agreeing timings keep it
+    for disturbed, kept in (({64: (1, 4)}, {}), ({}, {"frozen": 0.27})):
+        m, calls = measurer(disturbed)
+        m.measure(B, 64)
+        costs = Costs(facts(600), m.speed, calibration={"frozen": 0.27})
+        stages = Stages(FitConfig(model=[B]), None, m, native=28, costs=costs)
+        assert stages.prepare(Step("frozen", B, 96)) and costs.calibration == kept

@@ -157,8 +157,8 @@ class Stages:
     """The stages run for real: each builds the config its script would parse from the command it
     prints, and calls the library function that script calls."""
 
-    def __init__(self, cfg: FitConfig, data, measurer, native: int):
-        self.cfg, self.data, self.measurer, self.native = cfg, data, measurer, native
+    def __init__(self, cfg: FitConfig, data, measurer, native: int, costs: Costs):
+        self.cfg, self.data, self.measurer, self.native, self.costs = cfg, data, measurer, native, costs
         self.run_dir = RunDir(cfg.out_dir)
         self.weights = dict(zip(cfg.model, cfg.pretrained_file or []))
 
@@ -170,9 +170,19 @@ class Stages:
         """Measure the step's (backbone, size) when only an extrapolation is known."""
         if not step.backbone or (step.backbone, step.size) in self.measurer.measured:
             return False
+        from utils.fit.measure import CONSISTENT
+
+        retimed = len(self.measurer.retimed)
         sp = self.measurer.measure(step.backbone, step.size)
         print(f"measured {step.backbone} @ {step.size} px: training {sp.train:.1f} img/s, forward "
               f"{sp.infer:.1f} img/s ({sp.dtype}), decoding {sp.decode:.0f} img/s", flush=True)
+        for b, s, first, kept in self.measurer.retimed[retimed:]:
+            changed = max(kept.train / first.train, kept.infer / first.infer) > 1 + SLACK
+            print(f"{b} @ {s} px disagreed with it by more than {CONSISTENT:g}x per pixel: timed again, training "
+                  f"{first.train:.1f} -> {kept.train:.1f} img/s, forward {first.infer:.1f} -> {kept.infer:.1f}"
+                  + ("; the calibration learnt against the first timing is dropped" if changed else ""), flush=True)
+            if changed:
+                self.costs.calibration.clear()
         return True
 
     # -- commands
@@ -446,7 +456,7 @@ def fit(cfg: FitConfig) -> dict:
          measurements(measurer, heads))
     save = lambda s: atomic_write_json(state_path, {"what": what, "state": s.to_dict()})
     costs = Costs(facts, measurer.speed, timed=state.epoch_s)  # the epochs the run times, as it times them
-    stages = Stages(cfg, data, measurer, native)
+    stages = Stages(cfg, data, measurer, native, costs)
     try:
         report = execute(facts, costs, stages, state=state, save=save, start=start)
     except BudgetTooSmall as err:
