@@ -28,10 +28,10 @@ The plan, in order (each rule is printed beside the stage it decides; ``Step.why
    epoch of the folds done (a first epoch runs slower than the later ones: fold 0's count, fitted to
    it, had capped the later folds and left the budget unused: on the solar cells 74-81 % of ten
    minutes ran). The learning rates come from successive halving on fold 0: every rate of
-   ``RATES`` (multiples of the kit's base rates) trains the fold's first epoch of the planned schedule; the
-   first, the kit's default, goes on as the run's fold 0 unless another leads it by more than one
-   standard error (``utils.fit.run.choose_rate``). As many rates as ``SEARCH_SHARE`` of the
-   fine-tuning time pays for.
+   ``RATES`` (multiples of the kit's base rates) trains the fold's first epoch of the planned
+   schedule; the first, the kit's default, goes on as the run's fold 0 unless another leads it by
+   more than one standard error (``utils.fit.run.choose_rate``). As many rates as ``SEARCH_SHARE``
+   of the fine-tuning time pays for.
 3. **The ensemble** (``ensemble``) of every complete run; a distilled **student** on the frozen
    route (``student``) where it pays: when the ensemble would take over half the serving budget
    per image; then **export** with ``--budget-ms`` and **infer**: the submission of what is served
