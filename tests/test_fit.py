@@ -406,6 +406,53 @@ def test_a_replanned_fold_keeps_its_run_config():
     assert flag(planned, "--lr-backbone") == "0.0009"  # three times the base rate
 
 
+def slowed_measurer(disturbed: dict):
+    """A Measurer timing RECORDED; ``disturbed``: size -> (how many first timings, divided by what).
+    Returns it and the sizes it timed, in order."""
+    from dataclasses import replace
+
+    from utils.fit.measure import Measurer
+
+    m, calls = Measurer(None, None, None), []
+
+    def time_it(backbone, size):
+        calls.append(size)
+        times, by = disturbed.get(size, (0, 1))
+        sp = RECORDED[size]
+        return replace(sp, train=sp.train / by, infer=sp.infer / by) if calls.count(size) <= times else sp
+    m.time = time_it
+    m.head_rate = lambda backbone: 14000.0
+    return m, calls
+
+
+def test_a_budget_that_looks_too_small_is_timed_again_before_it_is_refused(capsys):
+    """Refusing is final: a first timing slowed 4x (speeds and the heads' rate) makes 150 s look too
+    small; timed again, the budget fits and the run goes on with the faster timings. Timings that
+    hold up are refused after the second look; a budget that fits is not timed again."""
+    from dataclasses import replace
+
+    from utils.fit.run import timed_again_before_refusing
+
+    slowed = replace(facts(150), head_rows_per_s={B: 3500.0})
+    with pytest.raises(BudgetTooSmall):
+        plan(slowed, State(), Costs(slowed, speeds(4)), 0)
+    m, calls = slowed_measurer({64: (1, 4)})
+    m.measure(B, 64)
+    kept = timed_again_before_refusing(slowed, State(), m, 0.0)
+    assert "timing it again before refusing" in capsys.readouterr().out
+    assert calls == [64, 64] and m.measured[(B, 64)] == RECORDED[64] and kept.head_rows_per_s == {B: 14000.0}
+    assert [s.kind for s in plan(kept, State(), Costs(kept, m.speed), 0)][0] == "frozen"
+    m, calls = slowed_measurer({64: (2, 4)})  # slow both times: refused
+    m.measure(B, 64)
+    m.head_rate = lambda backbone: 3500.0
+    with pytest.raises(BudgetTooSmall):
+        timed_again_before_refusing(slowed, State(), m, 0.0)
+    assert calls == [64, 64]
+    m, calls = slowed_measurer({})
+    m.measure(B, 64)
+    assert timed_again_before_refusing(facts(150), State(), m, 0.0) == facts(150) and calls == [64]
+
+
 def test_a_timing_that_disagrees_with_its_neighbour_size_is_taken_again():
     """A speed timed while something else ran (a quarter of the true one, as a 64-px timing read
     beside a starting Python process) disagrees per pixel with the next size's: the slower is timed
@@ -413,41 +460,26 @@ def test_a_timing_that_disagrees_with_its_neighbour_size_is_taken_again():
     Speeds that agree (the recorded ones) are timed once each. A larger size's own gain per pixel
     hides a disturbance of its timing up to about CONSISTENT / 1.9 on these speeds: it then looks
     dearer than it is, and the plan errs towards the smaller size."""
-    from dataclasses import replace
-
-    from utils.fit.measure import Measurer
     from utils.fit.plan import Step
     from utils.fit.run import FitConfig, Stages
 
-    def measurer(disturbed: dict) -> tuple[Measurer, list]:
-        """Timings of RECORDED; ``disturbed``: size -> (how many first timings, divided by what)."""
-        m, calls = Measurer(None, None, None), []
-
-        def time_it(backbone, size):
-            calls.append(size)
-            times, by = disturbed.get(size, (0, 1))
-            sp = RECORDED[size]
-            return replace(sp, train=sp.train / by, infer=sp.infer / by) if calls.count(size) <= times else sp
-        m.time = time_it
-        return m, calls
-
-    m, calls = measurer({})
+    m, calls = slowed_measurer({})
     m.measure(B, 64), m.measure(B, 96), m.measure(B, 128)
     assert calls == [64, 96, 128] and not m.retimed
     for first, disturbed in ((64, {64: (1, 4)}), (96, {96: (1, 8)})):  # the earlier timing slowed, or the later
-        m, calls = measurer(disturbed)
+        m, calls = slowed_measurer(disturbed)
         m.measure(B, 64), m.measure(B, 96)
         assert calls == [64, 96, first] and m.measured[(B, first)] == RECORDED[first]
         assert [r[:2] for r in m.retimed] == [(B, first)]
-    m, calls = measurer({96: (1, 4)})  # within what a larger size gains per pixel: kept as timed
+    m, calls = slowed_measurer({96: (1, 4)})  # within what a larger size gains per pixel: kept as timed
     m.measure(B, 64), m.measure(B, 96)
     assert calls == [64, 96] and m.measured[(B, 96)].train == RECORDED[96].train / 4
-    m, calls = measurer({64: (5, 4)})  # slowed every time: timed again once, not again and again
+    m, calls = slowed_measurer({64: (5, 4)})  # slowed every time: timed again once, not again and again
     m.measure(B, 64), m.measure(B, 96), m.measure(B, 128)
     assert calls == [64, 96, 64, 128] and m.measured[(B, 64)].train == RECORDED[64].train / 4
     # fit.py's stage measuring 96 px drops the calibration that the slowed 64 px taught; agreeing timings keep it
     for disturbed, kept in (({64: (1, 4)}, {}), ({}, {"frozen": 0.27})):
-        m, calls = measurer(disturbed)
+        m, calls = slowed_measurer(disturbed)
         m.measure(B, 64)
         costs = Costs(facts(600), m.speed, calibration={"frozen": 0.27})
         stages = Stages(FitConfig(model=[B]), None, m, native=28, costs=costs)

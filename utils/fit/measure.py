@@ -121,12 +121,18 @@ class Measurer:
         for other in sorted(others, key=lambda s: abs(s - size))[:1]:  # the nearest, as extrapolation uses
             slow = disagreeing(self.measured[(backbone, size)], size, self.measured[(backbone, other)], other)
             if slow is not None and not any(r[:2] == (backbone, slow) for r in self.retimed):
-                first, again = self.measured[(backbone, slow)], self.time(backbone, slow)
-                kept = replace(first, train=max(first.train, again.train), infer=max(first.infer, again.infer),
-                               decode=max(first.decode, again.decode))
-                self.measured[(backbone, slow)] = kept
-                self.retimed.append((backbone, slow, first, kept))
+                self.retime(backbone, slow)
         return self.measured[(backbone, size)]
+
+    def retime(self, backbone: str, size: int) -> Speed:
+        """Time a measured (``backbone``, ``size``) again and keep the faster of its two timings (a
+        timing is only ever slowed by what else runs), recorded in ``retimed``."""
+        first, again = self.measured[(backbone, size)], self.time(backbone, size)
+        kept = replace(first, train=max(first.train, again.train), infer=max(first.infer, again.infer),
+                       decode=max(first.decode, again.decode))
+        self.measured[(backbone, size)] = kept
+        self.retimed.append((backbone, size, first, kept))
+        return kept
 
     def time(self, backbone: str, size: int) -> Speed:
         """Time ``backbone`` at ``size``: the faster dtype of a training step and of a forward pass
