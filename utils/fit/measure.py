@@ -106,19 +106,23 @@ class Measurer:
     def speed(self, backbone: str, size: int) -> Speed:
         if (backbone, size) in self.measured:
             return self.measured[(backbone, size)]
-        known = [s for b, s in self.measured if b == backbone]
-        if not known:
+        nearest = self.nearest(backbone, size)
+        if nearest is None:
             return self.measure(backbone, size)
-        nearest = min(known, key=lambda s: abs(s - size))
         return self.measured[(backbone, nearest)].at(size, nearest)
+
+    def nearest(self, backbone: str, size: int) -> int | None:
+        """The measured size of ``backbone`` nearest to ``size`` (other than ``size``), else None."""
+        known = [s for b, s in self.measured if b == backbone and s != size]
+        return min(known, key=lambda s: abs(s - size)) if known else None
 
     def measure(self, backbone: str, size: int) -> Speed:
         """Time ``backbone`` at ``size`` (``time``), then check it against the other sizes of the
         backbone measured nearest to it: more than ``CONSISTENT`` apart per pixel, the slower is timed
         again, once (``retimed``)."""
-        others = [s for b, s in self.measured if b == backbone and s != size]
+        other = self.nearest(backbone, size)  # the size extrapolation would have used
         self.measured[(backbone, size)] = self.time(backbone, size)
-        for other in sorted(others, key=lambda s: abs(s - size))[:1]:  # the nearest, as extrapolation uses
+        if other is not None:
             slow = disagreeing(self.measured[(backbone, size)], size, self.measured[(backbone, other)], other)
             if slow is not None and not any(r[:2] == (backbone, slow) for r in self.retimed):
                 self.retime(backbone, slow)
