@@ -475,8 +475,9 @@ def timed_again_before_refusing(facts: Facts, state: State, measurer, elapsed: f
     64 px was predicted at 137.5 s for the 21.9 it took), every speed and the heads' rate timed again
     (the faster of the two kept) and the facts that follow; BudgetTooSmall if the budget is still too
     small."""
+    first_plan = lambda facts, elapsed: plan(facts, state, Costs(facts, measurer.speed, timed=state.epoch_s), elapsed)
     try:
-        plan(facts, state, Costs(facts, measurer.speed, timed=state.epoch_s), elapsed)
+        first_plan(facts, elapsed)
         return facts
     except BudgetTooSmall:
         print("the budget looks too small for this machine: timing it again before refusing", flush=True)
@@ -487,7 +488,7 @@ def timed_again_before_refusing(facts: Facts, state: State, measurer, elapsed: f
               f"of two timings)", flush=True)
     heads = {b: max(rate, measurer.head_rate(b)) for b, rate in facts.head_rows_per_s.items()}
     facts = replace(facts, head_rows_per_s=heads)
-    plan(facts, state, Costs(facts, measurer.speed, timed=state.epoch_s), elapsed + measurer.seconds - before)
+    first_plan(facts, elapsed + measurer.seconds - before)  # still too small: BudgetTooSmall
     return facts
 
 
