@@ -38,6 +38,38 @@ def test_ensemble_json_and_onnx_parity(run):
     assert manifest["use"] in ("merged", "separate")
 
 
+def test_a_merged_graph_joins_its_folds_files_and_stores_what_they_share_once(run, tmp_path):
+    """export_graph joins the folds' own ONNX files under the blend: one fold listed three times
+    (as the frozen route's folds share a backbone) is stored once, and computes that fold's own
+    per-head log-probabilities; two members blend as combine_members does on separate sessions."""
+    import onnx
+
+    from utils.blend import combine_members, head_log_softmax
+    from utils.data.transforms import Preprocess
+    from utils.serve.graph import export_graph, make_session
+
+    rd, manifest = RunDir(run), json.loads((run / "onnx" / "manifest.json").read_text())
+    schema, entries = rd.schema, {e["run"]: e for e in manifest["members"]}
+    prep = Preprocess.from_dict(entries[MODELS[0]]["preprocess"])
+    files = {r: [run / "onnx" / f["path"] for f in e["folds"]] for r, e in entries.items()}
+    x = np.random.default_rng(0).normal(size=(3, 3, prep.img_size, prep.img_size)).astype(np.float32)
+    bias = np.zeros(schema.n_logits, np.float32)
+    export_graph([[files[MODELS[0]][0]] * 3], np.ones(1), bias, schema, prep, tmp_path / "three.onnx")
+    export_graph([files[MODELS[0]][:1]], np.ones(1), bias, schema, prep, tmp_path / "one.onnx")
+    fold = make_session(files[MODELS[0]][0], 1).run(None, {"image": x})[0]
+    three = make_session(tmp_path / "three.onnx", 1).run(None, {"image": x})[0]
+    np.testing.assert_allclose(three, head_log_softmax(fold, schema), atol=1e-4)
+    stored = {n: onnx.load(str(tmp_path / f"{n}.onnx")).graph.initializer for n in ("one", "three")}
+    folds = {n: [t.name for t in inits if t.name.startswith("fold")] for n, inits in stored.items()}
+    assert folds["three"] == folds["one"] and all(n.startswith("fold0/") for n in folds["one"])  # once, not 3 times
+    assert (tmp_path / "three.onnx").stat().st_size < 1.5 * (tmp_path / "one.onnx").stat().st_size
+    weights, bias = np.array([0.3, 0.7]), np.linspace(-1, 1, schema.n_logits).astype(np.float32)
+    export_graph([files[m] for m in MODELS], weights, bias, schema, prep, tmp_path / "two.onnx")
+    logits = {m: [make_session(f, 1).run(None, {"image": x})[0] for f in files[m]] for m in MODELS}
+    expected = combine_members(logits, {"models": list(MODELS), "weights": weights, "biases": bias}, schema)
+    np.testing.assert_allclose(make_session(tmp_path / "two.onnx", 1).run(None, {"image": x})[0], expected, atol=1e-4)
+
+
 def test_valid_submission_and_backends_agree(run, tiny_data, tmp_path):
     proc = infer(tiny_data, run, tmp_path / "onnx.csv")
     assert "score against test_solution.csv" in proc.stdout

@@ -8,7 +8,9 @@ method and bias setting of ``ensemble.json``, and refitted on all OOF rows for s
 trained in optimistic mode has scores that saw its validation labels: its candidates compete on
 them all the same, and budget.csv's ``score_source`` says so.
 
-Serving variants of a candidate: one merged fp32 graph, or per-fold sessions in fp32, or in int8
+Serving variants of a candidate: one merged fp32 graph (built here for each candidate, checked
+against its separate sessions, ``merged_parity`` in budget.csv; export.py builds no ensemble.onnx of
+its own under a budget), or per-fold sessions in fp32, or in int8
 for the members whose OOF score drops by less than ``int8_max_drop`` when quantised (their int8
 OOF logits then enter the candidate's nested CV, and its served weights are fitted on them); and
 every member's first fold alone. A member trained with ``tta_hflip`` is scored on mirrored-and-
@@ -65,6 +67,7 @@ class Variant:
     timed: int = 0
     optimistic: list[str] = field(default_factory=list)  # members whose OOF saw their validation labels
     path: str | None = None  # the merged graph's file, once exported
+    parity: float = float("nan")  # a merged graph's max |diff| against the separate sessions it replaces
 
     @property
     def name(self) -> str:
@@ -77,7 +80,7 @@ class Variant:
                 "score_source": "nested CV on OOF" + (f"; optimistic: {','.join(self.optimistic)} (a student in "
                                                       f"optimistic mode)" if self.optimistic else ""),
                 "p50_ms": self.p50, "p99_ms": self.p99, "tail": tail_name(self.timed),
-                "fits": bool(self.p99 <= budget_ms)}
+                "fits": bool(self.p99 <= budget_ms), "merged_parity": self.parity}
 
 
 P99_MIN_IMAGES = 100
@@ -298,17 +301,19 @@ def predict_fn(run_dir: RunDir, v: Variant, prep: Preprocess, entries: dict, mer
     """One image end to end (decode, preprocess, members, blend, decode) as variant ``v`` serves it.
     A merged variant's graph is exported as ``merged_name`` and first checked against the separate
     sessions it replaces, on ``parity_paths``: a graph that differs by more than MERGED_PARITY is an
-    error. ``prep``: the preprocessing of its first member (a merged graph has one)."""
+    error (its max |diff| is kept in ``v.parity``). ``prep``: the preprocessing of its first member (a
+    merged graph has one)."""
     schema = run_dir.schema
     ens = {"models": v.models, "weights": v.weights, "biases": v.biases}
     if v.format == "merged":
         v.path = merged_name
-        export_graph([[run_dir.fold_file(r, f, "best.pt") for f in range(run_dir.n_folds)] for r in v.models],
+        export_graph([[run_dir.onnx_dir / f["path"] for f in entries[r]["folds"]] for r in v.models],
                      v.weights, v.biases, schema, prep, run_dir.onnx_dir / v.path)
         session = onnx_runner(run_dir.onnx_dir / v.path, threads, schema)
         separate = fold_members(run_dir.onnx_dir, entries, v.models, (), False, threads, schema)  # fp32, every fold
         x = usable_batch(parity_paths, prep)[0]
         diff, same = merged_parity(session, separate, ens, schema, x)
+        v.parity = diff
         if diff > MERGED_PARITY or not same:
             raise RuntimeError(f"{v.path} ({v.name}): the merged graph differs from its separate sessions on "
                                f"{len(x)} images (max |diff| {diff:.2e}, same decoding {same})")

@@ -126,11 +126,12 @@ def export_run(run: str, paths: list[Path], schema: Schema, train: pd.DataFrame,
 def export_merged(ens: dict, entries: list[dict], schema: Schema, test_paths: list[Path], onnx_dir: Path, *,
                   threads: int, parity_images: int, timing_images: int) -> dict:
     """The whole ensemble as one graph, checked against separate sessions on ``parity_images`` test
-    images; with ``timing_images``, both timed single-stream on that many and the faster used (under
-    a budget, 0: the budget times both among its candidates). Returns the manifest's keys."""
+    images; with ``timing_images``, both timed single-stream on that many and the faster used.
+    Returns the manifest's keys."""
     prep = Preprocess.from_dict(entries[0]["preprocess"])
     merged_path = onnx_dir / "ensemble.onnx"
-    export_graph([ens["folds"][run] for run in ens["models"]], ens["weights"], ens["biases"], schema, prep, merged_path)
+    files = {e["run"]: [onnx_dir / f["path"] for f in e["folds"]] for e in entries}
+    export_graph([files[run] for run in ens["models"]], ens["weights"], ens["biases"], schema, prep, merged_path)
     batch, skipped = usable_batch(test_paths, prep, max(timing_images, parity_images))
     report_skipped(skipped, "merged graph: parity and timing")
     merged = onnx_runner(merged_path, threads, schema)
@@ -141,7 +142,7 @@ def export_merged(ens: dict, entries: list[dict], schema: Schema, test_paths: li
                        "ensemble": ensemble_digest(ens)},
             "use": "merged" if same and diff <= MERGED_PARITY else "separate"}
     if not timing_images:
-        print(f"merged graph: max |diff| {diff:.1e} against separate sessions; timed with the budget's candidates")
+        print(f"merged graph: max |diff| {diff:.1e} against separate sessions; not timed (--timing-images 0)")
         return keys
     images = [batch[i:i + 1] for i in range(min(timing_images, len(batch)))]
     separate = lambda x: combine_members(run_members(members, {prep: x}), ens, schema)
@@ -167,10 +168,14 @@ def export(cfg: ExportConfig) -> Manifest:
     manifest = Manifest(models=ens["models"], schema=schema.fingerprint, members=[exported[r][0] for r in runs],
                         config=dataclasses.asdict(cfg))
     ens_entries = [exported[run][0] for run in ens["models"]]
-    if cfg.merge and mergeable(ens_entries):
+    if cfg.merge and cfg.budget_ms:
+        (run_dir.onnx_dir / "ensemble.onnx").unlink(missing_ok=True)  # an earlier export's: the manifest drops it
+        print("merged graphs: the budget builds one for each candidate, ensemble.json's among them, checks it "
+              "against its separate sessions and times it")
+    elif cfg.merge and mergeable(ens_entries):
         test_paths = [image_path(data.test_images, i) for i in data.test[ID]]
         keys = export_merged(ens, ens_entries, schema, test_paths, run_dir.onnx_dir, threads=cfg.threads,
-                             parity_images=cfg.parity_images, timing_images=0 if cfg.budget_ms else cfg.timing_images)
+                             parity_images=cfg.parity_images, timing_images=cfg.timing_images)
         manifest = dataclasses.replace(manifest, **keys)
     elif cfg.merge:
         print("no merged graph: the runs differ in preprocessing, or one averages the mirror (tta_hflip), "
