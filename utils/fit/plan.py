@@ -61,7 +61,8 @@ TIMED_MARGIN = 0.1  # fine-tuning's margin once the search has timed its epochs 
 # Rules for what is not timed before it runs (the run prints the actual seconds beside each):
 SETUP_S = 4.0  # per fold: build the model, load the weights, fork the loaders, open the caches
 ENSEMBLE_S = 5.0  # the ensemble search over a few members (seconds: python -m utils.bench.ensemble)
-EXPORT_S, EXPORT_PER_MODEL_S = 5.0, 4.0  # export: ONNX, parity and latency of every fold model
+EXPORT_S, EXPORT_PER_MODEL_S = 5.0, 2.0  # export: ONNX, parity and latency of every fold model (6 Lite0
+# folds at 64 px: 29-33 s while merged graphs were traced again, ~17 s joined from the folds' files)
 LATENCY_FACTOR = 2.0  # one image alone takes this many times its share of a batch (serving vs throughput)
 
 
