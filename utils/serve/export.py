@@ -170,8 +170,8 @@ def export(cfg: ExportConfig) -> Manifest:
     ens_entries = [exported[run][0] for run in ens["models"]]
     if cfg.merge and cfg.budget_ms:
         (run_dir.onnx_dir / "ensemble.onnx").unlink(missing_ok=True)  # an earlier export's: the manifest drops it
-        print("merged graphs: the budget builds one for each candidate, ensemble.json's among them, checks it "
-              "against its separate sessions and times it")
+        print("merged graphs: the budget builds one for each candidate that one graph can serve (ensemble.json's "
+              "among them), checks it against its separate sessions and times it")
     elif cfg.merge and mergeable(ens_entries):
         test_paths = [image_path(data.test_images, i) for i in data.test[ID]]
         keys = export_merged(ens, ens_entries, schema, test_paths, run_dir.onnx_dir, threads=cfg.threads,
