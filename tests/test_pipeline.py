@@ -70,6 +70,41 @@ def test_a_merged_graph_joins_its_folds_files_and_stores_what_they_share_once(ru
     np.testing.assert_allclose(make_session(tmp_path / "two.onnx", 1).run(None, {"image": x})[0], expected, atol=1e-4)
 
 
+def test_a_fold_graph_with_a_subgraph_is_joined_with_the_names_inside_it_renamed(run, tmp_path):
+    """A fold's graph may hold subgraphs (an If's branches: the exporter writes one for a squeeze of
+    a dynamic axis) that read the outer graph's names: joined twice, each copy's branches read its
+    own fold's values, and the merged graph computes what the fold computes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from utils.blend import head_log_softmax
+    from utils.data.transforms import Preprocess
+    from utils.serve.graph import export_graph, make_session
+
+    rd = RunDir(run)
+    schema, size = rd.schema, 4
+    w = np.random.default_rng(1).normal(size=(3 * size * size, schema.n_logits)).astype(np.float32)
+    branch = lambda op, out: helper.make_graph([helper.make_node(op, ["z"], [out])], op.lower(), [],
+                                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["image"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["z"]),
+         helper.make_node("If", ["cond"], ["logits"], then_branch=branch("Identity", "then_out"),
+                          else_branch=branch("Neg", "else_out"))],
+        "fold", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", schema.n_logits])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(True), "cond")])
+    fold = tmp_path / "fold.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(fold))
+    prep = Preprocess.from_dict({**json.loads((run / "onnx" / "manifest.json").read_text())["members"][0]["preprocess"],
+                                 "img_size": size})
+    export_graph([[fold, fold]], np.ones(1), np.zeros(schema.n_logits, np.float32), schema, prep, tmp_path / "m.onnx")
+    x = np.random.default_rng(2).normal(size=(2, 3, size, size)).astype(np.float32)
+    merged = make_session(tmp_path / "m.onnx", 1).run(None, {"image": x})[0]
+    np.testing.assert_allclose(merged, head_log_softmax(x.reshape(2, -1) @ w, schema), atol=1e-4)
+    branches = [n for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "If"]
+    assert [b.attribute[0].g.node[0].input[0] for b in branches] == ["fold0/z", "fold1/z"]
+
+
 def test_valid_submission_and_backends_agree(run, tiny_data, tmp_path):
     proc = infer(tiny_data, run, tmp_path / "onnx.csv")
     assert "score against test_solution.csv" in proc.stdout

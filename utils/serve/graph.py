@@ -120,8 +120,8 @@ def export_graph(fold_files: list[list[Path]], weights, biases, schema: Schema, 
         image, logits = fold.graph.input[0].name, fold.graph.output[0].name
         if i == 0:
             graph.input.extend(fold.graph.input[:1])
-        join(graph, fold.graph, f"fold{i}/", {image: graph.input[0].name, logits: inputs[i]}, file, known)
-    join(graph, blend_model.graph, "blend/", {**{x: x for x in inputs}, "logits": "logits"}, "the blend", known)
+        join(graph, fold.graph, f"fold{i}/", {image: graph.input[0].name, logits: inputs[i]}, known)
+    join(graph, blend_model.graph, "blend/", {**{x: x for x in inputs}, "logits": "logits"}, known)
     graph.output.extend(blend_model.graph.output)
     model = onnx.helper.make_model(graph, opset_imports=blend_model.opset_import, ir_version=blend_model.ir_version)
     set_metadata(model, metadata(schema, "ensemble", prep))
@@ -129,7 +129,7 @@ def export_graph(fold_files: list[list[Path]], weights, biases, schema: Schema, 
         onnx.save(model, str(tmp))
 
 
-def join(graph, part, prefix: str, names: dict, source, known: dict) -> None:
+def join(graph, part, prefix: str, names: dict, known: dict) -> None:
     """Append ``part``'s nodes and initializers to ``graph``, every name prefixed except those of
     ``names`` (old -> new: the shared image input, the fold's logits into the blend). An initializer
     equal to one already joined is not added again but shared (``known``: its content -> its name),
@@ -161,15 +161,25 @@ def join(graph, part, prefix: str, names: dict, source, known: dict) -> None:
     for node in part.node:
         if node.op_type == "Constant" and node.output[0] in constants:
             continue
-        if any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute):
-            raise RuntimeError(f"{source}: node {node.name} ({node.op_type}) holds a subgraph, which a merged "
-                               f"graph does not join; serve its folds as separate sessions (export.py --merge false)")
-        node.name = prefix + node.name
-        renamed_in, renamed_out = [rename(x) for x in node.input], [rename(x) for x in node.output]
-        del node.input[:], node.output[:]
-        node.input.extend(renamed_in)
-        node.output.extend(renamed_out)
+        rename_node(node, prefix, rename)
         graph.node.append(node)
+
+
+def rename_node(node, prefix: str, rename) -> None:
+    """``node``'s name prefixed, its inputs and outputs renamed by ``rename``, and so every name in
+    the subgraphs it holds (an If's branches: the exporter writes one for a squeeze of a dynamic
+    axis), whose references to the outer graph follow the outer renaming."""
+    node.name = prefix + node.name if node.name else ""  # (unique when given; a nameless node stays nameless)
+    for names in (node.input, node.output):
+        renamed = [rename(x) for x in names]
+        del names[:]
+        names.extend(renamed)
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == attr.GRAPH else attr.graphs if attr.type == attr.GRAPHS else []:
+            for item in (*sub.input, *sub.output, *sub.value_info, *sub.initializer):
+                item.name = rename(item.name)
+            for inner in sub.node:
+                rename_node(inner, prefix, rename)
 
 
 def export_onnx(module: nn.Module, path: Path, img_size: int, metadata: dict) -> None:
