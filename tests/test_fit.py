@@ -439,7 +439,8 @@ def test_a_budget_that_looks_too_small_is_timed_again_before_it_is_refused(capsy
     m, calls = slowed_measurer({64: (1, 4)})
     m.measure(B, 64)
     kept = timed_again_before_refusing(slowed, State(), m, 0.0)
-    assert "timing it again before refusing" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "timing it again before refusing" in out and f"{B}: its heads 14,000 rows/s (the faster" in out
     assert calls == [64, 64] and m.measured[(B, 64)] == RECORDED[64] and kept.head_rows_per_s == {B: 14000.0}
     assert [s.kind for s in plan(kept, State(), Costs(kept, m.speed), 0)][0] == "frozen"
     m, calls = slowed_measurer({64: (2, 4)})  # slow both times: refused

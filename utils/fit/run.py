@@ -487,6 +487,8 @@ def timed_again_before_refusing(facts: Facts, state: State, measurer, elapsed: f
         print(f"{backbone} @ {size} px: training {sp.train:.1f} img/s, forward {sp.infer:.1f} img/s (the faster "
               f"of two timings)", flush=True)
     heads = {b: max(rate, measurer.head_rate(b)) for b, rate in facts.head_rows_per_s.items()}
+    for backbone, rate in heads.items():
+        print(f"{backbone}: its heads {rate:,.0f} rows/s (the faster of two timings)", flush=True)
     facts = replace(facts, head_rows_per_s=heads)
     first_plan(facts, elapsed + measurer.seconds - before)  # still too small: BudgetTooSmall
     return facts
