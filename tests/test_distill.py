@@ -370,7 +370,7 @@ def test_a_merged_candidate_that_differs_from_its_separate_sessions_is_refused(r
     predict_one = budget.predict_fn(rd, v, prep, entries, "budget_ok.onnx", paths, threads=1)
     assert len(predict_one((paths[0], None))) == 1
     real = budget.export_graph
-    wrong = lambda folds, w, b, schema, p, path, *more: real(folds, w, b + 0.5, schema, p, path, *more)
+    wrong = lambda folds, w, b, schema, p, path: real(folds, w, b + 0.5, schema, p, path)  # biases baked in wrong
     monkeypatch.setattr(budget, "export_graph", wrong)
     with pytest.raises(RuntimeError, match=r"budget_bad.onnx \(.*\): the merged graph differs from its separate sessions "
                                            r"on 4 images \(max \|diff\| 5\.00e-01"):

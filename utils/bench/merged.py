@@ -13,6 +13,7 @@ their outputs.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ def main(cfg: BenchMergedConfig) -> pd.DataFrame:
                      "traced MB": round((tmp / "traced.onnx").stat().st_size / 2**20, 1),
                      "joined MB": round((tmp / "joined.onnx").stat().st_size / 2**20, 1),
                      "max |diff|": float(np.abs(out["traced"] - out["joined"]).max())})
+    shutil.rmtree(tmp, ignore_errors=True)
     table = pd.DataFrame(rows)
     print(f"\nmerged graphs of {cfg.out_dir}: built by tracing the checkpoints again, or joined from the folds' "
           f"ONNX files; median of {cfg.images} single-image runs each, {cfg.threads} threads\nmachine: {machine()}")
