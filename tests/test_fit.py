@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from tests.conftest import run_script
-from utils.fit.plan import (EPOCHS_MAX, LADDER, SLACK, TIMED_MARGIN, BudgetTooSmall, Costs, Facts, Speed, State,
-                            epoch_key, ladder, parse_budget, plan)
+from utils.fit.plan import (EPOCHS_MAX, LADDER, SETUP_S, SLACK, TIMED_MARGIN, BudgetTooSmall, Costs, Facts, Speed,
+                            State, epoch_key, fold_epochs, ladder, parse_budget, plan)
 from utils.fit.run import execute
 
 # Recorded on a 2-core AMD EPYC with AVX2 only (python -m utils.fit.measure's figures for
@@ -136,7 +136,7 @@ def test_the_search_times_fold_0_and_its_schedule_is_fitted_again_to_the_time_le
                                     spent={"frozen": 60.0, "finetune": 80.0})
     roomy = [s for s in plan(f, searched(3), costs, 150) if s.kind == "finetune"]
     assert [s.fold for s in roomy] == [0, 1, 2] and len({s.epochs for s in roomy}) == 1
-    assert 3 < roomy[0].epochs <= EPOCHS_MAX and "as the search timed them" in roomy[0].why
+    assert 3 < roomy[0].epochs <= EPOCHS_MAX and "as the run timed them" in roomy[0].why
     steps = plan(f, searched(3), costs, 150)
     assert 150 + total(steps) <= f.budget_s
     tight = [s for s in plan(f, searched(12), costs, 400) if s.kind == "finetune"]
@@ -168,6 +168,38 @@ def test_epochs_the_run_timed_replace_the_prediction_from_the_measured_speed():
     assert len(set(timed)) == 1 and 0.4 < timed[0] / predicted[0] < 0.7, (timed, predicted)
     assert 150 + total(steps) <= f.budget_s
     assert State.from_dict(json.loads(json.dumps(state.to_dict()))).epoch_s == state.epoch_s
+
+
+def test_a_fold_under_way_takes_the_epochs_its_own_epochs_leave_room_for():
+    """After each epoch a fine-tuned fold is planned again (``fold_epochs``): epochs that ran as timed
+    keep the count planned at its start; faster ones buy more (with the margin); slower ones fewer,
+    once its count no longer fits even without the margin (a little slower keeps it: a count that
+    moved with each epoch's noise went 9, 8, 9, 10), but one more at least (only the deadline stops
+    a fold); the plan still ends within the budget."""
+    f = facts(1200)
+    key, train_pass = epoch_key(B, 64), f.n_train * 2 / 3 / RECORDED[64].train
+    state = State(frozen={(B, 64): 0.8}, search={3.0: 0.5}, done={"floor"}, spent={"frozen": 60.0, "finetune": 200.0},
+                  finetune={"backbone": B, "size": 64, "rate": 3.0, "epochs": 5, "done": [0]},
+                  epoch_s={key: train_pass})
+    costs = Costs(f, speeds(), timed=state.epoch_s)
+    start = 400.0
+    planned = [s.epochs for s in plan(f, state, costs, start) if s.kind == "finetune"]
+    assert planned[0] == planned[1] > 5  # fold 1's, at its start
+
+    def after_two(pace: float, count: int) -> int:  # fold 1's first two epochs ran at ``pace`` times as timed
+        state.epoch_s[key] = pace * train_pass
+        state.finetune["running"] = [1, 2, count]
+        elapsed = start + costs.scaled("finetune", SETUP_S) + 2 * costs.epoch(B, 64)
+        steps = plan(f, state, costs, elapsed)
+        assert elapsed + total(steps) <= f.budget_s, pace
+        return fold_epochs(steps, 1, 2)
+
+    counts = {pace: after_two(pace, planned[0]) for pace in (1.0, 0.6, 1.1, 1.6)}
+    assert counts[1.0] == counts[1.1] == planned[0] and counts[0.6] > planned[0], (counts, planned)
+    assert after_two(1.1, 0) < planned[0]  # (the margin alone would have cut it)
+    assert 3 <= counts[1.6] < planned[0], (counts, planned)
+    state.epoch_s[key] = 5 * train_pass  # not even one more epoch fits: one more, and the deadline stops it
+    assert fold_epochs(plan(f, state, costs, 1100), 1, 2) == 3
 
 
 def test_the_default_rate_goes_on_unless_another_leads_it_by_more_than_a_standard_error():
@@ -210,8 +242,9 @@ def test_too_small_a_budget_is_refused_naming_what_would_do():
 class FakeStages:
     """Stages that take ``slow[kind]`` times the seconds the measured speeds predict, on a fake
     clock (as a machine slower than its measurements, the same at every stage: the prediction as
-    first made, before the run's calibration); a training stage in epochs, asking ``stop()``
-    after each as the fold trainer's report does."""
+    first made, before the run's calibration); a training stage in epochs, asking ``budget.up()``
+    after each as the fold trainer's report does, and a fine-tuned fold the plan as it stands (its
+    epochs as ``fold_epochs`` says, while it has epochs left)."""
 
     def __init__(self, clock, slow: dict, costs: Costs):
         self.clock, self.slow, self.costs, self.ran = clock, slow, costs, []
@@ -227,19 +260,26 @@ class FakeStages:
     def first_plan(self, table):
         self.first = table
 
-    def run(self, step, state, stop):
+    def run(self, step, state, budget):
         kind = "finetune" if step.kind == "search" else step.kind
         # the search's epochs are fine-tuning's (unless the case says otherwise)
         slow = self.slow.get(step.kind, self.slow.get(kind, 1.0))
         seconds = step.seconds / self.costs.calibration.get(kind, 1.0) * slow
-        epochs = {"finetune": step.epochs, "search": len(step.rates)}.get(step.kind, 1)  # the search: a rate each
-        ran = 0
-        for _ in range(epochs):
-            self.clock.t += seconds / epochs
+        if step.kind == "finetune" and state.finetune is None:
+            state.finetune = {"backbone": step.backbone, "size": step.size, "rate": 1.0, "epochs": step.epochs,
+                              "done": []}
+        before = 1 if step.kind == "finetune" and step.fold == 0 and state.search else 0  # the search's epoch
+        epochs = {"finetune": step.epochs - before, "search": len(step.rates)}.get(step.kind, 1)  # search: a rate each
+        ran, planned = 0, epochs
+        while ran < epochs:
+            self.clock.t += seconds / planned
             ran += 1
-            if stop():
+            if budget.up():
                 break
-        self.ran.append((step, ran))
+            if step.kind == "finetune" and ran < epochs:  # planned again after each epoch, as the real fold is
+                state.finetune["running"] = [step.fold, before + ran, before + epochs]
+                epochs = fold_epochs(budget.plan(), step.fold, before + ran) - before
+        self.ran.append((step, before + ran if step.kind == "finetune" else ran))
         if step.kind == "frozen":
             state.frozen[(step.backbone, step.size)] = 0.8 + step.size / 10_000
         elif step.kind == "search":
@@ -247,9 +287,7 @@ class FakeStages:
             state.finetune = {"backbone": step.backbone, "size": step.size, "rate": step.rates[0],
                               "epochs": step.epochs, "done": []}
         elif step.kind == "finetune":
-            if state.finetune is None:
-                state.finetune = {"backbone": step.backbone, "size": step.size, "rate": 1.0, "epochs": step.epochs,
-                                  "done": []}
+            state.finetune.pop("running", None)
             state.finetune["done"].append(step.fold)
         else:
             state.done.add(step.kind)

@@ -178,6 +178,28 @@ def test_resume_with_more_epochs_continues_the_learning_rate_without_a_jump(tiny
     assert schedule(60) == pytest.approx(before) and schedule(300) == pytest.approx(0.01)
 
 
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_report_retargets_the_epochs_of_a_fold_while_it_runs(tiny_data, tmp_path, capsys, frozen):
+    """fit.py's report (``kfold.Report``) after the first of 3 epochs: told 5, the fold runs 5, its rate
+    going on down from where it was to the floor at the new end; told 2, it ends after 2, at the floor;
+    told 1, it stops there."""
+    args = ["--model", "test_resnet", "--fold", "0", "--warmup-epochs", "0", "--lr-head", "0.01", "--epochs", "3",
+            "--patience", "0", "--frozen-backbone", str(frozen).lower()]
+    for told in (5, 2, 1):
+        report = lambda epoch, score: told if epoch == 0 else None
+        kfold.train(cfg_for(tiny_data, tmp_path / str(told), *args), report=report)
+        lr = pd.read_csv(tmp_path / str(told) / "test_resnet" / "fold0" / "history.csv")["lr_head"].to_numpy() / 0.01
+        assert len(lr) == told
+        assert lr[0] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi / 3)))  # a third of the 3-epoch cosine
+        if told > 1:
+            assert lr[-1] == pytest.approx(0.01) and np.all(np.diff(lr) < 0)
+        if told == 5:
+            assert lr[1] == pytest.approx(0.01 + (lr[0] - 0.01) * 0.5 * (1 + np.cos(np.pi / 4)))
+    out = capsys.readouterr().out
+    assert "epochs 3 -> 5, as the time left allows" in out and "epochs 3 -> 2" in out
+    assert "stopped after epoch 1: its time is up" in out
+
+
 def test_pretrained_hub_unreachable_names_both_options(monkeypatch):
     import timm
 

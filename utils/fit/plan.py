@@ -27,11 +27,15 @@ The plan, in order (each rule is printed beside the stage it decides; ``Step.why
    with the first margin ended at 87 % of its budget), and so is each later fold's, from the median
    epoch of the folds done (a first epoch runs slower than the later ones: fold 0's count, fitted to
    it, had capped the later folds and left the budget unused: on the solar cells 74-81 % of ten
-   minutes ran). The learning rates come from successive halving on fold 0: every rate of
-   ``RATES`` (multiples of the kit's base rates) trains the fold's first epoch of the planned
-   schedule; the first, the kit's default, goes on as the run's fold 0 unless another leads it by
-   more than one standard error (``utils.fit.run.choose_rate``). As many rates as ``SEARCH_SHARE``
-   of the fine-tuning time pays for.
+   minutes ran). A fold under way is planned again after each of its epochs, from the median epoch
+   of every fold so far, and its schedule retargeted to the epochs that now fit (``fold_epochs``):
+   more, or fewer while it has epochs left (on 2,000 photos at 5 minutes the last fold ran 15 s an
+   epoch where the earlier ones had run 17-18.5, and its 32 s left over went unused). The learning
+   rates come from successive halving on fold 0: every rate of ``RATES`` (multiples of the kit's
+   base rates) trains the fold's first epoch of the planned schedule; the first, the kit's default,
+   goes on as the run's fold 0 unless another leads it by more than one standard error
+   (``utils.fit.run.choose_rate``). As many rates as ``SEARCH_SHARE`` of the fine-tuning time pays
+   for.
 3. **The ensemble** (``ensemble``) of every complete run; a distilled **student** on the frozen
    route (``student``) where it pays: when the ensemble would take over half the serving budget
    per image; then **export** with ``--budget-ms`` and **infer**: the submission of what is served
@@ -120,7 +124,8 @@ class State:
     epochs, folds done), the last stages done, and the seconds spent by kind."""
     frozen: dict = field(default_factory=dict)  # (backbone, size) -> OOF score
     search: dict = field(default_factory=dict)  # rate -> val score after the first epoch
-    finetune: dict | None = None  # {"backbone", "size", "rate", "epochs", "done": [folds], "oof"}
+    finetune: dict | None = None  # {"backbone", "size", "rate", "epochs", "done": [folds], "oof"}, and
+    # "running": [fold, epochs trained, its epochs] while a fold is under way (for the plan after each epoch)
     done: set = field(default_factory=set)  # floor, ensemble, student, export, infer
     spent: dict = field(default_factory=dict)  # kind -> seconds
     epoch_s: dict = field(default_factory=dict)  # "backbone@size" -> seconds of a fine-tuning epoch's training pass
@@ -331,13 +336,25 @@ def finetune_steps(facts: Facts, state: State, costs: Costs, room: float, planne
     b, s, left = ft["backbone"], ft["size"], [j for j in range(k) if j not in ft["done"]]
     if not left:
         return []
-    e, extra = costs.epoch(b, s), costs.fold_extra(b, s)
-    ran = lambda j: 1 if j == 0 and state.search else 0  # fold 0's first epoch ran in the search
+    e, extra, setup = costs.epoch(b, s), costs.fold_extra(b, s), costs.scaled("finetune", SETUP_S)
+    running = ft.get("running") or (-1, 0, 0)  # (fold, epochs trained, its epochs) of the fold under way
+
+    def ran(j: int) -> int:  # epochs fold j has trained: the fold under way's so far, fold 0's first in the search
+        return running[1] if j == running[0] else int(j == 0 and bool(state.search))
+
+    def behind(j: int) -> float:  # seconds of fold j's work done: its epochs and, under way, its set-up
+        return ran(j) * e + setup * (j == running[0])
+
     if state.search or epoch_key(b, s) in costs.timed:  # the epochs were timed: each fold's schedule is fitted
         cap, margin = EPOCHS_MAX, 1 + TIMED_MARGIN  # to the time left, as they take it
     else:
         cap, margin = ft["epochs"], 1.0
-    epochs = min(cap, math.floor((room - sum(extra - ran(j) * e for j in left)) / (len(left) * e * margin)))
+    def fits(margin: float) -> int:  # the epochs of each fold left that fit the room
+        return min(cap, math.floor((room - sum(extra - behind(j) for j in left)) / (len(left) * e * margin)))
+
+    epochs = fits(margin)
+    if running[0] in left and epochs < running[2] <= fits(1.0):  # a fold under way keeps its count while it
+        epochs = running[2]  # fits without the margin (a count that moved with each epoch's noise: 9, 8, 9, 10)
     if epochs < 1 + ran(left[0]):
         return []
     if epochs == ft["epochs"]:
@@ -345,8 +362,18 @@ def finetune_steps(facts: Facts, state: State, costs: Costs, room: float, planne
     elif epochs < ft["epochs"]:
         why = f"{epochs} of the {ft['epochs']} planned epochs fit"
     else:
-        why = f"{epochs} epochs fit the time left, as the search timed them ({ft['epochs']} planned)"
-    return [Step("finetune", b, s, (epochs - ran(j)) * e + extra, f"fold {j}: {why}", j, epochs) for j in left]
+        why = f"{epochs} epochs fit the time left, as the run timed them ({ft['epochs']} planned)"
+    return [Step("finetune", b, s, epochs * e + extra - behind(j), f"fold {j}: {why}", j, epochs) for j in left]
+
+
+def fold_epochs(steps: list[Step], fold: int, done: int) -> int:
+    """The epochs of fine-tuned ``fold``, under way with ``done`` epochs trained, in ``steps``, the plan
+    made after its last epoch (``State.finetune["running"]``): more when more fit with the margin,
+    fewer when its count no longer fits even without it (its schedule is retargeted: the learning
+    rate anneals by the new end), but at least one more: only the deadline stops a fold
+    (``utils.fit.run.execute``)."""
+    planned = next((s.epochs for s in steps if s.kind == "finetune" and s.fold == fold), 0)
+    return max(planned, done + 1)
 
 
 def members(facts: Facts, state: State, steps: list[Step]) -> list[tuple[str, int]]:

@@ -8,7 +8,8 @@ for it. Before the work: the measurements and the plan table (stage, candidate, 
 the rule behind it); whenever a stage ran more than ``SLACK`` off its prediction, or a result
 changed a decision, the rest of the plan again; at the end every stage's predicted seconds beside
 its actual ones. A training stage whose time runs into what the stages after it need stops after
-its current epoch (its best epoch predicts).
+its current epoch (its best epoch predicts); a fine-tuned fold is planned again after each epoch,
+and its schedule takes the epochs that now fit.
 
 Writes, in <out_dir>/fit/: state.json (what is done, after every stage: a re-run with the same
 data and options goes on from there, and every finished fold, embedding and decode cache is
@@ -20,7 +21,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,7 @@ from utils.config import CommonConfig, option, parse_config
 from utils.data.schema import read_dataset
 from utils.errors import ConfigError, DataError
 from utils.fit.plan import (HEAD_EPOCHS, SLACK, BudgetTooSmall, Costs, Facts, State, Step, epoch_key, first_frozen_size,
-                            parse_budget, plan)
+                            fold_epochs, parse_budget, plan)
 from utils.io import atomic_write_csv, atomic_write_json
 from utils.run import RunDir
 from utils.train.config import TrainConfig
@@ -65,6 +66,15 @@ class FitConfig(CommonConfig):
 
 
 # ----------------------------------------------------------------------------- the loop
+
+@dataclass(frozen=True)
+class Budget:
+    """What a running stage may ask of the loop: whether its time is up (``up()``: True once it runs
+    into what the stages after it need), and the plan of what is left as it stands now (``plan()``,
+    from the state as the stage has updated it: a fine-tuned fold asks after each epoch)."""
+    up: Callable[[], bool]
+    plan: Callable[[], list[Step]]
+
 
 def deadline_reserve(steps: list[Step], costs: Costs) -> float:
     """Seconds the stages after a training stage need at least: the last stages, and one epoch of
@@ -102,8 +112,8 @@ def execute(facts: Facts, costs: Costs, stages, clock=time.perf_counter, state: 
             save=lambda state: None, start: float | None = None) -> pd.DataFrame:
     """Run the plan to its end: each time, plan what is left (``plan``), let ``stages`` measure what
     the next stage needs (``stages.prepare(step)``: True when it measured, and the plan is made
-    again), run it (``stages.run(step, state, stop)``; ``stop()`` is True once its time runs into
-    what the later stages need), record its actual seconds and calibrate the costs of its kind
+    again), run it (``stages.run(step, state, budget)``, ``Budget``: whether its time is up, and the
+    plan as it stands), record its actual seconds and calibrate the costs of its kind
     (the plan is shown again when they were more than ``SLACK`` off).
     ``start``: the clock's value when the run began (measuring counts). Returns the report table."""
     state = state or State()
@@ -126,7 +136,8 @@ def execute(facts: Facts, costs: Costs, stages, clock=time.perf_counter, state: 
         step = steps[0]
         deadline = t0 + facts.budget_s - deadline_reserve(steps[1:], costs)
         began = clock()
-        result = stages.run(step, state, stop=lambda: clock() > deadline)
+        budget = Budget(up=lambda: clock() > deadline, plan=lambda: plan(facts, state, costs, clock() - t0))
+        result = stages.run(step, state, budget)
         actual = clock() - began
         state.spent[step.kind] = state.spent.get(step.kind, 0.0) + actual
         save(state)
@@ -223,27 +234,34 @@ class Stages:
             "--name", finetune_name(step.backbone, step.size, rate),
             "--fold", str(fold), "--resume", "--stop-after", str(stop_after)]
 
-    def train(self, args: list[str], stop) -> dict:
+    def train(self, args: list[str], report) -> dict:
+        """train.py with ``args``; ``report``: after each epoch, the fold's epochs as they now stand
+        (``utils.train.kfold.Report``)."""
         from utils.train import kfold
 
         print(f"\n== python train.py {' '.join(args)}", flush=True)
         cfg = parse_config(TrainConfig, args, model_config=True)
-        return kfold.train(cfg, self.data, report=lambda epoch, score: stop())
+        return kfold.train(cfg, self.data, report=report)
+
+    @staticmethod
+    def until(budget: Budget):
+        """A training stage's report: no epoch after the one that ran into the later stages' time."""
+        return lambda epoch, score: epoch + 1 if budget.up() else None
 
     def oof(self, run: str) -> float:
         return json.loads((self.run_dir.path / run / "oof_score.json").read_text())["oof_score"]
 
     # -- each kind of stage
-    def run(self, step: Step, state: State, stop) -> str:
-        return getattr(self, step.kind)(step, state, stop)
+    def run(self, step: Step, state: State, budget: Budget) -> str:
+        return getattr(self, step.kind)(step, state, budget)
 
-    def frozen(self, step: Step, state: State, stop) -> str:
+    def frozen(self, step: Step, state: State, budget: Budget) -> str:
         name = f"{step.backbone}_frozen{step.size}"
-        self.train(self.frozen_args(step.backbone, step.size, name), stop)
+        self.train(self.frozen_args(step.backbone, step.size, name), self.until(budget))
         state.frozen[(step.backbone, step.size)] = score = self.oof(name)
         return f"{name}: OOF {score:.4f}"
 
-    def floor(self, step: Step, state: State, stop) -> str:
+    def floor(self, step: Step, state: State, budget: Budget) -> str:
         from utils.serve.infer import InferConfig, infer
 
         b, s = max(state.frozen, key=state.frozen.get)
@@ -254,7 +272,7 @@ class Stages:
         state.done.add("floor")
         return f"{self.cfg.output} from {run}" + (f": held out {out['score']:.4f}" if out["score"] is not None else "")
 
-    def search(self, step: Step, state: State, stop) -> str:
+    def search(self, step: Step, state: State, budget: Budget) -> str:
         """Successive halving's first rung: every rate trains fold 0's first epoch; the first rate
         (the kit's default, ``RATES[0]``) goes on unless another beats it by more than one standard
         error (``choose_rate``)."""
@@ -262,10 +280,10 @@ class Stages:
         for rate in step.rates:
             if rate in state.search:
                 continue
-            if state.search and stop():  # into the later stages' time: the best rate so far goes on
+            if state.search and budget.up():  # into the later stages' time: the best rate so far goes on
                 break
             out = self.train(self.finetune_args(step, rate, step.epochs, 0, step.epochs, stop_after=1),
-                             lambda: False)[0]
+                             lambda epoch, score: None)[0]
             if "val_logits" in out:
                 val[rate] = out["val_logits"], out["val_targets"], out["val_idx"]
             name = finetune_name(step.backbone, step.size, rate)
@@ -279,24 +297,42 @@ class Stages:
         return "first epoch's val score by rate: " + ", ".join(
             f"x{r:g} {state.search[r]:.4f}" for r in step.rates if r in state.search) + f"; x{best:g} goes on ({why})"
 
-    @staticmethod
-    def time_epochs(state: State, step: Step, history: pd.DataFrame) -> None:
-        """The median training pass of the fold's epochs: the plan's epoch from now on (``Costs.timed``;
-        on 2,000 photos at 64 px first epochs took 12.4-16.2 s, the later ones 9.8-14.6)."""
-        state.epoch_s[epoch_key(step.backbone, step.size)] = float(history["seconds"].median())
+    def time_epochs(self, state: State, step: Step, name: str, folds: list[int]) -> None:
+        """The median training pass of every epoch of ``folds`` so far: the plan's epoch from now on
+        (``Costs.timed``; on 2,000 photos at 64 px first epochs took 12.4-16.2 s, the later ones
+        9.8-14.6: a fold's own first epochs alone would plan its later ones too slow)."""
+        seconds = pd.concat([pd.read_csv(self.run_dir.fold_dir(name, j) / "history.csv")["seconds"] for j in folds])
+        state.epoch_s[epoch_key(step.backbone, step.size)] = float(seconds.median())
 
-    def finetune(self, step: Step, state: State, stop) -> str:
+    def finetune(self, step: Step, state: State, budget: Budget) -> str:
+        """A fine-tuned fold, planned again after each epoch: its schedule takes the epochs the time
+        left now allows (``fold_epochs``), until its time is up."""
         if state.finetune is None:  # fold 0 without a search: the base rates
             state.finetune = {"backbone": step.backbone, "size": step.size, "rate": step.rates[0],
                               "epochs": step.epochs, "done": []}
         ft = state.finetune
-        result = self.train(self.finetune_args(step, ft["rate"], step.epochs, step.fold, ft["epochs"]), stop)[step.fold]
         name = finetune_name(ft["backbone"], ft["size"], ft["rate"])
-        self.time_epochs(state, step, pd.read_csv(self.run_dir.fold_dir(name, step.fold) / "history.csv"))
+
+        epochs = step.epochs
+
+        def report(epoch: int, score: float) -> int:
+            nonlocal epochs
+            if budget.up():
+                return epoch + 1
+            ft["running"] = [step.fold, epoch + 1, epochs]
+            self.time_epochs(state, step, name, ft["done"] + [step.fold])
+            epochs = fold_epochs(budget.plan(), step.fold, epoch + 1) if epoch + 1 < epochs else epochs
+            return epochs
+
+        result = self.train(self.finetune_args(step, ft["rate"], step.epochs, step.fold, ft["epochs"]),
+                            report)[step.fold]
+        ft.pop("running", None)
+        self.time_epochs(state, step, name, ft["done"] + [step.fold])
         ft["done"].append(step.fold)
-        text = f"fold {step.fold}: val {result['val_score']:.4f} (best epoch {result['best_epoch']})"
+        text = f"fold {step.fold}: {result.get('epochs_run', '?')} epochs, val {result['val_score']:.4f} (best epoch " \
+               f"{result['best_epoch']})"
         if len(ft["done"]) == self.cfg.n_folds:
-            ft["oof"] = self.oof(finetune_name(ft["backbone"], ft["size"], ft["rate"]))
+            ft["oof"] = self.oof(name)
             text += f"; OOF {ft['oof']:.4f}"
         return text
 
@@ -307,7 +343,7 @@ class Stages:
             runs.append(finetune_name(ft["backbone"], ft["size"], ft["rate"]))
         return runs
 
-    def ensemble(self, step: Step, state: State, stop) -> str:
+    def ensemble(self, step: Step, state: State, budget: Budget) -> str:
         from utils.ensemble.ensemble import EnsembleConfig, ensemble
 
         runs = self.runs(state)
@@ -318,14 +354,14 @@ class Stages:
         ens = json.loads(self.run_dir.ensemble_path.read_text())
         return f"{ens.get('method')}: nested CV {ens.get('nested_cv_score', float('nan')):.4f}"
 
-    def student(self, step: Step, state: State, stop) -> str:
+    def student(self, step: Step, state: State, budget: Budget) -> str:
         args = self.frozen_args(step.backbone, step.size, "student") + [
             "--teacher", str(self.run_dir.ensemble_path)]
-        self.train(args, stop)
+        self.train(args, self.until(budget))
         state.done.add("student")
         return f"student: OOF {self.oof('student'):.4f}"
 
-    def export(self, step: Step, state: State, stop) -> str:
+    def export(self, step: Step, state: State, budget: Budget) -> str:
         from utils.serve.export import ExportConfig, export
 
         student = ["student"] if "student" in state.done else []
@@ -339,7 +375,7 @@ class Stages:
         serve = manifest.serve or {}
         return f"serves {serve.get('name')}: {serve.get('tail')} {serve.get('p99_ms', float('nan')):.1f} ms"
 
-    def infer(self, step: Step, state: State, stop) -> str:
+    def infer(self, step: Step, state: State, budget: Budget) -> str:
         """The submission of the served configuration. When it serves every fold of its runs in
         fp32, their saved test logits are what its ONNX graphs compute (export checked parity): the
         submission is blended from them with the served weights and biases, without reading an

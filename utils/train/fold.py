@@ -35,7 +35,7 @@ from utils.train.config import TrainConfig
 from utils.train.distill import DistillLoss, prepare_teacher, student_rows
 from utils.train.distributed import Dist
 from utils.train.engine import amp_dtype
-from utils.train.model import AttributeModel, HeadLoss, data_config
+from utils.train.model import AttributeModel, HeadLoss, data_config, retarget
 from utils.train.precision import measured_dtype
 from utils.train.throughput import loader_workers, use_channels_last
 from utils.train.tracking import Tracker
@@ -196,11 +196,8 @@ class Fold:
         """A fold resumed with another ``epochs`` (``planned``: each group's steps for this run's)
         goes on with its learning rate where it was and decays it to the end of the new schedule,
         rather than jumping to the new cosine's value at this step (utils.train.model.WarmupCosine)."""
-        step, changed = scheduler.last_epoch, None
-        for schedule, total in zip(scheduler.lr_lambdas, planned):
-            if schedule.total != total:  # (groups may share one schedule: retargeted once)
-                changed = (schedule.total, total)
-                schedule.retarget(step, total)
+        step = scheduler.last_epoch
+        changed = retarget(scheduler, planned)
         if changed:
             self.log(f"epochs changed: the schedule of {changed[0]} steps now ends at {changed[1]}; the learning "
                      f"rate goes on from {scheduler.lr_lambdas[0](step):.3g} of its base at step {step}, decaying "

@@ -35,7 +35,7 @@ from utils.data.schema import CATEGORY, ID, IGNORE_INDEX, image_path, row_paths
 from utils.io import atomic_write
 from utils.train.engine import autocast, model_input, train_step
 from utils.train.fold import Fold
-from utils.train.model import WarmupCosine, load_checkpoint
+from utils.train.model import WarmupCosine, load_checkpoint, retarget
 
 UNUSABLE = "unusable image (embedded as a grey placeholder)"
 
@@ -79,7 +79,8 @@ class FrozenFold:
         self.val_x, _ = self.rows_of(f.val, None, views=False)
         if cfg.head == "knn":
             self.fill_bank()
-        steps = -(-len(self.trn_x) // cfg.batch_size)
+        self.epochs = 1 if cfg.head == "knn" else cfg.epochs  # a kNN vote trains nothing
+        self.steps_per_epoch = steps = -(-len(self.trn_x) // cfg.batch_size)
         heads = [p for p in f.model.heads.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW([{"params": heads, "lr": cfg.lr_head, "role": "head"}],
                                            weight_decay=cfg.weight_decay)
@@ -203,9 +204,10 @@ class FrozenFold:
     # memory and writes the checkpoints once, when training stops (an interrupted fold trains its heads
     # again: seconds)
 
-    @property
-    def epochs(self) -> int:
-        return 1 if self.fold.cfg.head == "knn" else self.fold.cfg.epochs  # a kNN vote trains nothing
+    def retarget(self, epochs: int) -> None:
+        """The heads' schedule ends after ``epochs`` epochs instead (as FoldTrainer.retarget)."""
+        retarget(self.scheduler, [epochs * self.steps_per_epoch])
+        self.epochs = epochs
 
     def train_epoch(self, epoch: int) -> dict:
         """One pass over the fold's train embeddings (every view), in a seeded order."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import pandas as pd
@@ -27,9 +27,12 @@ from utils.train.model import group_lrs
 from utils.train.throughput import configure_device
 from utils.train.trainer import FoldTrainer
 
+Report = Callable[[int, float], Optional[int]]  # (epoch, val score) -> the fold's epochs in all as they now stand,
+# or None: unchanged
+
 
 def train_fold(cfg: TrainConfig, schema: Schema, train: pd.DataFrame, data: Dataset, fold: int, d: Dist,
-               report: Callable[[int, float], None] | None = None, root: RunDir | None = None) -> dict:
+               report: Report | None = None, root: RunDir | None = None) -> dict:
     """Train one fold into ``<out_dir>/<name>/fold<k>``; write its outputs; return its metrics
     (``{"stopped": True, ...}`` after ``stop_after``). A complete fold is skipped under ``resume``.
     ``root``: the run folder of the folds, the teacher and the caches, when it is not ``out_dir``
@@ -57,18 +60,20 @@ class BestEpoch(NamedTuple):
     weights: dict | None
 
 
-def fit(f: Fold, route, report: Callable[[int, float], None] | None = None) -> dict:
+def fit(f: Fold, route, report: Report | None = None) -> dict:
     """The epoch loop of one fold, for either route (``FoldTrainer`` or ``FrozenFold``): resume, then
     each epoch trains (the route's steps), validates (the route's predictions), is recorded, keeps
-    the best weights, checkpoints, is reported (``report(epoch, val score)``: tune.py prunes with
-    it; fit.py returns True from it when the fold's time is up, which ends training as patience
-    does) and may stop the loop (patience, ``stop_after``); then the best checkpoint predicts the
-    validation rows (OOF) and the test set, and the fold's files are written."""
+    the best weights, checkpoints, is reported and may stop the loop (patience, ``stop_after``); then
+    the best checkpoint predicts the validation rows (OOF) and the test set, and the fold's files are
+    written. ``report(epoch, val score)``: tune.py prunes with it (and returns None); fit.py returns
+    the fold's epochs as its time now allows: no more than this epoch ends training as patience does
+    (the best epoch's weights predict), and while epochs are left, another count retargets the
+    schedule (``route.retarget``: the learning rate goes on from where it is to the new end)."""
     cfg, d = f.cfg, f.d
     f.resume(route.optimizer, route.scheduler, route.scaler)
     best = None  # this process's best epoch
-    ran, stopped = 0, False
-    for epoch in range(f.state["epoch"] + 1, route.epochs):
+    ran, stopped, epoch = 0, False, f.state["epoch"] + 1
+    while epoch < route.epochs:
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: the same with or without resume
         stats = route.train_epoch(epoch)
         f.check_bad()
@@ -86,9 +91,13 @@ def fit(f: Fold, route, report: Callable[[int, float], None] | None = None) -> d
               f"{' *' if improved else ''}  {stats['images_per_s'] * d.world:.1f} img/s "
               f"(waiting for data {stats['data_wait']:.0%})")
         ran += 1
-        if report is not None and report(epoch, val_score) and epoch + 1 < route.epochs:
-            f.log(f"stopped after epoch {epoch + 1}: its time is up (the best epoch's weights predict)")
-            break
+        epochs = report(epoch, val_score) if report is not None else None
+        if epochs is not None and epochs != route.epochs and epoch + 1 < route.epochs:
+            if epochs <= epoch + 1:
+                f.log(f"stopped after epoch {epoch + 1}: its time is up (the best epoch's weights predict)")
+                break
+            f.log(f"epochs {route.epochs} -> {epochs}, as the time left allows: the schedule goes on from here")
+            route.retarget(epochs)
         if cfg.patience and f.state["bad_epochs"] >= cfg.patience:
             f.log(f"early stop, no improvement for {cfg.patience} epochs")
             break
@@ -96,6 +105,7 @@ def fit(f: Fold, route, report: Callable[[int, float], None] | None = None) -> d
             f.log(f"stopped after {ran} epoch(s) (stop_after); continue with --resume")
             stopped = True
             break
+        epoch += 1
     if not route.save_each_epoch and d.main:  # the checkpoints once, when training stops
         if best is not None:  # (none when a resumed fold had no epoch left to train)
             f.save_best(best.weights, best.epoch, best.score)
@@ -150,7 +160,7 @@ def folds_to_train(fold: str, n_folds: int) -> list[int]:
     return folds
 
 
-def train(cfg: TrainConfig, data: Dataset | None = None, report: Callable[[int, float], bool] | None = None) -> dict:
+def train(cfg: TrainConfig, data: Dataset | None = None, report: Report | None = None) -> dict:
     """What ``python train.py`` does: prepare the run folder, train the folds asked for, print the
     per-fold table and, once every fold is done, the run's OOF score. ``data``: the dataset, when
     the caller has read it already; ``report``: called after every epoch of every fold (``fit``)."""

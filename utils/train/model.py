@@ -422,6 +422,18 @@ class WarmupCosine:
         self.total = int(total)
 
 
+def retarget(scheduler, totals: list[int]) -> tuple[int, int] | None:
+    """Each group's ``WarmupCosine`` of ``scheduler`` ends at its step in ``totals`` instead, going on
+    from the scheduler's step without a jump (groups may share one schedule: retargeted once).
+    Returns (old, new) total of the first schedule changed, or None."""
+    changed = None
+    for schedule, total in zip(scheduler.lr_lambdas, totals):
+        if schedule.total != total:
+            changed = changed or (schedule.total, int(total))
+            schedule.retarget(scheduler.last_epoch, total)
+    return changed
+
+
 def load_checkpoint(path: str | Path, schema: Schema | None = None) -> tuple[AttributeModel, dict]:
     """Rebuild a model from a best.pt alone (weights_only loading); refuse another schema's file.
     Returns (model in eval mode, the checkpoint dict); ``Preprocess.from_dict(ckpt["preprocess"])``

@@ -21,7 +21,7 @@ from utils.data.schema import CATEGORY, ID, image_path, row_paths
 from utils.train.distributed import gather_rows
 from utils.train.engine import predict, train_one_epoch
 from utils.train.fold import Fold
-from utils.train.model import WarmupCosine, build_optimizer, load_checkpoint
+from utils.train.model import WarmupCosine, build_optimizer, load_checkpoint, retarget
 from utils.train.throughput import input_rate
 
 
@@ -46,10 +46,11 @@ class FoldTrainer:
         self.val_loader = self.shard(f.val, f.data.train_images, f.csv_dir, persistent=True)
         if f.workers:  # fork the validation workers now, while this process is small: forked after an
             iter(self.val_loader)  # epoch, every page the next step writes is copied (1-3 s)
-        steps_per_epoch = len(self.trn_loader)
+        self.epochs, steps = cfg.epochs, len(self.trn_loader)  # (``retarget`` may change the epochs)
+        self.steps_per_epoch = steps
         self.optimizer = build_optimizer(f.model, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay, cfg.layer_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, WarmupCosine(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)))
+            self.optimizer, WarmupCosine(cfg.epochs * steps, int(cfg.warmup_epochs * steps)))
         self.scaler = torch.amp.GradScaler("cuda") if f.dtype == torch.float16 else None
         self.net = f.model
         if d.world > 1:
@@ -115,9 +116,11 @@ class FoldTrainer:
     # -- what the epoch loop (utils/train/kfold.py) asks of a route
     save_each_epoch = True  # an epoch takes long: best.pt and last.pt after each, for --resume
 
-    @property
-    def epochs(self) -> int:
-        return self.fold.cfg.epochs
+    def retarget(self, epochs: int) -> None:
+        """The fold's schedule ends after ``epochs`` epochs instead (its caller's new count: fit.py's time
+        left), its learning rate going on from where it is (utils.train.model.retarget)."""
+        retarget(self.scheduler, [epochs * self.steps_per_epoch] * len(self.scheduler.lr_lambdas))
+        self.epochs = epochs
 
     def train_epoch(self, epoch: int) -> dict:
         """One pass over the fold's train images: {"loss", "images_per_s", "seconds", "data_wait"}."""
@@ -128,7 +131,7 @@ class FoldTrainer:
                                prep=f.prep, amp_dtype=f.dtype, scaler=self.scaler, clip_grad=cfg.clip_grad,
                                grad_accum=cfg.grad_accum, ema=f.ema, channels_last=f.channels_last,
                                keys=self.trn_keys, bad=f.bad, augment=self.augment,
-                               desc=f"fold {f.fold} epoch {epoch + 1}/{cfg.epochs}", progress=f.progress)
+                               desc=f"fold {f.fold} epoch {epoch + 1}/{self.epochs}", progress=f.progress)
 
     def predict(self, model, loader, desc: str, mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
         f = self.fold
