@@ -315,6 +315,22 @@ def test_a_student_trains_and_the_budgeted_export_serves_what_fits(run, tiny_dat
         budget.choose_serving(RunDir(run), exported, read_dataset(tiny_data), budget_ms=0.01, merge=False, **timing)
 
 
+def test_a_lone_run_is_served_under_a_budget_without_an_ensemble(run, tiny_data):
+    """fit.py exports one run when only the frozen route completed: with nothing to weigh, the budget
+    needs no ensemble.json and serves that run; two runs without one are refused, naming what to run."""
+    (run / "ensemble.json").unlink()
+    manifest = json.loads((run / "onnx" / "manifest.json").read_text())
+    exported = {entry["run"]: (entry, {}) for entry in manifest["members"]}
+    timing = dict(int8_max_drop=1.0, merge=False, latency_images=4, parity_images=4, threads=2, progress=False)
+    lone = {"test_efficientnet": exported["test_efficientnet"]}
+    chosen = budget.choose_serving(RunDir(run), lone, read_dataset(tiny_data), budget_ms=100000, **timing)
+    assert chosen["models"] == ["test_efficientnet"] and chosen["weights"] == [1.0]
+    table = pd.read_csv(run / "onnx" / "budget.csv", keep_default_na=False)
+    assert set(table.candidate) == {"test_efficientnet"} and chosen["score"] == pytest.approx(table.score.max())
+    with pytest.raises(DataError, match="run ensemble.py first"):
+        budget.choose_serving(RunDir(run), exported, read_dataset(tiny_data), budget_ms=100000, **timing)
+
+
 def _forge(path, logits_of, rd):
     """Rewrite a teacher's logits file with ``logits_of(n)``'s rows for its ids, keeping its provenance
     (so the kit takes it as the teacher made it)."""

@@ -151,6 +151,22 @@ def test_the_search_times_fold_0_and_its_schedule_is_fitted_again_to_the_time_le
         assert elapsed + total(steps) <= f.budget_s
 
 
+def test_when_no_fine_tuning_fits_after_its_search_the_sweep_takes_the_time_it_leaves():
+    """As the search timed its epochs, fine-tuning may no longer fit: the frozen sweep takes the time
+    (a 2-minute run had left 57 s unused), and with no time for that either, only the lone frozen run
+    is exported (export's budget serves one run without an ensemble: test_distill)."""
+    f = facts(600, n_train=2000, n_test=1000)
+    costs = Costs(f, speeds())
+    searched = lambda: State(frozen={(B, 64): 0.8}, search={3.0: 0.5, 1.0: 0.4}, done={"floor"},
+                             finetune={"backbone": B, "size": 64, "rate": 3.0, "epochs": 6, "done": []},
+                             spent={"frozen": 20.0, "finetune": 30.0})
+    assert [s.kind for s in plan(f, searched(), costs, 450)][:3] == ["finetune"] * 3  # 2 epochs still fit
+    steps = plan(f, searched(), costs, 500)
+    assert [(s.kind, s.size) for s in steps] == [("frozen", 96), ("ensemble", 0), ("export", 0), ("infer", 0)]
+    assert 500 + total(steps) <= f.budget_s
+    assert [s.kind for s in plan(f, searched(), costs, 530)] == ["export", "infer"]
+
+
 def test_epochs_the_run_timed_replace_the_prediction_from_the_measured_speed():
     """The speed measured on random images runs ahead of real epochs (data pipeline, augmentation):
     once the search timed its epochs, the schedule follows them. Epochs twice as slow as predicted

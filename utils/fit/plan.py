@@ -13,9 +13,10 @@ The plan, in order (each rule is printed beside the stage it decides; ``Step.why
    further than it paid), the frozen stages stay within ``FROZEN_SHARE`` of the training time (all
    of it when no fine-tuning fits the budget), and fine-tuning could then run at the larger size
    (``EPOCHS_GOOD`` epochs of every fold in the time left): the sweep finds fine-tuning's size, and
-   a size only the frozen route could use waits until every fold is fine-tuned, in the time that
-   leaves with a margin of ``SLACK`` (on 2,000 photos at 10 minutes, 96 and 128 px took 80 s that
-   fine-tuning at 64 px needed).
+   a size only the frozen route could use waits until every fold is fine-tuned (or until, its
+   epochs timed by the search, no more fine-tuning fits), in the time that leaves with a margin of
+   ``SLACK`` (on 2,000 photos at 10 minutes, 96 and 128 px took 80 s that fine-tuning at 64 px
+   needed).
 2. **Fine-tuning** (``search``, ``finetune``), of the backbone whose frozen run scored best, at the
    largest size no larger than its best frozen size at which ``EPOCHS_GOOD`` epochs of every fold
    fit (else the size that fits the most epochs, at least ``EPOCHS_MIN``; else none): on 2,000
@@ -435,8 +436,10 @@ def plan(facts: Facts, state: State, costs: Costs, elapsed: float) -> list[Step]
     if state.done & {"ensemble", "student", "export"}:  # training is over once the last stages began
         return end_steps(facts, state, costs, members(facts, state, []), remaining)
     ft = state.finetune
-    if ft is not None and len(ft["done"]) == facts.n_folds:  # the sweep goes on in the time fine-tuning left,
-        # with SLACK's margin: a size not yet run overran its prediction by up to 1.8x, and a frozen run the
+    if ft is not None and (len(ft["done"]) == facts.n_folds or not finetune_steps(facts, state, costs, train_room, [])):
+        # fine-tuning is over (every fold done, or, as its epochs were timed, no more fit: a search that left
+        # too little had left a 2-minute run 57 s unused): the sweep goes on in the time it left, with
+        # SLACK's margin: a size not yet run overran its prediction by up to 1.8x, and a frozen run the
         # deadline stops is a weaker member of the blend it joins (96 px's heads stopped: OOF 0.8781, not 0.8972)
         room = train_room - (costs.export(1) - costs.export(0))  # export's seconds for one more run
         steps = frozen_steps(facts, state, costs, room / (1 + SLACK))

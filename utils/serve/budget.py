@@ -236,9 +236,13 @@ def choose_serving(run_dir: RunDir, exported: dict, data, *, budget_ms: float, i
     logits or {})}) scored by nested CV and timed here on ``latency_images`` test images; writes
     ``onnx/budget.csv`` and returns the manifest's ``serve``: what ``choose`` serves under ``budget_ms``.
     Raises, naming the fastest, when none does."""
-    if not run_dir.ensemble_path.is_file():
+    if run_dir.ensemble_path.is_file():
+        spec = json.loads(run_dir.ensemble_path.read_text())
+    elif len(exported) == 1:  # one run: nothing to weigh (fit.py when only the frozen route completed)
+        spec = {"models": list(exported), "method": "equal", "bias": False}
+    else:
         raise DataError(f"--budget-ms weighs the candidates with {run_dir.ensemble_path}'s method: run ensemble.py first")
-    schema, spec = run_dir.schema, json.loads(run_dir.ensemble_path.read_text())
+    schema = run_dir.schema
     rows, runs = run_dir.train_rows(data.train), list(exported)
     position = pd.Series(np.arange(len(rows)), index=rows[ID].to_numpy())
     members = dict(zip(runs, load_oof(run_dir, runs, rows[ID].to_numpy())))
