@@ -273,6 +273,25 @@ def test_amp_auto_takes_the_dtype_that_measured_faster_once_per_machine_model_an
         amp_dtype("auto")
 
 
+def test_ranks_decide_the_precision_on_their_mean_and_a_later_run_reads_the_same_decision(tmp_path, monkeypatch):
+    """Two ranks time a model whose precisions are close: this one saw bf16 faster, the other fp32 by
+    more, so their mean takes fp32. The cache keeps that mean, so a later run on the machine (one
+    rank, from the cache) takes fp32 too: a rank's own timing, cached, had made a two-node run train in
+    bf16 where the one-node run had trained in fp32 (its logits 0.013 apart)."""
+    from utils.train import precision
+
+    monkeypatch.setenv("KIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(precision, "time_steps", lambda *args: {"fp32": 0.034, "bf16": 0.032})
+    other = [0.030, 0.036]  # the other rank's fp32 and bf16 seconds
+    mean = lambda values: [(a + b) / 2 for a, b in zip(values, other)]
+    args = (None, "test_resnet", 32, 16, torch.device("cpu"), True, False)
+    assert precision.measured_dtype(*args, total=mean, log=lambda text: None) is None
+    monkeypatch.setattr(precision, "time_steps", lambda *args: pytest.fail("timed again: the cache was not read"))
+    assert precision.measured_dtype(*args, log=lambda text: None) is None
+    (seconds,) = json.loads((tmp_path / "precision.json").read_text()).values()
+    assert seconds == pytest.approx({"fp32": 0.032, "bf16": 0.034})
+
+
 def test_timing_the_precisions_and_fit_speeds_leaves_the_model_and_the_random_state_as_they_were():
     from utils.fit.measure import timed_rate
     from utils.train.model import AttributeModel

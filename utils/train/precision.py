@@ -120,8 +120,10 @@ def time_steps(model: torch.nn.Module, img_size: int, batch: int, device: torch.
 def step_seconds(model, backbone: str, img_size: int, batch: int, device: torch.device, train: bool,
                  channels_last: bool, total=lambda values: values) -> tuple[dict[str, float], str]:
     """({"fp32": s, "bf16": s} per step of ``measure_batch(batch, ...)`` images, where they came
-    from): the machine's cache, or timed now and cached. ``total`` sums a list of values over the
-    ranks (their means then decide). fit.py plans from the same seconds."""
+    from): the machine's cache, or timed now and cached. ``total`` averages a list of values over
+    the ranks: the means decide, and the means are cached (each rank's own timing, cached by
+    whichever rank wrote last, had a later run on this machine take bf16 where the first had taken
+    fp32, and its logits differ). fit.py plans from the same seconds."""
     batch = measure_batch(batch, img_size, device)
     entry = key(device, backbone, img_size, batch, train, channels_last)
     path = cache_file()
@@ -132,11 +134,12 @@ def step_seconds(model, backbone: str, img_size: int, batch: int, device: torch.
         seconds = time_steps(model, img_size, batch, device, train, channels_last)
         source = f"timed now, cached in {path}"
     fp32, bf16 = total([seconds["fp32"], seconds["bf16"]])
+    seconds = {"fp32": fp32, "bf16": bf16}  # the ranks' means: what decided is what is cached
     if entry not in cache:
         cache = json.loads(path.read_text()) if path.is_file() else {}  # another run may have written meanwhile
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {**cache, entry: seconds})
-    return {"fp32": fp32, "bf16": bf16}, source
+    return seconds, source
 
 
 def measured_dtype(model, backbone: str, img_size: int, batch: int, device: torch.device, train: bool,
