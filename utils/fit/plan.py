@@ -66,7 +66,7 @@ TIMED_MARGIN = 0.1  # fine-tuning's margin once the search has timed its epochs 
 # Rules for what is not timed before it runs (the run prints the actual seconds beside each):
 SETUP_S = 4.0  # per fold: build the model, load the weights, fork the loaders, open the caches
 LOGITS_S = 1.0  # a submission blended from saved test logits (the floor; infer when every fold is served): 0.1 s
-# measured on 1,000 test rows on every machine here, where SETUP_S had reserved 4 s for each of the two
+# measured on 1,000 and 2,000 test rows on every machine here, where SETUP_S had reserved 4 s for each of the two
 ENSEMBLE_S = 5.0  # the ensemble search over a few members (seconds: python -m utils.bench.ensemble)
 EXPORT_S, EXPORT_PER_MODEL_S = 5.0, 2.0  # export: ONNX, parity and latency of every fold model (6 Lite0
 # folds at 64 px: 29-33 s while merged graphs were traced again, ~17 s joined from the folds' files)
@@ -352,6 +352,7 @@ def finetune_steps(facts: Facts, state: State, costs: Costs, room: float, planne
         cap, margin = EPOCHS_MAX, 1 + TIMED_MARGIN  # to the time left, as they take it
     else:
         cap, margin = ft["epochs"], 1.0
+
     def fits(margin: float) -> int:  # the epochs of each fold left that fit the room
         return min(cap, math.floor((room - sum(extra - behind(j) for j in left)) / (len(left) * e * margin)))
 
