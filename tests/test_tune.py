@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 import time
@@ -102,7 +103,8 @@ def test_three_workers_started_in_the_same_instant_on_a_fresh_storage_all_run(ti
     workers = []
     for k in range(2):
         env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-               "READY": str(tmp_path / f"ready{k}_"), "GO": str(tmp_path / "go_")}
+               "READY": str(tmp_path / f"ready{k}_"), "GO": str(tmp_path / "go_"),
+               "KIT_CACHE_DIR": os.environ["KIT_CACHE_DIR"]}  # amp auto's timings: not in the user's home
         workers.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(runs)], cwd=ROOT, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
 
