@@ -189,14 +189,14 @@ def test_head_log_softmax_normalises_each_head_alone_in_numpy_and_in_the_merged_
     the per-head log-softmax computed head by head, on the 42 real heads of uneven widths."""
     import torch
 
-    from utils.serve.graph import EnsembleGraph
+    from utils.serve.graph import Blend
 
     rng = np.random.default_rng(3)
     schema = Schema.fit(sample_labels(500, rng), {c: list(a) for c, a in COUNTS.items()})
     z = rng.normal(0, 4, (2, 9, schema.n_logits)).astype(np.float32)  # [folds, rows, logits]
     by_head = np.concatenate([z[..., h.logits] - np.log(np.exp(z[..., h.logits]).sum(-1, keepdims=True))
                               for h in schema.heads], axis=-1)
-    graph = EnsembleGraph([], np.zeros((0, schema.n_logits)), np.zeros(schema.n_logits), schema)
+    graph = Blend([], np.zeros((0, schema.n_logits)), np.zeros(schema.n_logits), schema)
     np.testing.assert_allclose(graph.head_log_softmax(torch.from_numpy(z)).numpy(), by_head, atol=1e-5)
     for fold in range(2):
         np.testing.assert_allclose(head_log_softmax(z[fold], schema), by_head[fold], atol=1e-5)

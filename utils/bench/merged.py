@@ -28,6 +28,7 @@ from utils.config import CommonConfig, option, run_command
 from utils.data.transforms import Preprocess
 from utils.run import RunDir
 from utils.serve.graph import EnsembleGraph, export_graph, export_onnx, make_session, metadata
+from utils.serve.members import fold_files
 from utils.train.model import load_checkpoint
 
 
@@ -56,8 +57,7 @@ def main(cfg: BenchMergedConfig) -> pd.DataFrame:
         export_onnx(EnsembleGraph(folds, expand_weights(weights, schema), bias, schema), tmp / "traced.onnx",
                     prep.img_size, metadata(schema, "ensemble", prep))
         traced_s, start = time.perf_counter() - start, time.perf_counter()
-        export_graph([[rd.onnx_dir / f["path"] for f in entries[r]["folds"]] for r in models], weights, bias, schema,
-                     prep, tmp / "joined.onnx")
+        export_graph(fold_files(rd.onnx_dir, entries, models), weights, bias, schema, prep, tmp / "joined.onnx")
         joined_s = time.perf_counter() - start
         sessions = {k: make_session(tmp / f"{k}.onnx", cfg.threads) for k in ("traced", "joined")}
         out = {k: s.run(None, {"image": x})[0] for k, s in sessions.items()}

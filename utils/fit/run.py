@@ -319,9 +319,10 @@ class Stages:
             nonlocal epochs
             if budget.up():
                 return epoch + 1
-            ft["running"] = [step.fold, epoch + 1, epochs]
-            self.time_epochs(state, step, name, ft["done"] + [step.fold])
-            epochs = fold_epochs(budget.plan(), step.fold, epoch + 1) if epoch + 1 < epochs else epochs
+            if epoch + 1 < epochs:  # epochs left: planned again, as the run has timed its epochs so far
+                ft["running"] = [step.fold, epoch + 1, epochs]
+                self.time_epochs(state, step, name, ft["done"] + [step.fold])
+                epochs = fold_epochs(budget.plan(), step.fold, epoch + 1)
             return epochs
 
         result = self.train(self.finetune_args(step, ft["rate"], step.epochs, step.fold, ft["epochs"]),

@@ -49,8 +49,8 @@ from utils.errors import DataError
 from utils.io import atomic_write_csv
 from utils.run import RunDir
 from utils.serve.graph import export_graph
-from utils.serve.members import (MERGED_PARITY, fold_members, merged_parity, onnx_runner, report_skipped, run_members,
-                                 single_stream_ms, usable_batch)
+from utils.serve.members import (MERGED_PARITY, fold_files, fold_members, merged_parity, onnx_runner, report_skipped,
+                                 run_members, single_stream_ms, usable_batch)
 
 
 @dataclass
@@ -311,8 +311,8 @@ def predict_fn(run_dir: RunDir, v: Variant, prep: Preprocess, entries: dict, mer
     ens = {"models": v.models, "weights": v.weights, "biases": v.biases}
     if v.format == "merged":
         v.path = merged_name
-        export_graph([[run_dir.onnx_dir / f["path"] for f in entries[r]["folds"]] for r in v.models],
-                     v.weights, v.biases, schema, prep, run_dir.onnx_dir / v.path)
+        export_graph(fold_files(run_dir.onnx_dir, entries, v.models), v.weights, v.biases, schema, prep,
+                     run_dir.onnx_dir / v.path)
         session = onnx_runner(run_dir.onnx_dir / v.path, threads, schema)
         separate = fold_members(run_dir.onnx_dir, entries, v.models, (), False, threads, schema)  # fp32, every fold
         x = usable_batch(parity_paths, prep)[0]

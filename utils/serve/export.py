@@ -26,7 +26,7 @@ from utils.run import RunDir
 from utils.serve.budget import choose_serving, mergeable
 from utils.serve.graph import LogitsOnly, export_graph, export_onnx, metadata, quantize_int8
 from utils.serve.manifest import Manifest
-from utils.serve.members import (MERGED_PARITY, fold_members, merged_parity, mirrored, onnx_runner, parity,
+from utils.serve.members import (MERGED_PARITY, fold_files, fold_members, merged_parity, mirrored, onnx_runner, parity,
                                  placeholder_batch, report_skipped, run_members, single_stream_ms, usable_batch)
 from utils.train.model import checkpoint_preprocess, load_checkpoint, trained_with_tta
 
@@ -130,8 +130,8 @@ def export_merged(ens: dict, entries: list[dict], schema: Schema, test_paths: li
     Returns the manifest's keys."""
     prep = Preprocess.from_dict(entries[0]["preprocess"])
     merged_path = onnx_dir / "ensemble.onnx"
-    files = {e["run"]: [onnx_dir / f["path"] for f in e["folds"]] for e in entries}
-    export_graph([files[run] for run in ens["models"]], ens["weights"], ens["biases"], schema, prep, merged_path)
+    files = fold_files(onnx_dir, {e["run"]: e for e in entries}, ens["models"])
+    export_graph(files, ens["weights"], ens["biases"], schema, prep, merged_path)
     batch, skipped = usable_batch(test_paths, prep, max(timing_images, parity_images))
     report_skipped(skipped, "merged graph: parity and timing")
     merged = onnx_runner(merged_path, threads, schema)

@@ -80,9 +80,6 @@ class EnsembleGraph(nn.Module):
         self.members = nn.ModuleList(nn.ModuleList(folds) for folds in fold_models)
         self.blend = Blend([len(folds) for folds in fold_models], per_logit_weights, bias, schema)
 
-    def head_log_softmax(self, z):
-        return self.blend.head_log_softmax(z)
-
     def forward(self, image):
         return self.blend(*[f.logits(image) for folds in self.members for f in folds])
 

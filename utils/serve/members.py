@@ -84,6 +84,12 @@ def served(run_dir: RunDir, manifest: Manifest, schema: Schema, threads: int) ->
                         schema), False, ens
 
 
+def fold_files(onnx_dir: Path, entries: dict, models: list[str]) -> list[list[Path]]:
+    """The fp32 ONNX file of every fold of ``models``, one list per run, from their manifest
+    ``entries`` ({run: entry}): what a merged graph joins (``utils.serve.graph.export_graph``)."""
+    return [[onnx_dir / f["path"] for f in entries[run]["folds"]] for run in models]
+
+
 def fold_members(onnx_dir: Path, entries: dict, models: list[str], int8, one_fold: bool, threads: int,
                  schema: Schema) -> list[Member]:
     """Per-fold ONNX sessions of ``models`` from their manifest ``entries`` ({run: entry}): the
