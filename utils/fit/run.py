@@ -236,7 +236,7 @@ class Stages:
 
     def train(self, args: list[str], report) -> dict:
         """train.py with ``args``; ``report``: after each epoch, the fold's epochs as they now stand
-        (``utils.train.kfold.Report``)."""
+        (``utils.train.kfold.Report``; None: the epochs planned)."""
         from utils.train import kfold
 
         print(f"\n== python train.py {' '.join(args)}", flush=True)
@@ -282,8 +282,7 @@ class Stages:
                 continue
             if state.search and budget.up():  # into the later stages' time: the best rate so far goes on
                 break
-            out = self.train(self.finetune_args(step, rate, step.epochs, 0, step.epochs, stop_after=1),
-                             lambda epoch, score: None)[0]
+            out = self.train(self.finetune_args(step, rate, step.epochs, 0, step.epochs, stop_after=1), None)[0]
             if "val_logits" in out:
                 val[rate] = out["val_logits"], out["val_targets"], out["val_idx"]
             name = finetune_name(step.backbone, step.size, rate)
