@@ -178,6 +178,23 @@ def test_resume_with_more_epochs_continues_the_learning_rate_without_a_jump(tiny
     assert schedule(60) == pytest.approx(before) and schedule(300) == pytest.approx(0.01)
 
 
+def test_select_last_predicts_from_the_last_epoch_and_best_from_the_best(tiny_data, tmp_path):
+    """The same seeded run twice: ``--select best`` writes the logits of its best validation epoch,
+    ``--select last`` those of its last (an OOF score with no choice in it), and no patience stops it."""
+    args = ["--model", "test_resnet", "--frozen-backbone", "--fold", "0", "--warmup-epochs", "0", "--lr-head", "0.5",
+            "--epochs", "6", "--patience", "1"]
+    out = {}
+    for select in ("best", "last"):
+        metrics = kfold.train(cfg_for(tiny_data, tmp_path / select, *args, "--select", select))[0]
+        history = pd.read_csv(tmp_path / select / "test_resnet" / "fold0" / "history.csv")
+        out[select] = metrics, history.val_score.to_numpy()
+    (best, val_best), (last, val_last) = out["best"], out["last"]
+    assert len(val_last) == 6 and val_last[:len(val_best)] == pytest.approx(val_best)  # one run, seeded
+    assert val_last.argmax() < 5, "the test needs a run whose last epoch is not its best"
+    assert last["best_epoch"] == 6 and last["val_score"] == pytest.approx(val_last[-1])
+    assert best["best_epoch"] == val_best.argmax() + 1 and best["val_score"] == pytest.approx(val_best.max())
+
+
 @pytest.mark.parametrize("frozen", [True, False])
 def test_a_report_retargets_the_epochs_of_a_fold_while_it_runs(tiny_data, tmp_path, capsys, frozen):
     """fit.py's report (``kfold.Report``) after the first of 3 epochs: told 5, the fold runs 5, its rate

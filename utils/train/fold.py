@@ -214,7 +214,7 @@ class Fold:
                                       "frozen": epoch < self.cfg.freeze_epochs})
         if self.tracker is not None:
             self.tracker.log(self.state["history"][-1])
-        improved = val_score > self.state["best_score"]
+        improved = val_score > self.state["best_score"] or self.cfg.select == "last"
         if improved:
             self.state.update(best_score=val_score, best_epoch=epoch + 1, bad_epochs=0)
         else:
