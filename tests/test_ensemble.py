@@ -218,3 +218,51 @@ def test_search_at_full_scale_fits_in_a_few_gb():
     assert "STO N=2 T=1" in proc.stdout  # the peak is the data's, whatever the search's length
     peak_gb = int(proc.stdout.rsplit("peak_kb", 1)[1].split()[0]) / 2**20
     assert 0.95 < peak_gb < 3.0, peak_gb
+
+
+def test_heldout_predicts_each_fold_as_train_py_did_and_scores_the_blend_as_infer_does(tiny_data, tiny_run, tmp_path,
+                                                                                         monkeypatch):
+    """``utils.bench.heldout``: a fold's logits predicted from its best.pt equal the test logits
+    train.py saved; the second call reads them from its cache, a changed checkpoint is predicted
+    again; the ensemble.json row scores what infer.py --from-logits scores."""
+    import os
+    import shutil
+
+    from tests.conftest import MODELS
+    from utils.bench import heldout
+    from utils.blend import load_test_logits
+    from utils.data.schema import read_test
+    from utils.serve.infer import InferConfig, infer
+
+    run, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(tiny_run, run)
+    shutil.copytree(tiny_data, data)  # the same test photos under another folder: its own cache
+    served = infer(InferConfig(data_dir=str(data), out_dir=str(run), from_logits=True,
+                               output=str(tmp_path / "sub.csv"), progress=False))["score"]
+    rd = RunDir(run)
+    test = read_test(data / "test.csv", rd.schema.categories)
+    saved = load_test_logits(rd, MODELS[0], test["id"].to_numpy())
+    for k in range(rd.n_folds):
+        rd.fold_file(MODELS[0], k, "test_logits.npz").unlink()
+    cfg = heldout.HeldOutConfig(data_dir=str(data), out_dir=str(run), workers=0, progress=False)
+    predicted = heldout.fold_logits(cfg, rd, MODELS[0], test)
+    assert len(predicted) == rd.n_folds
+    for k in range(rd.n_folds):
+        np.testing.assert_allclose(predicted[k], saved[k], atol=1e-4)
+    assert (run / "heldout" / "data" / MODELS[0] / "fold0.npz").is_file()
+
+    def no_prediction(*args):
+        raise AssertionError("predicted again")
+
+    monkeypatch.setattr(heldout, "torch_members", no_prediction)
+    again = heldout.fold_logits(cfg, rd, MODELS[0], test)
+    assert all((a == p).all() for a, p in zip(again, predicted))
+    ckpt = rd.fold_file(MODELS[0], 1, "best.pt")
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10 ** 9))
+    with pytest.raises(AssertionError, match="predicted again"):
+        heldout.fold_logits(cfg, rd, MODELS[0], test)
+    monkeypatch.undo()
+    table = heldout.main(cfg)
+    blend_row = table[table["what"].str.startswith("ensemble.json")].iloc[0]
+    assert blend_row["folds averaged"] == pytest.approx(served, abs=1e-6)
+    assert list(table["what"][:2]) == list(MODELS) and table["OOF"][:2].notna().all()
