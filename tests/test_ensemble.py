@@ -224,7 +224,8 @@ def test_heldout_predicts_each_fold_as_train_py_did_and_scores_the_blend_as_infe
                                                                                          monkeypatch):
     """``utils.bench.heldout``: a fold's logits predicted from its best.pt equal the test logits
     train.py saved; the second call reads them from its cache, a changed checkpoint is predicted
-    again; the ensemble.json row scores what infer.py --from-logits scores."""
+    again; the ensemble.json row scores what infer.py --from-logits scores, the served row what
+    infer.py scores through export.py's choice."""
     import os
     import shutil
 
@@ -232,6 +233,7 @@ def test_heldout_predicts_each_fold_as_train_py_did_and_scores_the_blend_as_infe
     from utils.bench import heldout
     from utils.blend import load_test_logits
     from utils.data.schema import read_test
+    from utils.serve.export import ExportConfig, export
     from utils.serve.infer import InferConfig, infer
 
     run, data = tmp_path / "run", tmp_path / "data"
@@ -262,7 +264,12 @@ def test_heldout_predicts_each_fold_as_train_py_did_and_scores_the_blend_as_infe
     with pytest.raises(AssertionError, match="predicted again"):
         heldout.fold_logits(cfg, rd, MODELS[0], test)
     monkeypatch.undo()
+    export(ExportConfig(data_dir=str(data), out_dir=str(run), budget_ms=1000, latency_images=4, parity_images=8,
+                        timing_images=4, progress=False))  # a served choice in the manifest
+    onnx = infer(InferConfig(data_dir=str(data), out_dir=str(run), output=str(tmp_path / "onnx.csv"),
+                             workers=0, progress=False))["score"]  # what export.py chose, through ONNX
     table = heldout.main(cfg)
     blend_row = table[table["what"].str.startswith("ensemble.json")].iloc[0]
     assert blend_row["folds averaged"] == pytest.approx(served, abs=1e-6)
+    assert table[table["what"].str.startswith("served")].iloc[0]["folds averaged"] == pytest.approx(onnx, abs=1e-6)
     assert list(table["what"][:2]) == list(MODELS) and table["OOF"][:2].notna().all()

@@ -11,8 +11,8 @@ photos), and the table sets every run's scores beside its OOF score:
     python -m utils.bench.heldout --data-dir data/real10k --out-dir runs/fit_10m [--ensembles a.json,b.json]
 
 Per run: its OOF score, each fold alone held out (the mean over folds: what the OOF estimates), the
-difference, and the folds averaged as served. Then the blends: the run folder's ``ensemble.json``
-and any ``--ensembles`` over the same runs, and the best run alone. A fold's logits on this test set
+difference, and the folds averaged. Then the blends: the run folder's ``ensemble.json``, any
+``--ensembles`` over the same runs, and what export.py chose to serve (``onnx/manifest.json``). A fold's logits on this test set
 are cached in ``<out-dir>/heldout/<data-dir name>/`` (made again when its checkpoint changes); a
 fold whose own ``test_logits.npz`` already covers these ids (a run trained with this data folder)
 is read, not predicted.
@@ -112,6 +112,11 @@ def main(cfg: HeldOutConfig) -> pd.DataFrame:
         ens = load_ensemble(run_dir, spec["models"])
         ensembles[Path(path).name] = {**ens, "weights": np.asarray(spec["weights"]),
                                       "biases": np.asarray(spec["biases"], dtype=np.float32)}
+    served = json.loads(run_dir.manifest_path.read_text()).get("serve") if run_dir.manifest_path.is_file() else None
+    if served:  # export.py's choice: its members, weights and biases, every fold or the first
+        ensembles[f"served ({served['folds']} folds)"] = {
+            "models": served["models"], "weights": np.asarray(served["weights"]),
+            "biases": np.asarray(served["biases"], dtype=np.float32), "first_fold": served["folds"] == "one"}
     runs = cfg.models or next(iter(ensembles.values()), {}).get("models") or run_dir.complete_runs()
     runs = list(dict.fromkeys(runs + [r for e in ensembles.values() for r in e["models"]]))
     logits = {run: fold_logits(cfg, run_dir, run, test) for run in runs}
@@ -128,7 +133,8 @@ def main(cfg: HeldOutConfig) -> pd.DataFrame:
         rows.append({"what": run, "OOF": oof, "one fold held out": alone, "one fold - OOF": alone - oof,
                      "folds averaged": score, "accuracy": acc})
     for name, ens in ensembles.items():
-        score, acc = held_out(combine_members(logits, ens, schema))
+        members = {run: z[:1] for run, z in logits.items()} if ens.get("first_fold") else logits
+        score, acc = held_out(combine_members(members, ens, schema))
         weights = np.asarray(ens["weights"], dtype=float).reshape(len(ens["models"]), -1).mean(axis=1)
         rows.append({"what": f"{name}: " + ", ".join(f"{r} {w / weights.sum():.2f}"
                                                      for r, w in zip(ens["models"], weights)),
