@@ -14,8 +14,8 @@ Per run: its OOF score, each fold alone held out (the mean over folds: what the 
 difference, and the folds averaged. Then the blends: the run folder's ``ensemble.json``, any
 ``--ensembles`` over the same runs, and what export.py chose to serve (``onnx/manifest.json``). A
 fold's logits on this test set are cached in ``<out-dir>/heldout/<data-dir name>/`` (made again
-when its checkpoint changes); a fold whose own ``test_logits.npz`` already covers these ids (a run trained with this data folder)
-is read, not predicted.
+when its checkpoint changes); a fold whose own ``test_logits.npz`` already covers these ids (a run
+trained with this data folder) is read, not predicted.
 """
 from __future__ import annotations
 
