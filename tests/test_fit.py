@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import run_script
 from utils.fit.plan import (EPOCHS_MAX, LADDER, SETUP_S, SLACK, TIMED_MARGIN, BudgetTooSmall, Costs, Facts, Speed,
-                            State, epoch_key, fold_epochs, ladder, parse_budget, plan)
+                            State, epoch_key, finetune_limit, fold_epochs, ladder, parse_budget, plan)
 from utils.fit.run import execute
 
 # Recorded on a 2-core AMD EPYC with AVX2 only (python -m utils.fit.measure's figures for
@@ -75,10 +75,10 @@ def test_image_size_follows_the_data_and_what_the_frozen_sweep_measured():
     assert plan(f, State(), costs, 0)[0].size == 64  # 28-px photos: the smallest size
     big = facts(1800, native=500)
     assert plan(big, State(), Costs(big, speeds()), 0)[0].size == 224  # never above the weights' own size
-    # upscaling that gained goes one step further (to a size fine-tuning could then run at: two hours
-    # buy 6 epochs of every fold at 128 px); one that lost, stops; fine-tuning stays at or below the
-    # best frozen size
-    f = facts(7200)
+    # on 200-px images, a step up that gained goes one step further (to a size fine-tuning could then
+    # run at: two hours buy 6 epochs of every fold at 128 px); one that lost, stops; fine-tuning stays
+    # at or below the best frozen size
+    f = facts(7200, native=200)
     costs = Costs(f, speeds())
     gained = State(frozen={(B, 64): 0.80, (B, 96): 0.85}, done={"floor"}, spent={"frozen": 60.0})
     steps = plan(f, gained, costs, 100)
@@ -89,13 +89,22 @@ def test_image_size_follows_the_data_and_what_the_frozen_sweep_measured():
     assert {s.size for s in steps if s.kind in ("search", "finetune")} <= {64, 96}
     worse = State(frozen={(B, 64): 0.85, (B, 96): 0.80}, done={"floor"}, spent={"frozen": 60.0})
     assert {s.size for s in plan(f, worse, costs, 100) if s.kind in ("search", "finetune")} == {64}
+    # 28-px photos: the frozen route's upscaling gained, but fine-tuning does not upscale past the first
+    # size, its epochs go up instead, and no step up runs before it (none is a size it would use)
+    small = facts(7200)
+    steps = plan(small, gained, Costs(small, speeds()), 100)
+    assert {s.size for s in steps if s.kind in ("search", "finetune")} == {64}
+    assert not [s for s in steps if s.kind == "frozen"]
+    assert [s.epochs for s in steps if s.kind == "finetune"] == [EPOCHS_MAX] * 3
+    assert finetune_limit(small, B) == 64 and finetune_limit(facts(60, native=150), B) == 150
 
 
 def test_the_sweep_steps_up_only_to_a_size_fine_tuning_can_use_until_fine_tuning_is_done():
     """Half an hour on 4,000 photos fine-tunes 6 epochs at 96 px but not at 128: the sweep stops at 96
     and fine-tuning gets its seconds; once every fold is done, the time left goes on up the ladder.
-    With no fine-tuning in the budget at all, the frozen route takes every step its share allows."""
-    f = facts(1800)
+    With no fine-tuning in the budget at all, the frozen route takes every step its share allows.
+    (Images of 200 px: fine-tuning may run at any size of the sweep.)"""
+    f = facts(1800, native=200)
     costs = Costs(f, speeds())
     gained = State(frozen={(B, 64): 0.80, (B, 96): 0.85}, done={"floor"}, spent={"frozen": 60.0})
     steps = plan(f, gained, costs, 100)
