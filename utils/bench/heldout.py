@@ -114,7 +114,7 @@ def main(cfg: HeldOutConfig) -> pd.DataFrame:
                                       "biases": np.asarray(spec["biases"], dtype=np.float32)}
     served = json.loads(run_dir.manifest_path.read_text()).get("serve") if run_dir.manifest_path.is_file() else None
     if served:  # export.py's choice: its members, weights and biases, every fold or the first
-        ensembles[f"served ({served['folds']} folds)"] = {
+        ensembles["served (" + ("its first fold" if served["folds"] == "one" else "every fold") + ")"] = {
             "models": served["models"], "weights": np.asarray(served["weights"]),
             "biases": np.asarray(served["biases"], dtype=np.float32), "first_fold": served["folds"] == "one"}
     runs = cfg.models or next(iter(ensembles.values()), {}).get("models") or run_dir.complete_runs()

@@ -102,7 +102,8 @@ class TrainConfig(CommonConfig):
     # control
     patience: int = option(3, "early stopping after this many epochs without a better val score; 0 = off")
     select: str = option("best", "the epoch whose weights predict (OOF and test logits): best, by the fold's val "
-                                 "score (its OOF score is then optimistic by the choice), or last (an honest OOF)",
+                                 "score (its OOF score is then optimistic by the choice), or last (an honest OOF; "
+                                 "no early stopping)",
                          choices=("best", "last"))
     tta_hflip: bool = option(False, "OOF and test logits average the image and its mirror")
     predict_test: bool = option(True, "write test_logits.npz (tune.py turns it off)")
