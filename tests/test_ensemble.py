@@ -223,11 +223,13 @@ def test_search_at_full_scale_fits_in_a_few_gb():
 def test_heldout_predicts_each_fold_as_train_py_did_and_scores_the_blend_as_infer_does(tiny_data, tiny_run, tmp_path,
                                                                                          monkeypatch):
     """``utils.bench.heldout``: a fold's logits predicted from its best.pt equal the test logits
-    train.py saved; the second call reads them from its cache, a changed checkpoint is predicted
-    again; the ensemble.json row scores what infer.py --from-logits scores, the served row what
+    train.py saved; the second call reads them from its cache (a touched checkpoint too), a changed
+    one is predicted again; the ensemble.json row scores what infer.py --from-logits scores, the served row what
     infer.py scores through export.py's choice."""
     import os
     import shutil
+
+    import torch
 
     from tests.conftest import MODELS
     from utils.bench import heldout
@@ -260,9 +262,15 @@ def test_heldout_predicts_each_fold_as_train_py_did_and_scores_the_blend_as_infe
     again = heldout.fold_logits(cfg, rd, MODELS[0], test)
     assert all((a == p).all() for a, p in zip(again, predicted))
     ckpt = rd.fold_file(MODELS[0], 1, "best.pt")
-    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10 ** 9))
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10 ** 9))  # touched, the same content
+    heldout.fold_logits(cfg, rd, MODELS[0], test)
+    original, state = ckpt.read_bytes(), torch.load(ckpt, weights_only=False)
+    name = next(k for k, v in state["state_dict"].items() if v.is_floating_point())
+    state["state_dict"][name] = state["state_dict"][name] + 1.0
+    torch.save(state, ckpt)  # another checkpoint
     with pytest.raises(AssertionError, match="predicted again"):
         heldout.fold_logits(cfg, rd, MODELS[0], test)
+    ckpt.write_bytes(original)  # the run's own again: its OOF logits and ensemble.json are not stale
     monkeypatch.undo()
     export(ExportConfig(data_dir=str(data), out_dir=str(run), budget_ms=1000, latency_images=4, parity_images=8,
                         timing_images=4, progress=False))  # a served choice in the manifest

@@ -14,7 +14,7 @@ Per run: its OOF score, each fold alone held out (the mean over folds: what the 
 difference, and the folds averaged. Then the blends: the run folder's ``ensemble.json``, any
 ``--ensembles`` over the same runs, and what export.py chose to serve (``onnx/manifest.json``). A
 fold's logits on this test set are cached in ``<out-dir>/heldout/<data-dir name>/`` (made again
-when its checkpoint changes); a fold whose own ``test_logits.npz`` already covers these ids (a run
+when its checkpoint's content changes); a fold whose own ``test_logits.npz`` already covers these ids (a run
 trained with this data folder) is read, not predicted.
 """
 from __future__ import annotations
@@ -28,8 +28,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from utils import provenance
 from utils.bench.fit import accuracy
-from utils.blend import combine_members, head_log_softmax, load_ensemble
+from utils.blend import combine_members, head_log_softmax, load_ensemble, load_test_logits
 from utils.config import DataConfig, option, run_command
 from utils.data.dataset import TestImages
 from utils.data.schema import CATEGORY, ID, read_category_attributes, read_test
@@ -37,7 +38,8 @@ from utils.errors import DataError
 from utils.io import load_logits, save_logits
 from utils.metric import score_logits, solution_score
 from utils.run import RunDir
-from utils.serve.members import run_members, torch_members
+from utils.serve.manifest import Manifest
+from utils.serve.members import run_members, served_ensemble, torch_members
 from utils.serve.submission import make_submission
 
 
@@ -52,31 +54,30 @@ class HeldOutConfig(DataConfig):
     progress: bool = option(True, "progress bars")
 
 
-def stamp_of(path: Path) -> str | None:
-    """The checkpoint stamp a cached logits file was made from."""
-    with np.load(path) as z:
-        return json.loads(str(z["provenance"])).get("checkpoint") if "provenance" in z.files else None
-
-
 def fold_logits(cfg: HeldOutConfig, run_dir: RunDir, run: str, test: pd.DataFrame) -> list[np.ndarray]:
     """Each fold's raw logits on ``test`` [T, L] in its row order: the fold's own test logits when
-    they cover exactly these ids, else the cache, else predicted from best.pt (and cached)."""
+    they cover exactly these ids, else the cache, else predicted from best.pt (and cached). Both
+    files are checked against the checkpoint they were made from (``utils.provenance``)."""
     schema, ids = run_dir.schema, test[ID].to_numpy()
     cache = run_dir.path / "heldout" / Path(cfg.data_dir).name / run
     out, missing = {}, []
     for k in range(run_dir.n_folds):
-        ckpt = run_dir.fold_file(run, k, "best.pt")
-        stamp = f"{ckpt.stat().st_size}-{ckpt.stat().st_mtime_ns}"
-        for path, check in ((run_dir.fold_file(run, k, "test_logits.npz"), None), (cache / f"fold{k}.npz", stamp)):
-            if path.is_file() and (check is None or stamp_of(path) == check):
-                got, logits = load_logits(path, schema.fingerprint)
-                if len(got) == len(ids) and (np.sort(got) == np.sort(ids)).all():
-                    out[k] = logits[pd.Series(np.arange(len(got)), index=got)[ids].to_numpy()]
-                    break
-        else:
-            missing.append((k, ckpt, stamp))
+        cached = cache / f"fold{k}.npz"
+        try:
+            if run_dir.fold_file(run, k, "test_logits.npz").is_file():  # a run trained with this data folder
+                out[k] = load_test_logits(run_dir, run, ids, folds=[k])[0]
+                continue
+        except DataError:  # other ids, or stale
+            pass
+        if cached.is_file() and not provenance.changes(provenance.read(cached), run_dir.path):
+            got, logits = load_logits(cached, schema.fingerprint)
+            if np.array_equal(got, ids):
+                out[k] = logits
+                continue
+        missing.append(k)
     if missing:
-        ens = {"models": [run], "folds": {run: [c for _, c, _ in missing]}}
+        ckpts = [run_dir.fold_file(run, k, "best.pt") for k in missing]
+        ens = {"models": [run], "folds": {run: ckpts}}
         member = torch_members(ens, schema)[0]
         loader = torch.utils.data.DataLoader(TestImages(ids, Path(cfg.data_dir) / "test_images", [member.prep]),
                                              batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=False)
@@ -91,9 +92,11 @@ def fold_logits(cfg: HeldOutConfig, run_dir: RunDir, run: str, test: pd.DataFram
                 for part, logits in zip(parts, run_members([member], images)[run]):
                     part.append(logits)
         cache.mkdir(parents=True, exist_ok=True)
-        for (k, _, stamp), part in zip(missing, parts):
+        rebuild = f"python -m utils.bench.heldout --data-dir {cfg.data_dir} --out-dir {{root}}"
+        for k, ckpt, part in zip(missing, ckpts, parts):
             out[k] = np.concatenate(part)
-            save_logits(cache / f"fold{k}.npz", ids, out[k], schema.fingerprint, k, {"checkpoint": stamp})
+            save_logits(cache / f"fold{k}.npz", ids, out[k], schema.fingerprint, k,
+                        provenance.record([ckpt], run_dir.path, rebuild))
     return [out[k] for k in range(run_dir.n_folds)]
 
 
@@ -112,11 +115,10 @@ def main(cfg: HeldOutConfig) -> pd.DataFrame:
         ens = load_ensemble(run_dir, spec["models"])
         ensembles[Path(path).name] = {**ens, "weights": np.asarray(spec["weights"]),
                                       "biases": np.asarray(spec["biases"], dtype=np.float32)}
-    served = json.loads(run_dir.manifest_path.read_text()).get("serve") if run_dir.manifest_path.is_file() else None
+    served = Manifest.read(run_dir).serve if run_dir.manifest_path.is_file() else None
     if served:  # export.py's choice: its members, weights and biases, every fold or the first
         ensembles["served (" + ("its first fold" if served["folds"] == "one" else "every fold") + ")"] = {
-            "models": served["models"], "weights": np.asarray(served["weights"]),
-            "biases": np.asarray(served["biases"], dtype=np.float32), "first_fold": served["folds"] == "one"}
+            **served_ensemble(served), "first_fold": served["folds"] == "one"}
     runs = cfg.models or next(iter(ensembles.values()), {}).get("models") or run_dir.complete_runs()
     runs = list(dict.fromkeys(runs + [r for e in ensembles.values() for r in e["models"]]))
     logits = {run: fold_logits(cfg, run_dir, run, test) for run in runs}

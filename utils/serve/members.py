@@ -71,11 +71,16 @@ def onnx_members(run_dir: RunDir, ens: dict, schema: Schema, int8: bool, threads
     return members, False, ens
 
 
+def served_ensemble(serve: dict) -> dict:
+    """The blend of the configuration export.py --budget-ms chose (a manifest's ``serve``)."""
+    return {"models": serve["models"], "weights": np.asarray(serve["weights"]),
+            "biases": np.asarray(serve["biases"], dtype=np.float32)}
+
+
 def served(run_dir: RunDir, manifest: Manifest, schema: Schema, threads: int) -> tuple[list[Member], bool, dict]:
     """The members of the configuration export.py --budget-ms chose."""
     serve = manifest.serve
-    ens = {"models": serve["models"], "weights": np.asarray(serve["weights"]),
-           "biases": np.asarray(serve["biases"], dtype=np.float32)}
+    ens = served_ensemble(serve)
     by_run = manifest.by_run
     if serve["format"] == "merged":
         prep = Preprocess.from_dict(by_run[serve["models"][0]]["preprocess"])
