@@ -86,8 +86,10 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     return pipeline(tiny_data, tmp_path_factory.mktemp("run"))
 
 
+# fp32: the tests on this run compare its saved logits and OOF scores with what export.py's fp32 graphs
+# and a fold's best.pt compute again (amp auto may time bf16 faster for these tiny models on one CPU)
 TRAIN = ["--n-folds", "3", "--img-size", "32", "--batch-size", "16", "--epochs", "1", "--workers", "0",
-         "--progress", "false", "--fold", "all"]
+         "--progress", "false", "--fold", "all", "--amp", "off"]
 
 
 MODELS = ("test_byobnet", "test_efficientnet")  # timm's tiny test models (one preprocessing: a merged graph)
